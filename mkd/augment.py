@@ -1,0 +1,88 @@
+"""Named augmentation strengths, built from ``timm.data``.
+
+- ``none``:   resize / centre crop only (the evaluation transform)
+- ``weak``:   random resized crop + horizontal flip
+- ``medium``: weak + RandAugment rand-m9-mstd0.5-inc1
+- ``strong``: the DeiT recipe: RandAugment rand-m9-mstd0.5-inc1, Mixup 0.8, CutMix 1.0, random erasing 0.25,
+  label smoothing 0.1
+
+Mixup/CutMix act on a whole batch (``AugmentPreset.batch``) and return soft targets; the loop feeds the
+teacher the same mixed images.  Every preset yields targets as class distributions, so one soft-target
+cross-entropy serves all of them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+from timm.data import Mixup, create_transform
+from timm.data import auto_augment as _aa
+
+from .config import AUGMENTS
+from .errors import UserError, suggest
+
+RAND_AUGMENT = "rand-m9-mstd0.5-inc1"
+
+
+def _posterize(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
+    # Pillow >= 12 rejects bits=0, which timm's PosterizeIncreasing emits at high magnitudes (m9 + noise).
+    # Keeping 0 bits means a black image, as older Pillow produced.
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return img.point(lambda _: 0)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+for _name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
+    _aa.NAME_TO_OP[_name] = _posterize
+
+
+@dataclass
+class AugmentPreset:
+    name: str
+    train_transform: Callable
+    eval_transform: Callable
+    mixup: Optional[Mixup]
+    label_smoothing: float
+    num_classes: int
+
+    def batch(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch-level augmentation: (images, int labels) -> (images, target distributions)."""
+        if self.mixup is not None:
+            if x.shape[0] % 2:
+                raise UserError(f"augment={self.name} mixes pairs and needs an even batch per process, got "
+                                f"{x.shape[0]}: pick an even batch_size")
+            return self.mixup(x, y)
+        return x, soft_targets(y, self.num_classes, self.label_smoothing)
+
+
+def soft_targets(y: torch.Tensor, num_classes: int, smoothing: float = 0.0) -> torch.Tensor:
+    off = smoothing / num_classes
+    return F.one_hot(y, num_classes).float() * (1.0 - smoothing) + off
+
+
+def build_augment(name: str, img_size: int, mean, std, num_classes: int, crop_pct: float = 1.0,
+                  crop_scale: tuple[float, float] = (0.08, 1.0), interpolation: str = "bicubic") -> AugmentPreset:
+    """The preset ``name`` sized to the dataset's resolution and normalisation."""
+    if name not in AUGMENTS:
+        raise UserError(f"unknown augmentation '{name}'{suggest(name, AUGMENTS)}; allowed: {', '.join(AUGMENTS)}")
+    common = dict(input_size=img_size, interpolation=interpolation, mean=tuple(mean), std=tuple(std))
+    eval_tf = create_transform(is_training=False, crop_pct=crop_pct, **common)
+    train_kw = dict(is_training=True, scale=crop_scale, hflip=0.5, color_jitter=None, **common)
+    mixup, smoothing = None, 0.0
+    if name == "none":
+        train_tf = eval_tf
+    elif name == "weak":
+        train_tf = create_transform(**train_kw)
+    elif name == "medium":
+        train_tf = create_transform(auto_augment=RAND_AUGMENT, **train_kw)
+    else:  # strong: DeiT
+        train_tf = create_transform(auto_augment=RAND_AUGMENT, re_prob=0.25, re_mode="pixel", re_count=1, **train_kw)
+        smoothing = 0.1
+        mixup = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, prob=1.0, switch_prob=0.5, mode="batch",
+                      label_smoothing=smoothing, num_classes=num_classes)
+    return AugmentPreset(name, train_tf, eval_tf, mixup, smoothing, num_classes)

@@ -1,0 +1,321 @@
+"""Datasets (embedded synthetic, CIFAR-100, ImageNet-style folders), class-balanced fractions, the meta split.
+
+The embedded dataset
+--------------------
+An offline image-classification task generated from a seed (code, not data files), hard enough that model
+capacity matters.  ``C`` classes fall into ``S`` superclasses.  A superclass owns a *shape* (a mask made of
+three anisotropic Gaussian blobs near the centre) and a base colour; each class owns a colour offset from
+that base and a sinusoidal *grating* (orientation, frequency).  A sample is the class's textured shape,
+shifted by up to a quarter of the image, with random grating phase and contrast, on a random colour
+gradient, overlaid with a fainter *distractor* object of a random class elsewhere, plus pixel noise.
+Telling classes apart inside a superclass needs the grating under the distractor; that is where capacity
+pays off, and the superclass structure is the "dark knowledge" a teacher's soft labels carry.
+Class templates depend on ``seed`` only; the training and validation samples use separate streams.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from . import atomic
+from .config import EmbeddedConfig, RunConfig
+from .errors import UserError
+
+CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
+
+
+def cache_dir() -> Path:
+    """Where generated data and teacher evaluations are cached ($MKD_CACHE, default ~/.cache/mkd)."""
+    return Path(os.environ.get("MKD_CACHE", Path.home() / ".cache" / "mkd"))
+
+
+# ---------------------------------------------------------------------------- embedded synthetic data
+def _templates(cfg: EmbeddedConfig):
+    size, C, S = cfg.img_size, cfg.num_classes, cfg.superclasses
+    r = np.random.default_rng([cfg.seed, 0])
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size - 0.5
+    masks = []
+    for _ in range(S):
+        m = np.zeros((size, size), np.float32)
+        for _ in range(3):
+            cx, cy = r.uniform(-0.2, 0.2, 2)
+            sx, sy = r.uniform(0.06, 0.16, 2)
+            m += np.exp(-((xx - cx) ** 2 / (2 * sx**2) + (yy - cy) ** 2 / (2 * sy**2)))
+        masks.append(np.clip(m / m.max(), 0, 1))
+    superclass = np.arange(C) * S // C
+    base = r.uniform(-1, 1, (S, 3))
+    colour = base[superclass] + 0.35 * r.normal(size=(C, 3))
+    theta, freq = r.uniform(0, np.pi, C), r.uniform(2.0, 5.0, C)
+    return xx, yy, np.stack(masks), superclass, colour.astype(np.float32), theta, freq
+
+
+def _generate(cfg: EmbeddedConfig, per_class: int, stream: int) -> tuple[np.ndarray, np.ndarray]:
+    size, C = cfg.img_size, cfg.num_classes
+    xx, yy, masks, superclass, colour, theta, freq = _templates(cfg)
+    r = np.random.default_rng([cfg.seed, 1, stream])
+    n = per_class * C
+    y = np.repeat(np.arange(C), per_class)
+    shift, dshift = size // 4, (3 * size) // 8
+
+    def render(c, dx, dy, phase, amp):
+        m = np.roll(masks[superclass[c]], (dy, dx), (0, 1))
+        g = np.cos(2 * np.pi * freq[c] * (xx * np.cos(theta[c]) + yy * np.sin(theta[c])) + phase)
+        return amp * m[..., None] * (0.6 * colour[c] + 0.5 * g[..., None] * np.sign(colour[c] + 1e-3))
+
+    X = np.empty((n, size, size, 3), np.uint8)
+    for i in range(n):
+        img = r.normal(0, 0.3, 3) + xx[..., None] * r.normal(0, 0.6, 3) + yy[..., None] * r.normal(0, 0.6, 3)
+        img = img + render(y[i], *r.integers(-shift, shift + 1, 2), r.uniform(0, 2 * np.pi), r.uniform(0.7, 1.2))
+        img = img + render(r.integers(C), *r.integers(-dshift, dshift + 1, 2), r.uniform(0, 2 * np.pi),
+                           r.uniform(0.2, 0.5))
+        img = img + r.normal(0, 0.2, img.shape)
+        X[i] = np.clip((img * 0.35 + 0.5) * 255, 0, 255).astype(np.uint8)
+    perm = r.permutation(n)
+    return X[perm], y[perm]
+
+
+def embedded_arrays(cfg: EmbeddedConfig) -> dict[str, np.ndarray]:
+    """{'x_train','y_train','x_val','y_val'} as uint8 NHWC / int64, generated once and cached on disk."""
+    key = hashlib.sha256(json.dumps({"v": 1, **asdict(cfg)}, sort_keys=True).encode()).hexdigest()[:16]
+    path = cache_dir() / "embedded" / f"{key}.npz"
+    if path.exists():
+        try:
+            with np.load(path) as z:
+                return {k: z[k] for k in z.files}
+        except (OSError, ValueError, KeyError):
+            pass  # a foreign/corrupt cache file: regenerate
+    xt, yt = _generate(cfg, cfg.train_per_class, stream=0)
+    xv, yv = _generate(cfg, cfg.val_per_class, stream=1)
+    arrays = {"x_train": xt, "y_train": yt.astype(np.int64), "x_val": xv, "y_val": yv.astype(np.int64)}
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    atomic.write_bytes(path, buf.getvalue())
+    return arrays
+
+
+class ArrayImages(Dataset):
+    """uint8 NHWC images in memory -> (PIL image, label)."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray):
+        self.x, self.targets = x, [int(t) for t in y]
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return Image.fromarray(self.x[i]), self.targets[i]
+
+
+# ---------------------------------------------------------------------------- datasets on disk
+def _cifar100(root: Optional[str], train: bool, download: bool):
+    import torchvision
+
+    class CIFAR100(torchvision.datasets.CIFAR100):
+        """torchvision's CIFAR-100; file checksums are verified only when downloading."""
+
+        def _check_integrity(self) -> bool:
+            if download:
+                return super()._check_integrity()
+            base = Path(self.root) / self.base_folder
+            return all((base / name).is_file() for name, _ in self.train_list + self.test_list)
+
+    if not root:
+        raise UserError("dataset=cifar100 needs data_root=DIR (holding cifar-100-python/), "
+                        "add download=true to fetch it")
+    if not download and not (Path(root) / "cifar-100-python").is_dir():
+        raise UserError(f"CIFAR-100 not found under {root} (no cifar-100-python/): point data_root at its parent "
+                        "or add download=true")
+    try:
+        return CIFAR100(root, train=train, download=download)
+    except (RuntimeError, OSError) as e:
+        raise UserError(f"could not load CIFAR-100 from {root} ({e}): check the files or add download=true") from None
+
+
+def _image_folder(root: Optional[str], split: str):
+    import torchvision
+
+    if not root:
+        raise UserError("dataset=imagenet needs data_root=DIR with train/ and val/ class folders")
+    d = Path(root) / split
+    if not d.is_dir():
+        raise UserError(f"ImageNet-style folder {d} not found: data_root must hold train/ and val/ "
+                        "with one sub-folder per class")
+    try:
+        return torchvision.datasets.ImageFolder(str(d))
+    except (FileNotFoundError, RuntimeError) as e:
+        raise UserError(f"could not read image folder {d} ({e}): it needs one sub-folder of images per class") from None
+
+
+@dataclass
+class DatasetInfo:
+    name: str
+    num_classes: int
+    img_size: int
+    mean: tuple
+    std: tuple
+    crop_pct: float  # evaluation: resize to img_size/crop_pct, then centre crop
+    crop_scale: tuple  # RandomResizedCrop area range for training
+
+
+def load_base(cfg: RunConfig) -> tuple[Dataset, Dataset, DatasetInfo]:
+    """(train set, val set, info); items are (PIL image, int label), no transform yet."""
+    if cfg.dataset == "embedded":
+        a = embedded_arrays(cfg.embedded)
+        train, val = ArrayImages(a["x_train"], a["y_train"]), ArrayImages(a["x_val"], a["y_val"])
+        x = a["x_train"].reshape(-1, 3) / 255.0
+        info = DatasetInfo("embedded", cfg.embedded.num_classes, cfg.img_size or cfg.embedded.img_size,
+                           tuple(x.mean(0).round(4)), tuple(x.std(0).round(4)), 1.0, (0.35, 1.0))
+    elif cfg.dataset == "cifar100":
+        train, val = _cifar100(cfg.data_root, True, cfg.download), _cifar100(cfg.data_root, False, cfg.download)
+        info = DatasetInfo("cifar100", 100, cfg.img_size or 32, CIFAR100_MEAN, CIFAR100_STD, 1.0, (0.35, 1.0))
+    else:
+        from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+        train, val = _image_folder(cfg.data_root, "train"), _image_folder(cfg.data_root, "val")
+        if train.classes != val.classes:
+            raise UserError(f"{cfg.data_root}: train/ and val/ have different class folders; they must match")
+        info = DatasetInfo("imagenet", len(train.classes), cfg.img_size or 224, IMAGENET_DEFAULT_MEAN,
+                           IMAGENET_DEFAULT_STD, 0.875, (0.08, 1.0))
+    return train, val, info
+
+
+# ---------------------------------------------------------------------------- fractions and meta split
+def make_split(labels: Sequence[int], fraction: float, meta_split: float, seed: int) -> dict[str, np.ndarray]:
+    """Class-balanced, seeded selection of the student's training subset and the held-out meta split.
+
+    Per class, one seeded permutation: the first ``round(meta_split * n_c)`` images form the meta split, the
+    first ``round(fraction * rest)`` of the rest the training subset.  Subsets are therefore nested across
+    fractions and disjoint from the meta split at every fraction.
+    """
+    if not 0 < fraction <= 1:
+        raise UserError(f"fraction={fraction} is outside (0, 1]: use e.g. fraction=0.25")
+    if not 0 <= meta_split < 1:
+        raise UserError(f"meta_split={meta_split} is outside [0, 1): use e.g. meta_split=0.1")
+    labels = np.asarray(labels)
+    train, meta = [], []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        idx = idx[np.random.default_rng([seed, int(c)]).permutation(len(idx))]
+        n_meta = int(round(meta_split * len(idx)))
+        if meta_split > 0:
+            n_meta = max(1, n_meta)
+        if n_meta >= len(idx):
+            raise UserError(f"meta_split={meta_split} leaves no training images for class {c} ({len(idx)} images): "
+                            "use a smaller meta_split")
+        rest = idx[n_meta:]
+        meta.append(idx[:n_meta])
+        train.append(rest[: max(1, int(round(fraction * len(rest))))])
+    return {"train": np.sort(np.concatenate(train)), "meta": np.sort(np.concatenate(meta)),
+            "num_examples": np.asarray(len(labels))}
+
+
+def load_or_make_split(path: Path, labels: Sequence[int], cfg: RunConfig) -> dict[str, np.ndarray]:
+    """The run's split file if present (so reruns and other machines use the same subset), else a new one."""
+    if path.exists():
+        with np.load(path) as z:
+            split = {k: z[k] for k in z.files}
+        if int(split["num_examples"]) != len(labels):
+            raise UserError(f"{path} was made for {int(split['num_examples'])} training images but the dataset has "
+                            f"{len(labels)}: point data_root at the same data or use a new --out")
+        return split
+    split = make_split(labels, cfg.fraction, cfg.meta_split, cfg.split_seed)
+    import io
+
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **split)
+    atomic.write_bytes(path, buf.getvalue())
+    return split
+
+
+class Transformed(Dataset):
+    """``base[indices[i]]`` with ``transform`` applied to the image."""
+
+    def __init__(self, base: Dataset, indices: Optional[Sequence[int]], transform: Callable):
+        self.base, self.indices, self.transform = base, indices, transform
+
+    def __len__(self) -> int:
+        return len(self.base) if self.indices is None else len(self.indices)
+
+    def __getitem__(self, i):
+        img, y = self.base[int(self.indices[i]) if self.indices is not None else i]
+        return self.transform(img), y
+
+
+def materialize(ds: Dataset, max_bytes: float = 512e6, num_workers: int = 0) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """All of a deterministically transformed dataset as two tensors, when it fits in ``max_bytes``.
+
+    Evaluation and meta sets never change between epochs; holding them as tensors skips the per-epoch
+    decoding and transforms (the tiny suite evaluates every epoch).
+    """
+    x0, _ = ds[0]
+    if len(ds) * x0.numel() * x0.element_size() > max_bytes:
+        return None
+    xs, ys = [], []
+    for x, y in DataLoader(ds, batch_size=512, num_workers=num_workers):
+        xs.append(x)
+        ys.append(y)
+    return torch.cat(xs), torch.cat(ys)
+
+
+# ---------------------------------------------------------------------------- samplers and loaders
+def epoch_order(n: int, global_batch: int, seed: int, epoch: int, rank: int, world: int) -> list[int]:
+    """This process's sample order for one epoch: a seeded permutation cut to whole global batches, strided.
+
+    Rank r takes ``perm[r::world]``, so the union of the ranks' k-th local batches is exactly the k-th
+    global batch of a single process: DDP and one process see the same data.
+    """
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    perm = torch.randperm(n, generator=g)
+    perm = perm[: (n // global_batch) * global_batch]
+    return perm[rank::world].tolist()
+
+
+def train_loader(ds: Dataset, global_batch: int, seed: int, epoch: int, rank: int, world: int,
+                 num_workers: int, pin: bool) -> DataLoader:
+    """A fresh loader per epoch: data order and worker RNG depend on (seed, epoch) only, so resuming at an
+    epoch boundary replays exactly."""
+    if len(ds) < global_batch:
+        raise UserError(f"the training subset has {len(ds)} images, fewer than batch_size={global_batch}: "
+                        "lower batch_size or raise fraction")
+    order = epoch_order(len(ds), global_batch, seed, epoch, rank, world)
+    g = torch.Generator().manual_seed(seed * 7919 + epoch * 104_729 + rank)
+    return DataLoader(ds, batch_size=global_batch // world, sampler=order, num_workers=num_workers,
+                      pin_memory=pin, drop_last=True, generator=g, persistent_workers=False)
+
+
+class MetaBatches:
+    """Endless random batches of the held-out meta split, identical across DDP ranks up to the shard.
+
+    Every rank draws the same global index batch from a shared generator (seeded by run seed and epoch) and
+    keeps its stride, as ``epoch_order`` does for training batches.
+    """
+
+    def __init__(self, ds: Dataset, tensors: Optional[tuple], global_batch: int, seed: int, rank: int,
+                 world: int, device: torch.device):
+        self.ds, self.tensors, self.rank, self.world, self.device = ds, tensors, rank, world, device
+        self.global_batch = max(world, min(global_batch, len(ds)) // world * world)
+        self.seed = seed
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.gen = torch.Generator().manual_seed(self.seed * 31 + epoch + 12345)
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.randperm(len(self.ds), generator=self.gen)[: self.global_batch][self.rank:: self.world]
+        if self.tensors is not None:
+            x, y = self.tensors[0][idx], self.tensors[1][idx]
+        else:
+            items = [self.ds[int(i)] for i in idx]
+            x, y = torch.stack([a for a, _ in items]), torch.tensor([b for _, b in items])
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)

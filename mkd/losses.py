@@ -1,0 +1,241 @@
+"""Distillation methods as small loss objects.
+
+A method maps ``(student_out, teacher_logits, targets)`` to a dict of named loss terms, the total under
+``"loss"``.  ``targets`` are class distributions (one-hot, smoothed or mixed), so Mixup/CutMix need no
+special case.  A student with a distillation head (timm ``deit_*_distilled``) returns ``(cls, dist)``
+logits in training: CE goes through the class head, the teacher term through the distillation head.
+
+Hooks the loop calls for every method (the loop never branches on a method's name):
+``on_step(progress)`` before the forward, ``meta_step(ctx)`` after the backward and before the optimizer
+step, ``temperatures()`` for logging, ``train_parameters()`` for parameters the student's optimizer owns.
+
+To add a method: subclass ``Method``, implement ``forward``, add it to ``METHODS``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import RunConfig
+
+
+def heads(out: Tensor | tuple) -> tuple[Tensor, Tensor]:
+    """(class-head logits, distillation-head logits); the same tensor twice for single-head students."""
+    if isinstance(out, (tuple, list)):
+        return out[0], out[1]
+    return out, out
+
+
+def eval_logits(out: Tensor | tuple) -> Tensor:
+    """The prediction of a possibly two-headed student (DeiT averages the heads)."""
+    if isinstance(out, (tuple, list)):
+        return (out[0] + out[1]) / 2
+    return out
+
+
+def fp32(t: Tensor) -> Tensor:
+    """Upcast half precision (autocast outputs) for the softmax; float64 stays float64."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def soft_ce(logits: Tensor, targets: Tensor) -> Tensor:
+    """Cross-entropy against class distributions, mean over the batch."""
+    return torch.sum(-targets * F.log_softmax(fp32(logits), dim=-1), dim=-1).mean()
+
+
+def _col(t: Tensor | float) -> Tensor | float:
+    return t.unsqueeze(-1) if isinstance(t, Tensor) and t.dim() == 1 else t
+
+
+def kd_term(z_s: Tensor, z_t: Tensor, tau_t: Tensor | float, tau_s: Tensor | float,
+            weight: str = "tau_prod") -> Tensor:
+    """``w(tau) * KL(softmax(z_t/tau_t) || softmax(z_s/tau_s))`` per sample, then the batch mean (batchmean).
+
+    ``tau_*`` are scalars or per-sample vectors; ``w = tau_t*tau_s`` (Hinton's tau^2 when equal) or 1.
+    DeiT's soft distillation averages over all elements instead; ours is the per-sample sum.
+    """
+    tt, ts = _col(tau_t), _col(tau_s)
+    log_pt = F.log_softmax(fp32(z_t) / tt, dim=-1)
+    log_ps = F.log_softmax(fp32(z_s) / ts, dim=-1)
+    kl = torch.sum(log_pt.exp() * (log_pt - log_ps), dim=-1)
+    if weight == "tau_prod":
+        w = tau_t * tau_s
+        kl = kl * w
+    return kl.mean()
+
+
+@dataclass
+class StepContext:
+    """What a method's ``meta_step`` may use about the current training step."""
+
+    student: nn.Module  # the bare module (not the DDP wrapper), parameters and .grad of this step
+    x: Tensor  # the (mixed) input batch of this process
+    targets: Tensor
+    teacher_logits: Optional[Tensor]
+    student_out: Any  # detached output of the real forward
+    lr: float  # the student's current learning rate
+    step: int  # global step, starting at 0
+    autocast: Callable[[], Any]  # context manager factory of the loop's precision
+    meta_batches: Any = None  # mkd.data.MetaBatches of the held-out split
+    teacher: Optional[nn.Module] = None
+
+
+class Method(nn.Module):
+    """Base class: a loss object with optional state (temperatures) and hooks."""
+
+    needs_teacher = True
+    learns_temperature = False  # the loop samples temperatures of such methods every log_every steps
+
+    def __init__(self, cfg: RunConfig, num_classes: int):
+        super().__init__()
+        self.cfg, self.num_classes = cfg, num_classes
+
+    def forward(self, out, teacher_logits: Optional[Tensor], targets: Tensor) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def on_step(self, progress: float) -> None:
+        """Called before each training step with the fraction of training done (schedules)."""
+
+    def meta_step(self, ctx: StepContext) -> None:
+        """Called after the backward of each step, before the optimizer step (meta learning)."""
+
+    def temperatures(self) -> dict[str, float]:
+        """Current temperatures for logging ({} when the method has none)."""
+        return {}
+
+    def train_parameters(self) -> list[nn.Parameter]:
+        """Parameters trained by the student's optimizer (e.g. CTKD's temperature)."""
+        return list(self.parameters())
+
+    def _mix(self, ce: Tensor, distill: Tensor, alpha: float, name: str) -> dict[str, Tensor]:
+        return {"ce": ce, name: distill, "loss": (1 - alpha) * ce + alpha * distill}
+
+
+class CE(Method):
+    """No teacher: cross-entropy on the labels (both heads of a distilled student)."""
+
+    needs_teacher = False
+
+    def forward(self, out, teacher_logits, targets):
+        cls, dist = heads(out)
+        ce = soft_ce(cls, targets) if cls is dist else (soft_ce(cls, targets) + soft_ce(dist, targets)) / 2
+        return {"ce": ce, "loss": ce}
+
+
+class KD(Method):
+    """Hinton KD with fixed temperatures (one T, or separate tau_t/tau_s)."""
+
+    def forward(self, out, teacher_logits, targets):
+        cls, dist = heads(out)
+        k = self.cfg.kd
+        return self._mix(soft_ce(cls, targets), kd_term(dist, teacher_logits, k.tau_t, k.tau_s, k.weight), k.alpha, "kd")
+
+    def temperatures(self):
+        return {"tau_t": self.cfg.kd.tau_t, "tau_s": self.cfg.kd.tau_s}
+
+
+class Hard(Method):
+    """DeiT hard distillation: CE on the teacher's argmax (through the distillation head) mixed with CE on labels."""
+
+    def forward(self, out, teacher_logits, targets):
+        cls, dist = heads(out)
+        hard = F.cross_entropy(fp32(dist), teacher_logits.argmax(dim=-1))
+        return self._mix(soft_ce(cls, targets), hard, self.cfg.hard.alpha, "hard")
+
+
+class _GradReverse(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, lam):
+        ctx.lam = lam
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return -ctx.lam * g, None
+
+
+class CTKD(Method):
+    """Curriculum temperature KD: one temperature trained adversarially (gradient reversal, cosine-rising
+    strength) by the student's own optimizer; ``tau = tau_min + (tau_max - tau_min) * sigmoid(p)``."""
+
+    learns_temperature = True
+
+    def __init__(self, cfg, num_classes):
+        super().__init__(cfg, num_classes)
+        c = cfg.ctkd
+        u = min(max((cfg.kd.tau_t - c.tau_min) / (c.tau_max - c.tau_min), 1e-4), 1 - 1e-4)
+        self.p = nn.Parameter(torch.tensor(math.log(u / (1 - u))))
+        self.lam = 0.0
+
+    def tau(self) -> Tensor:
+        c = self.cfg.ctkd
+        return c.tau_min + (c.tau_max - c.tau_min) * torch.sigmoid(self.p)
+
+    def on_step(self, progress):
+        c = self.cfg.ctkd
+        self.lam = c.lambda_max * 0.5 * (1 - math.cos(math.pi * min(1.0, progress / max(c.ramp, 1e-8))))
+
+    def forward(self, out, teacher_logits, targets):
+        cls, dist = heads(out)
+        c = self.cfg.ctkd
+        tau = c.tau_min + (c.tau_max - c.tau_min) * torch.sigmoid(_GradReverse.apply(self.p, self.lam))
+        return self._mix(soft_ce(cls, targets), kd_term(dist, teacher_logits, tau, tau, self.cfg.kd.weight),
+                         self.cfg.kd.alpha, "kd")
+
+    def temperatures(self):
+        t = float(self.tau())
+        return {"tau_t": t, "tau_s": t}
+
+
+class MKD(Method):
+    """Meta knowledge distillation: KD whose tau_t, tau_s are meta-learned on the held-out split.
+
+    The training loss uses the temperatures as constants; ``meta_step`` (mkd/meta.py) updates them from
+    the hypergradient of the meta objective after a one-step look-ahead of the student.
+    """
+
+    learns_temperature = True
+
+    def __init__(self, cfg, num_classes):
+        super().__init__(cfg, num_classes)
+        from .meta import LearnedTemperatures, MetaLearner
+
+        m = cfg.mkd
+        self.temps = LearnedTemperatures(cfg.kd.tau_t, cfg.kd.tau_s, num_classes, m.granularity, m.tau_min, m.tau_max)
+        self.learner = MetaLearner(self.temps, m, cfg.batch_size, self.loss_with)
+
+    def loss_with(self, out, teacher_logits, targets, tau_t, tau_s) -> dict[str, Tensor]:
+        cls, dist = heads(out)
+        k = self.cfg.kd
+        return self._mix(soft_ce(cls, targets), kd_term(dist, teacher_logits, tau_t, tau_s, k.weight), k.alpha, "kd")
+
+    def forward(self, out, teacher_logits, targets):
+        tau_t, tau_s = self.temps(targets)
+        return self.loss_with(out, teacher_logits, targets, tau_t.detach(), tau_s.detach())
+
+    def meta_step(self, ctx):
+        self.learner.step(ctx)
+
+    def temperatures(self):
+        return self.temps.values()
+
+    def train_parameters(self):
+        return []
+
+    def get_extra_state(self):
+        return self.learner.state_dict()
+
+    def set_extra_state(self, state):
+        self.learner.load_state_dict(state)
+
+
+METHODS: dict[str, type[Method]] = {"ce": CE, "kd": KD, "hard": Hard, "ctkd": CTKD, "mkd": MKD}
+
+
+def build_method(cfg: RunConfig, num_classes: int) -> Method:
+    return METHODS[cfg.method](cfg, num_classes)
