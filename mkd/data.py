@@ -43,6 +43,7 @@ def _templates(cfg: EmbeddedConfig):
     size, C, S = cfg.img_size, cfg.num_classes, cfg.superclasses
     r = np.random.default_rng([cfg.seed, 0])
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size - 0.5
+    xx = xx + 0.5 / size  # centre the grid so that a horizontal flip maps it onto itself
     masks = []
     for _ in range(S):
         m = np.zeros((size, size), np.float32)
@@ -50,11 +51,12 @@ def _templates(cfg: EmbeddedConfig):
             cx, cy = r.uniform(-0.2, 0.2, 2)
             sx, sy = r.uniform(0.06, 0.16, 2)
             m += np.exp(-((xx - cx) ** 2 / (2 * sx**2) + (yy - cy) ** 2 / (2 * sy**2)))
+        m = m + m[:, ::-1]  # mirror-symmetric: flips preserve the class (weak augmentation is label-safe)
         masks.append(np.clip(m / m.max(), 0, 1))
     superclass = np.arange(C) * S // C
     base = r.uniform(-1, 1, (S, 3))
-    colour = base[superclass] + 0.35 * r.normal(size=(C, 3))
-    theta, freq = r.uniform(0, np.pi, C), r.uniform(2.0, 5.0, C)
+    colour = base[superclass] + 0.45 * r.normal(size=(C, 3))
+    theta, freq = r.uniform(0.1, np.pi / 2 - 0.1, C), r.uniform(2.5, 4.5, S)[superclass]
     return xx, yy, np.stack(masks), superclass, colour.astype(np.float32), theta, freq
 
 
@@ -67,8 +69,10 @@ def _generate(cfg: EmbeddedConfig, per_class: int, stream: int) -> tuple[np.ndar
     shift, dshift = size // 4, (3 * size) // 8
 
     def render(c, dx, dy, phase, amp):
+        # a plaid of gratings at +-theta (symmetric under horizontal flips) inside the superclass shape
         m = np.roll(masks[superclass[c]], (dy, dx), (0, 1))
-        g = np.cos(2 * np.pi * freq[c] * (xx * np.cos(theta[c]) + yy * np.sin(theta[c])) + phase)
+        u, w = xx * np.cos(theta[c]), yy * np.sin(theta[c])
+        g = 0.5 * (np.cos(2 * np.pi * freq[c] * (u + w) + phase) + np.cos(2 * np.pi * freq[c] * (w - u) + phase))
         return amp * m[..., None] * (0.6 * colour[c] + 0.5 * g[..., None] * np.sign(colour[c] + 1e-3))
 
     X = np.empty((n, size, size, 3), np.uint8)
@@ -76,8 +80,8 @@ def _generate(cfg: EmbeddedConfig, per_class: int, stream: int) -> tuple[np.ndar
         img = r.normal(0, 0.3, 3) + xx[..., None] * r.normal(0, 0.6, 3) + yy[..., None] * r.normal(0, 0.6, 3)
         img = img + render(y[i], *r.integers(-shift, shift + 1, 2), r.uniform(0, 2 * np.pi), r.uniform(0.7, 1.2))
         img = img + render(r.integers(C), *r.integers(-dshift, dshift + 1, 2), r.uniform(0, 2 * np.pi),
-                           r.uniform(0.2, 0.5))
-        img = img + r.normal(0, 0.2, img.shape)
+                           r.uniform(0.15, 0.4))
+        img = img + r.normal(0, 0.15, img.shape)
         X[i] = np.clip((img * 0.35 + 0.5) * 255, 0, 255).astype(np.uint8)
     perm = r.permutation(n)
     return X[perm], y[perm]
@@ -85,7 +89,7 @@ def _generate(cfg: EmbeddedConfig, per_class: int, stream: int) -> tuple[np.ndar
 
 def embedded_arrays(cfg: EmbeddedConfig) -> dict[str, np.ndarray]:
     """{'x_train','y_train','x_val','y_val'} as uint8 NHWC / int64, generated once and cached on disk."""
-    key = hashlib.sha256(json.dumps({"v": 1, **asdict(cfg)}, sort_keys=True).encode()).hexdigest()[:16]
+    key = hashlib.sha256(json.dumps({"v": 4, **asdict(cfg)}, sort_keys=True).encode()).hexdigest()[:16]
     path = cache_dir() / "embedded" / f"{key}.npz"
     if path.exists():
         try:
@@ -129,6 +133,18 @@ def _cifar100(root: Optional[str], train: bool, download: bool):
                 return super()._check_integrity()
             base = Path(self.root) / self.base_folder
             return all((base / name).is_file() for name, _ in self.train_list + self.test_list)
+
+        def _load_meta(self) -> None:
+            if download:
+                return super()._load_meta()
+            import pickle
+
+            path = Path(self.root) / self.base_folder / self.meta["filename"]
+            if not path.is_file():
+                raise RuntimeError(f"{path} is missing")
+            with open(path, "rb") as f:
+                self.classes = pickle.load(f, encoding="latin1")[self.meta["key"]]
+            self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
 
     if not root:
         raise UserError("dataset=cifar100 needs data_root=DIR (holding cifar-100-python/), "
@@ -175,7 +191,7 @@ def load_base(cfg: RunConfig) -> tuple[Dataset, Dataset, DatasetInfo]:
         train, val = ArrayImages(a["x_train"], a["y_train"]), ArrayImages(a["x_val"], a["y_val"])
         x = a["x_train"].reshape(-1, 3) / 255.0
         info = DatasetInfo("embedded", cfg.embedded.num_classes, cfg.img_size or cfg.embedded.img_size,
-                           tuple(x.mean(0).round(4)), tuple(x.std(0).round(4)), 1.0, (0.35, 1.0))
+                           tuple(x.mean(0).round(4)), tuple(x.std(0).round(4)), 1.0, (0.5, 1.0))
     elif cfg.dataset == "cifar100":
         train, val = _cifar100(cfg.data_root, True, cfg.download), _cifar100(cfg.data_root, False, cfg.download)
         info = DatasetInfo("cifar100", 100, cfg.img_size or 32, CIFAR100_MEAN, CIFAR100_STD, 1.0, (0.35, 1.0))

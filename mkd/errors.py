@@ -27,6 +27,9 @@ def cli(main: Callable[..., int | None]) -> Callable[..., int]:
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
+        except BrokenPipeError:  # output piped into head & co.
+            sys.stderr.close()
+            return 0
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             return 130

@@ -188,7 +188,7 @@ class CTKD(Method):
                          self.cfg.kd.alpha, "kd")
 
     def temperatures(self):
-        t = float(self.tau())
+        t = float(self.tau().detach())
         return {"tau_t": t, "tau_s": t}
 
 

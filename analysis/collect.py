@@ -1,0 +1,85 @@
+"""Results folder -> tidy pandas frames.
+
+``runs``: one row per (run, suite row it serves): suite, scale, run_id, kind, status, the row's axis values,
+final/best top-1/top-5, final temperatures, teacher size and top-1, wall time.  A run that serves several rows
+(CE ignores the teacher axis) appears once per row.  Runs without a result are ``pending`` or ``running``
+(their lock is held); runs whose ``result.json`` says so are ``failed``.
+``curves``: one row per (run, epoch) from ``metrics.jsonl``; ``steps``: step-level temperature samples.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from mkd.train import is_locked  # noqa: E402
+
+RESULT_FIELDS = ("final_top1", "final_top5", "best_top1", "best_top5", "tau_t", "tau_s", "teacher_top1",
+                 "teacher_params", "student_params", "wall_time_s", "reason")
+
+
+def _json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _jsonl(path: Path) -> list[dict]:
+    try:
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except FileNotFoundError:
+        return []
+
+
+def status_of(run_dir: Path, result: dict | None) -> str:
+    if result is not None:
+        return "done" if result.get("status") == "done" else "failed"
+    return "running" if is_locked(run_dir) else "pending"
+
+
+def collect(results: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    results = Path(results)
+    rows, curves, steps = [], [], []
+    for info_path in sorted(results.glob("*/*/*/run.json")):
+        run_dir = info_path.parent
+        info = _json(info_path) or {}
+        res = _json(run_dir / "result.json")
+        cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").exists() else {}
+        status = status_of(run_dir, res)
+        base = {"suite": info.get("suite") or run_dir.parent.parent.name, "scale": info.get("scale", run_dir.parent.name),
+                "run_id": run_dir.name, "kind": info.get("kind", "student"), "status": status,
+                "method": cfg.get("method"), "student_model": cfg.get("student"), "teacher_model": cfg.get("teacher"),
+                "teacher_run": info.get("teacher_run"), "path": str(run_dir)}
+        for k in RESULT_FIELDS:
+            base[k] = (res or {}).get(k)
+        for r in info.get("rows") or [{}]:
+            rows.append({**base, **{f"axis:{k}": v for k, v in r.items()}})
+        for rec in _jsonl(run_dir / "metrics.jsonl"):
+            curves.append({"run_id": run_dir.name, "suite": base["suite"], "scale": base["scale"],
+                           **{k: v for k, v in rec.items() if k != "temps"}})
+            for s, tt, ts in rec.get("temps", []):
+                steps.append({"run_id": run_dir.name, "suite": base["suite"], "scale": base["scale"],
+                              "epoch": rec["epoch"], "step": s, "tau_t": tt, "tau_s": ts})
+    runs = pd.DataFrame(rows)
+    if len(runs):
+        runs.columns = [c.removeprefix("axis:") if c.startswith("axis:") and c[5:] not in runs.columns else c
+                        for c in runs.columns]
+        _fill_teacher_info(runs)
+    return runs, pd.DataFrame(curves), pd.DataFrame(steps)
+
+
+def _fill_teacher_info(runs: pd.DataFrame) -> None:
+    """Teacher size and top-1 for rows whose own result lacks them (running / failed students)."""
+    for i, r in runs[runs["teacher_run"].notna()].iterrows():
+        if pd.isna(r.get("teacher_top1")) or pd.isna(r.get("teacher_params")):
+            tres = _json(Path(r["teacher_run"]) / "result.json") or {}
+            if pd.isna(r.get("teacher_top1")):
+                runs.at[i, "teacher_top1"] = tres.get("final_top1")
+            if pd.isna(r.get("teacher_params")):
+                runs.at[i, "teacher_params"] = tres.get("student_params")

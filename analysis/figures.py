@@ -1,0 +1,168 @@
+"""Figures (PNG and PDF) from the tidy frames: temperature evolution, degradation curves, data-fraction
+curves and the temperature-grid heatmap with MKD's learned temperatures marked."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+
+from tables import METHOD_ORDER  # noqa: E402
+
+sns.set_theme(style="whitegrid", context="paper")
+
+
+def save(fig, out: Path, stem: str) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for ext in ("png", "pdf"):
+        p = out / f"{stem}.{ext}"
+        tmp = p.with_name(f".{p.name}.tmp")
+        fig.savefig(tmp, dpi=150, bbox_inches="tight", format=ext)
+        tmp.replace(p)
+        paths[ext] = p
+    plt.close(fig)
+    return paths
+
+
+def _setting(r: pd.Series, cols: list[str]) -> str:
+    return ", ".join(f"{c}={r[c]}" for c in cols if c in r and not pd.isna(r[c]))
+
+
+def temperature_evolution(runs: pd.DataFrame, curves: pd.DataFrame, steps: pd.DataFrame, out: Path, stem: str,
+                          title: str):
+    """tau_t and tau_s against epoch for MKD and CTKD runs; dotted: KD's fixed temperature."""
+    learn = runs[runs["method"].isin(["mkd", "ctkd"])].drop_duplicates("run_id")
+    if not len(learn) or not len(curves):
+        return None
+    setting_cols = [c for c in ("teacher", "augment", "fraction", "student") if c in learn and learn[c].nunique() > 1]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharex=True)
+    palette = sns.color_palette("tab10", n_colors=max(1, learn[setting_cols].drop_duplicates().shape[0] if setting_cols else 1))
+    settings = learn[setting_cols].drop_duplicates().to_dict("records") if setting_cols else [{}]
+    for i, s in enumerate(settings):
+        sub = learn
+        for k, v in s.items():
+            sub = sub[sub[k] == v]
+        for _, r in sub.iterrows():
+            c = curves[curves["run_id"] == r["run_id"]].sort_values("epoch")
+            st = steps[steps["run_id"] == r["run_id"]].sort_values("step") if len(steps) else pd.DataFrame()
+            if not len(c):
+                continue
+            spe = c["step"].iloc[0] / c["epoch"].iloc[0] if "step" in c and c["epoch"].iloc[0] else 1
+            ls = "-" if r["method"] == "mkd" else "--"
+            label = f"{r['method']}" + (f" ({', '.join(f'{k}={v}' for k, v in s.items())})" if s else "")
+            for ax, key in zip(axes, ("tau_t", "tau_s")):
+                if len(st):
+                    ax.plot(st["step"] / spe, st[key], ls, color=palette[i % len(palette)], label=label, lw=1.4)
+                else:
+                    ax.plot(c["epoch"], c[key], ls, color=palette[i % len(palette)], label=label, lw=1.4)
+    kd = runs[runs["method"] == "kd"]
+    for ax, key in zip(axes, ("tau_t", "tau_s")):
+        ref = 4.0
+        if "kd.tau_t" in kd and kd["kd.tau_t"].notna().any():
+            ref = None
+        if ref is not None:
+            ax.axhline(ref, color="grey", ls=":", lw=1.2, label=f"KD fixed T={ref:g}")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(key)
+        ax.set_title({"tau_t": "teacher temperature", "tau_s": "student temperature"}[key])
+    handles, labels = axes[0].get_legend_handles_labels()
+    uniq = dict(zip(labels, handles))
+    fig.legend(uniq.values(), uniq.keys(), loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return save(fig, out, stem)
+
+
+def degradation_curves(runs: pd.DataFrame, out: Path, stem: str, title: str):
+    """Top-1 against teacher size per method, one panel per augmentation (CE as a horizontal line)."""
+    df = runs[(runs["status"] == "done")].copy()
+    if "teacher" not in df or not df["teacher"].notna().any():
+        return None
+    augs = [a for a in ["none", "weak", "medium", "strong"] if a in set(df["augment"])]
+    fig, axes = plt.subplots(1, len(augs), figsize=(5 * len(augs), 4), sharey=True, squeeze=False)
+    sizes = df.dropna(subset=["teacher_params"]).groupby("teacher")["teacher_params"].first()
+    for ax, a in zip(axes[0], augs):
+        sub = df[df["augment"] == a]
+        for m in [m for m in METHOD_ORDER if m in set(sub["method"])]:
+            ms = sub[sub["method"] == m]
+            if m == "ce":
+                ax.axhline(ms.drop_duplicates("run_id")["final_top1"].mean(), color="k", ls=":", label="ce (no teacher)")
+                continue
+            g = ms.groupby("teacher")["final_top1"].agg(["mean", "std"]).join(sizes, how="inner").sort_values("teacher_params")
+            ax.errorbar(g["teacher_params"], g["mean"], yerr=g["std"].fillna(0), marker="o", capsize=3, label=m)
+        tt = df.dropna(subset=["teacher_top1"]).groupby("teacher")[["teacher_params", "teacher_top1"]].first()
+        for t, r in tt.iterrows():
+            ax.annotate(f"{t}\n({r['teacher_top1']:.1f}%)", (r["teacher_params"], ax.get_ylim()[0]), fontsize=7,
+                        ha="center", va="bottom", color="grey")
+        ax.set_xscale("log")
+        ax.set_xlabel("teacher parameters")
+        ax.set_title(f"augment={a}")
+    axes[0][0].set_ylabel("student top-1 (%)")
+    axes[0][-1].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return save(fig, out, stem)
+
+
+def fraction_curves(runs: pd.DataFrame, out: Path, stem: str, title: str):
+    df = runs[runs["status"] == "done"]
+    if "fraction" not in df or df["fraction"].nunique() < 2:
+        return None
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for m in [m for m in METHOD_ORDER if m in set(df["method"])]:
+        g = df[df["method"] == m].drop_duplicates("run_id").groupby("fraction")["final_top1"].agg(["mean", "std"])
+        ax.errorbar(g.index, g["mean"], yerr=g["std"].fillna(0), marker="o", capsize=3, label=m)
+    ax.set_xscale("log")
+    ax.set_xticks(sorted(df["fraction"].unique()))
+    ax.get_xaxis().set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax.set_xlabel("fraction of the training set")
+    ax.set_ylabel("student top-1 (%)")
+    ax.legend()
+    ax.set_title(title)
+    fig.tight_layout()
+    return save(fig, out, stem)
+
+
+def grid_heatmap(runs: pd.DataFrame, out: Path, stem: str, title: str):
+    """KD top-1 over the (tau_t, tau_s) grid per setting; MKD's final learned temperatures marked."""
+    kd = runs[(runs["method"] == "kd") & (runs["status"] == "done")]
+    if "kd.tau_t" not in kd or not len(kd):
+        return None
+    settings = [c for c in ("teacher", "augment") if c in runs and runs[c].nunique() > 1] or ["teacher"]
+    keys = kd[settings].drop_duplicates().to_dict("records")
+    fig, axes = plt.subplots(1, len(keys), figsize=(5.2 * len(keys), 4.2), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        sub = kd
+        mk = runs[(runs["method"] == "mkd") & (runs["status"] == "done")]
+        for k, v in key.items():
+            sub, mk = sub[sub[k] == v], mk[mk[k] == v]
+        piv = sub.drop_duplicates("run_id").pivot_table(index="kd.tau_t", columns="kd.tau_s", values="final_top1",
+                                                        aggfunc="mean")
+        sns.heatmap(piv, annot=True, fmt=".1f", cmap="viridis", ax=ax, cbar_kws={"label": "top-1 (%)"})
+        ax.invert_yaxis()
+        ts_vals, tt_vals = list(piv.columns), list(piv.index)
+
+        def pos(v, vals):  # position of v on a log-spaced categorical axis (cell centres at i + 0.5)
+            lv = [math.log(x) for x in vals]
+            return float(np.interp(math.log(v), lv, np.arange(len(vals)) + 0.5, left=0.0, right=len(vals)))
+
+        for _, r in mk.drop_duplicates("run_id").iterrows():
+            if pd.notna(r["tau_t"]) and pd.notna(r["tau_s"]):
+                x, y = pos(float(r["tau_s"]), ts_vals), pos(float(r["tau_t"]), tt_vals)
+                ax.plot(x, y, marker="*", ms=16, color="red", mec="white")
+                ax.annotate(f"MKD {r['final_top1']:.1f}%\n(τt={r['tau_t']:.2f}, τs={r['tau_s']:.2f})", (x, y),
+                            textcoords="offset points", xytext=(8, 8), color="white", fontsize=8,
+                            bbox=dict(boxstyle="round", fc="black", alpha=0.6))
+        ax.set_xlabel("tau_s")
+        ax.set_ylabel("tau_t")
+        ax.set_title(", ".join(f"{k}={v}" for k, v in key.items()))
+    fig.suptitle(title)
+    fig.tight_layout()
+    return save(fig, out, stem)

@@ -1,0 +1,126 @@
+#!/usr/bin/env python
+"""Rebuild the paper's tables and figures from a results folder: ``python analysis/make_tables.py``.
+
+Reads every run's ``run.json``, ``config.yaml``, ``result.json`` and ``metrics.jsonl`` under ``--results``
+(layout: ../shared/DESIGN.md), writes per suite and scale a table in Markdown, LaTeX (booktabs) and HTML,
+the tidy CSV behind it, the figures (PNG + PDF) and ``index.html`` linking everything.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+import pandas as pd  # noqa: E402
+
+from mkd import atomic  # noqa: E402
+from mkd.errors import UserError, cli  # noqa: E402
+
+FORMATS = ("md", "tex", "html", "csv")
+REFERENCE = HERE.parent / "tables" / "paper_reference.csv"
+
+
+def load_reference(path: Path = REFERENCE) -> pd.DataFrame:
+    if not path.exists():
+        return pd.DataFrame(columns=["suite", "scale", "student", "method", "epochs", "top1", "source", "note"])
+    ref = pd.read_csv(path)
+    missing = {"suite", "student", "method", "top1", "source"} - set(ref.columns)
+    if missing:
+        raise UserError(f"{path}: missing columns {sorted(missing)}; see tables/README.md")
+    if ref["source"].isna().any():
+        raise UserError(f"{path}: every published number needs a source (row {int(ref['source'].isna().idxmax()) + 2})")
+    return ref
+
+
+def build(results: Path, out: Path, suites: list[str] | None = None, formats: tuple[str, ...] = FORMATS,
+          reference: Path = REFERENCE) -> dict:
+    """Write tables, figures and index; returns {'tables': [...], 'figures': [...]} of written paths."""
+    from collect import collect
+
+    import figures as F
+    import tables as T
+
+    if not results.is_dir():
+        raise UserError(f"results folder {results} not found: run python benchmarks/run.py --suite NAME first "
+                        "or pass --results DIR")
+    runs, curves, steps = collect(results)
+    if not len(runs) or not len(runs[runs["kind"] == "student"]):
+        raise UserError(f"no runs under {results}: run python benchmarks/run.py --suite NAME first or pass --results DIR")
+    ref = load_reference(reference)
+    students = runs[runs["kind"] == "student"]
+    known = sorted(students["suite"].unique())
+    for s in suites or []:
+        if s not in known:
+            from mkd.errors import suggest
+
+            raise UserError(f"--suite {s}: no results for it{suggest(s, known)}; suites with results: {', '.join(known)}")
+    out.mkdir(parents=True, exist_ok=True)
+    written = {"tables": [], "figures": []}
+    entries, figs = [], []
+    for (suite, scale), df in students.groupby(["suite", "scale"], sort=True):
+        if suites and suite not in suites:
+            continue
+        df = df.dropna(axis=1, how="all")
+        run_ids = set(df["run_id"])
+        c = curves[curves["run_id"].isin(run_ids)] if len(curves) else curves
+        st = steps[steps["run_id"].isin(run_ids)] if len(steps) else steps
+        for table in T.tables_for(df, suite, scale, ref):
+            files = []
+            for fmt in formats:
+                p = out / f"{table.name}.{fmt}"
+                if fmt == "csv":
+                    tidy = df.drop(columns=["path"], errors="ignore")
+                    atomic.write_text(p, tidy.to_csv(index=False))
+                else:
+                    atomic.write_text(p, T.render(table, fmt))
+                files.append((fmt, p.name))
+                written["tables"].append(p)
+            entries.append({"title": table.title, "files": files, "html": T.render(table, "html")})
+        title = f"{suite} ({scale})"
+        for fn, stem in ((lambda: F.temperature_evolution(df, c, st, out, f"{suite}_{scale}_temperatures",
+                                                          f"{title}: learned temperatures"), "temperatures"),
+                         (lambda: F.degradation_curves(df, out, f"{suite}_{scale}_degradation",
+                                                       f"{title}: student top-1 vs teacher size"), "degradation"),
+                         (lambda: F.fraction_curves(df, out, f"{suite}_{scale}_fraction",
+                                                    f"{title}: top-1 vs data fraction"), "fraction"),
+                         (lambda: F.grid_heatmap(df, out, f"{suite}_{scale}_grid",
+                                                 f"{title}: KD temperature grid, MKD marked"), "grid")):
+            if stem == "degradation" and "kd.tau_t" in df and df["kd.tau_t"].nunique() > 1:
+                continue  # the grid suite's teachers are a setting, not a ladder
+            paths = fn()
+            if paths:
+                written["figures"] += [paths["png"], paths["pdf"]]
+                figs.append({"title": f"{title}: {stem}", "png": paths["png"].name, "pdf": paths["pdf"].name})
+    if not entries:
+        raise UserError(f"no results for suites {', '.join(suites)} under {results}")
+    index = out / "index.html"
+    atomic.write_text(index, T.render_index(entries, figs, time.strftime("%Y-%m-%d %H:%M")))
+    written["index"] = index
+    return written
+
+
+@cli
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python analysis/make_tables.py", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--results", default="results", help="results root (default results/)")
+    ap.add_argument("--out", default=str(HERE.parent / "tables"), help="output folder (default tables/)")
+    ap.add_argument("--suite", nargs="+", help="only these suites")
+    ap.add_argument("--format", default=",".join(FORMATS), help=f"comma list of {','.join(FORMATS)}")
+    args = ap.parse_args(argv)
+    formats = tuple(f.strip() for f in args.format.split(",") if f.strip())
+    for f in formats:
+        if f not in FORMATS:
+            raise UserError(f"--format {f} is unknown; allowed: {', '.join(FORMATS)}")
+    written = build(Path(args.results), Path(args.out), args.suite, formats)
+    print(f"wrote {len(written['tables'])} table files and {len(written['figures'])} figure files; "
+          f"open {written['index']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,289 @@
+"""Tables of one suite at one scale, from the tidy ``runs`` frame; rendered through jinja2 templates.
+
+A cell is the mean final top-1 over the seeds of its finished runs, with the sample standard deviation
+(ddof=1) when there are two or more.  A cell whose runs are not all finished says so: ``running``,
+``pending`` or ``failed`` alone when none finished, appended otherwise (``45.1 (1 failed)``).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import jinja2
+import pandas as pd
+
+TEMPLATES = Path(__file__).resolve().parent / "templates"
+METHOD_ORDER = ["ce", "kd", "hard", "ctkd", "mkd"]
+DASH = "—"
+
+
+@dataclass
+class Table:
+    name: str  # file stem
+    title: str
+    header: list[list[str]]  # one or more header rows (spans expanded: repeated labels merge in html/tex)
+    rows: list[list[str]]
+    notes: list[str] = field(default_factory=list)
+    values: Optional[pd.DataFrame] = None  # numbers behind the cells (csv)
+
+
+@dataclass
+class Cell:
+    mean: Optional[float]
+    std: Optional[float]
+    n: int
+    states: dict
+
+    def text(self, digits: int = 2) -> str:
+        pending = {k: v for k, v in self.states.items() if k != "done" and v}
+        if self.mean is None:
+            if not pending:
+                return DASH
+            return ", ".join(f"{k}" if v == sum(pending.values()) and len(pending) == 1 else f"{v} {k}"
+                             for k, v in pending.items())
+        s = f"{self.mean:.{digits}f}"
+        if self.std is not None:
+            s += f" ± {self.std:.{digits}f}"
+        if pending:
+            s += " (" + ", ".join(f"{v} {k}" for k, v in pending.items()) + ")"
+        return s
+
+
+def cell(df: pd.DataFrame, metric: str = "final_top1") -> Cell:
+    """Aggregate the runs of one cell; one run per seed (duplicated rows of one run count once)."""
+    df = df.drop_duplicates("run_id")
+    states = df["status"].value_counts().to_dict()
+    done = df[df["status"] == "done"][metric].dropna().astype(float)
+    if len(done) == 0:
+        return Cell(None, None, 0, states)
+    std = float(done.std(ddof=1)) if len(done) > 1 else None
+    return Cell(float(done.mean()), std, len(done), states)
+
+
+def _sorted(values, order=None) -> list:
+    vals = [v for v in pd.unique(values) if not (isinstance(v, float) and math.isnan(v))]
+    if order:
+        return sorted(vals, key=lambda v: (order.index(v) if v in order else len(order), str(v)))
+    try:
+        return sorted(vals)
+    except TypeError:
+        return sorted(vals, key=str)
+
+
+def _diff(a: Cell, b: Cell) -> str:
+    if a.mean is None or b.mean is None:
+        return DASH
+    return f"{a.mean - b.mean:+.2f}"
+
+
+def _params(n) -> str:
+    if n is None or (isinstance(n, float) and math.isnan(n)):
+        return DASH
+    n = float(n)
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.0f}k"
+
+
+def _pct(x) -> str:
+    return DASH if x is None or (isinstance(x, float) and math.isnan(x)) else f"{float(x):.2f}"
+
+
+def _filter(df: pd.DataFrame, **kw) -> pd.DataFrame:
+    for k, v in kw.items():
+        df = df[df[k] == v] if k in df.columns else df.iloc[0:0]
+    return df
+
+
+def teacher_info(df: pd.DataFrame, label) -> tuple[str, str, str]:
+    t = df[(df.get("teacher") == label) & df["teacher_model"].notna()] if "teacher" in df else df.iloc[0:0]
+    if not len(t):
+        return DASH, DASH, DASH
+    r = t.iloc[0]
+    tt = t["teacher_top1"].dropna()
+    tp = t["teacher_params"].dropna()
+    return str(r["teacher_model"]), _params(tp.iloc[0] if len(tp) else None), _pct(tt.iloc[0] if len(tt) else None)
+
+
+# ---------------------------------------------------------------------------- table kinds
+def degradation(df: pd.DataFrame, suite: str, scale: str) -> list[Table]:
+    """Rows = teacher (model, size, top-1); columns = methods per augmentation, then each method minus KD."""
+    teachers = _sorted(df["teacher"].dropna(), None) if "teacher" in df else []
+    teachers = sorted(teachers, key=lambda t: float(df[df["teacher"] == t]["teacher_params"].dropna().iloc[0])
+                      if len(df[df["teacher"] == t]["teacher_params"].dropna()) else math.inf)
+    augs = _sorted(df["augment"], ["none", "weak", "medium", "strong"]) if "augment" in df else [None]
+    methods = _sorted(df["method"], METHOD_ORDER)
+    h1 = ["teacher", "model", "params", "teacher top-1"]
+    h2 = ["", "", "", ""]
+    for a in augs:
+        h1 += [f"augment={a}"] * len(methods)
+        h2 += methods
+    rows, vals = [], []
+    for t in teachers:
+        model, size, top1 = teacher_info(df, t)
+        row = [str(t), model, size, top1]
+        for a in augs:
+            sub = _filter(df, augment=a) if a is not None else df
+            cells = {m: cell(sub[(sub["method"] == m) & ((sub["teacher"] == t) | (m == "ce"))]) for m in methods}
+            for m, c in cells.items():
+                delta = _diff(c, cells["kd"]) if "kd" in cells and m != "kd" else DASH
+                row.append(c.text() + (f" ({delta})" if delta != DASH else ""))
+                vals.append({"teacher": t, "augment": a, "method": m, "top1_mean": c.mean, "top1_std": c.std,
+                             "n": c.n, "minus_kd": None if delta == DASH else float(delta)})
+        rows.append(row)
+    notes = ["Cells: final top-1 (%) on the validation set, mean ± sample std over seeds (no ± with one seed); "
+             "in brackets the difference to KD with the same teacher and augmentation.",
+             "ce trains without a teacher: its cell repeats in every teacher row."]
+    return [Table(f"{suite}_{scale}", f"{suite} ({scale}): student top-1 by teacher and augmentation", [h1, h2], rows,
+                  notes, pd.DataFrame(vals))]
+
+
+def data_fraction(df: pd.DataFrame, suite: str, scale: str) -> list[Table]:
+    fracs = _sorted(df["fraction"])
+    methods = _sorted(df["method"], METHOD_ORDER)
+    augs = _sorted(df["augment"], ["none", "weak", "medium", "strong"]) if "augment" in df else [None]
+    h1, h2 = ["fraction"], [""]
+    for a in augs:
+        h1 += [f"augment={a}"] * len(methods)
+        h2 += methods
+    rows, vals = [], []
+    for f in fracs:
+        row = [f"{f:g}"]
+        for a in augs:
+            for m in methods:
+                c = cell(_filter(df, fraction=f, method=m, **({"augment": a} if a is not None else {})))
+                row.append(c.text())
+                vals.append({"fraction": f, "augment": a, "method": m, "top1_mean": c.mean, "top1_std": c.std, "n": c.n})
+        rows.append(row)
+    return [Table(f"{suite}_{scale}", f"{suite} ({scale}): student top-1 by training-set fraction", [h1, h2], rows,
+                  ["Cells: final top-1 (%), mean ± sample std over seeds. Subsets are class-balanced and nested."],
+                  pd.DataFrame(vals))]
+
+
+def temperature_grid(df: pd.DataFrame, suite: str, scale: str) -> list[Table]:
+    tables = []
+    settings = [c for c in ("teacher", "augment") if c in df and df[c].nunique() > 1] or ["teacher"]
+    keys = df[settings].drop_duplicates().to_dict("records")
+    grid_all = df[df["method"] == "kd"]
+    for key in keys:
+        sub = _filter(df, **key)
+        kd = sub[sub["method"] == "kd"]
+        tts, tss = _sorted(kd["kd.tau_t"]), _sorted(kd["kd.tau_s"])
+        rows, vals = [], []
+        best = None
+        for tt in tts:
+            row = [f"{tt:g}"]
+            for ts in tss:
+                c = cell(kd[(kd["kd.tau_t"] == tt) & (kd["kd.tau_s"] == ts)])
+                row.append(c.text())
+                vals.append({**key, "tau_t": tt, "tau_s": ts, "top1_mean": c.mean, "top1_std": c.std, "n": c.n})
+                if c.mean is not None and (best is None or c.mean > best[0]):
+                    best = (c.mean, tt, ts)
+            rows.append(row)
+        label = ", ".join(f"{k}={v}" for k, v in key.items())
+        model, size, top1 = teacher_info(df, key.get("teacher")) if "teacher" in key else (DASH, DASH, DASH)
+        notes = [f"KD with fixed temperatures; rows tau_t, columns tau_s. Teacher {model} ({size}, top-1 {top1})."]
+        if best:
+            notes.append(f"Best grid cell: {best[0]:.2f} at tau_t={best[1]:g}, tau_s={best[2]:g}.")
+        mk = cell(sub[sub["method"] == "mkd"])
+        if len(sub[sub["method"] == "mkd"]):
+            done = sub[(sub["method"] == "mkd") & (sub["status"] == "done")]
+            temps = (f", learned tau_t={done['tau_t'].astype(float).mean():.2f}, tau_s={done['tau_s'].astype(float).mean():.2f}"
+                     if len(done) else "")
+            notes.append(f"MKD in the same setting: {mk.text()}{temps}.")
+        stem = f"{suite}_{scale}_" + "_".join(str(v) for v in key.values())
+        tables.append(Table(stem, f"{suite} ({scale}), {label}: KD top-1 over (tau_t, tau_s)",
+                            [["tau_t \\ tau_s"] + [f"{t:g}" for t in tss]], rows, notes, pd.DataFrame(vals)))
+    return tables
+
+
+def imagenet_main(df: pd.DataFrame, suite: str, scale: str, reference: pd.DataFrame) -> list[Table]:
+    """Students x methods: reproduced, published (tables/paper_reference.csv) and reproduced minus published."""
+    students = _sorted(df["student"], ["ViT-T", "ViT-S", "ViT-B", "ViT-L"])
+    methods = _sorted(df["method"], METHOD_ORDER)
+    ref = reference[(reference["suite"] == suite)] if len(reference) else reference
+    h1 = ["student"] + [m for m in methods for _ in range(3)]
+    h2 = [""] + ["reproduced", "published", "diff"] * len(methods)
+    rows, vals, sources = [], [], {}
+    for s in students:
+        row = [str(s)]
+        for m in methods:
+            c = cell(_filter(df, student=s, method=m))
+            pub = ref[(ref["student"] == s) & (ref["method"] == m)] if len(ref) else ref
+            p = float(pub["top1"].iloc[0]) if len(pub) and not pd.isna(pub["top1"].iloc[0]) else None
+            if p is not None:
+                src = str(pub["source"].iloc[0])
+                sources.setdefault(src, len(sources) + 1)
+                note = pub["note"].iloc[0] if "note" in pub and not pd.isna(pub["note"].iloc[0]) else ""
+            row += [c.text(), f"{p:.1f} [{sources[src]}]" if p is not None else DASH,
+                    f"{c.mean - p:+.2f}" if (p is not None and c.mean is not None) else DASH]
+            vals.append({"student": s, "method": m, "top1_mean": c.mean, "top1_std": c.std, "n": c.n, "published": p})
+        rows.append(row)
+    notes = [f"[{i}] {src}" for src, i in sources.items()]
+    extra = ref[~ref["method"].isin(methods)] if len(ref) else ref
+    for _, r in extra.iterrows():
+        notes.append(f"Also published, not a method of this suite: {r['student']} {r['method']} {r['top1']:.1f} "
+                     f"({r.get('note', '')}; {r['source']}).")
+    used = ref[ref["method"].isin(methods)] if len(ref) else ref
+    for _, r in used.iterrows():
+        if isinstance(r.get("note"), str) and r["note"]:
+            notes.append(f"{r['student']} {r['method']} published: {r['note']}.")
+    notes.append("Published cells come only from tables/paper_reference.csv (../shared/PAPER.md); unknown ones stay —.")
+    return [Table(f"{suite}_{scale}", f"{suite} ({scale}): reproduced vs published top-1", [h1, h2], rows, notes,
+                  pd.DataFrame(vals))]
+
+
+def generic(df: pd.DataFrame, suite: str, scale: str, axes: list[str]) -> list[Table]:
+    """Fallback for user suites: one row per combination of the varying axes."""
+    axes = [a for a in axes if a in df and df[a].nunique(dropna=False) > 1 and a != "seed"] or ["method"]
+    rows, vals = [], []
+    for key, sub in df.groupby(axes, dropna=False, sort=True):
+        key = key if isinstance(key, tuple) else (key,)
+        c = cell(sub)
+        rows.append([str(k) for k in key] + [c.text()])
+        vals.append({**dict(zip(axes, key)), "top1_mean": c.mean, "top1_std": c.std, "n": c.n})
+    return [Table(f"{suite}_{scale}", f"{suite} ({scale})", [axes + ["top-1"]], rows, [], pd.DataFrame(vals))]
+
+
+def tables_for(df: pd.DataFrame, suite: str, scale: str, reference: pd.DataFrame) -> list[Table]:
+    axes = [c for c in df.columns if c in ("teacher", "student", "augment", "method", "fraction", "seed")
+            or c.startswith(("kd.", "mkd.", "ctkd."))]
+    if "kd.tau_t" in df and "kd.tau_s" in df and df["kd.tau_t"].nunique() > 1:
+        return temperature_grid(df, suite, scale)
+    if "student" in df and df["student"].nunique() > 1:
+        return imagenet_main(df, suite, scale, reference)
+    if "fraction" in df and df["fraction"].nunique() > 1:
+        return data_fraction(df, suite, scale)
+    if "teacher" in df and df["teacher"].notna().any():
+        return degradation(df, suite, scale)
+    return generic(df, suite, scale, axes)
+
+
+# ---------------------------------------------------------------------------- rendering
+def _env() -> jinja2.Environment:
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=jinja2.select_autoescape(["html"]),
+                             trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
+    env.filters["tex"] = lambda s: (str(s).replace("\\", "\\textbackslash{}").replace("&", "\\&").replace("%", "\\%")
+                                    .replace("_", "\\_").replace("#", "\\#").replace("±", "$\\pm$")
+                                    .replace("—", "---").replace("−", "$-$"))
+    env.globals["spans"] = spans
+    return env
+
+
+def spans(row: list[str]) -> list[tuple[str, int]]:
+    """Merge runs of equal neighbouring labels of a header row: [(label, colspan)]."""
+    out: list[list] = []
+    for label in row:
+        if out and out[-1][0] == label and label:
+            out[-1][1] += 1
+        else:
+            out.append([label, 1])
+    return [(a, b) for a, b in out]
+
+
+def render(table: Table, fmt: str) -> str:
+    return _env().get_template(f"table.{fmt}.j2").render(t=table, ncols=len(table.header[-1]))
+
+
+def render_index(entries: list[dict], figures: list[dict], generated: str) -> str:
+    return _env().get_template("index.html.j2").render(entries=entries, figures=figures, generated=generated)

@@ -1,0 +1,86 @@
+#!/usr/bin/env python
+"""Run a benchmark suite: ``python benchmarks/run.py --suite degradation``.
+
+Expands ``benchmarks/suites/NAME.yaml`` at one scale into runs (teachers first), skips finished runs,
+resumes unfinished ones, retries failed ones, and executes the rest locally or as Slurm job arrays.
+Results land in ``RESULTS/<suite>/<scale>/<run_id>/`` (teachers in ``RESULTS/teachers/<scale>/``).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from mkd.config import parse_overrides  # noqa: E402
+from mkd.errors import UserError, cli  # noqa: E402
+from mkd.launch import load_profile, print_status, run_local, slurm_reachable, submit_slurm, wait_slurm  # noqa: E402
+from mkd.suites import SCALES, expand, known_suites  # noqa: E402
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(prog="python benchmarks/run.py", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog=f"known suites: {', '.join(known_suites())}")
+    ap.add_argument("--suite", required=True, help="suite name or path to a suite YAML file")
+    ap.add_argument("--scale", default="tiny", help=f"one of {', '.join(SCALES)} (default tiny: the embedded data, CPU)")
+    ap.add_argument("--executor", choices=["local", "slurm"], help="default: slurm when --profile is given, else local")
+    ap.add_argument("--profile", help="Slurm profile YAML (slurm/NAME.yaml)")
+    ap.add_argument("--results", default="results", help="results root (default results/)")
+    ap.add_argument("--filter", action="append", default=[], metavar="AXIS=VALUE[,VALUE]",
+                    help="keep only rows with these axis values (repeatable)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override for every run, e.g. --set epochs=1 (changes run ids)")
+    ap.add_argument("--data-root", help="dataset root for the cifar / imagenet scales")
+    ap.add_argument("--dry-run", action="store_true", help="print the plan (one line per run) and exit")
+    ap.add_argument("--status", action="store_true", help="print every run's state, top-1 and log, then exit")
+    ap.add_argument("--max-parallel", type=int, help="local: concurrent runs (default: GPUs, else CPU cores); "
+                                                      "slurm: array parallelism")
+    ap.add_argument("--wait", action="store_true", help="slurm: block until the submitted jobs end")
+    return ap.parse_args(argv)
+
+
+@cli
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.scale not in SCALES:
+        raise UserError(f"--scale {args.scale} is unknown; allowed: {', '.join(SCALES)}")
+    if args.max_parallel is not None and args.max_parallel < 1:
+        raise UserError(f"--max-parallel {args.max_parallel} must be >= 1")
+    executor = args.executor or ("slurm" if args.profile else "local")
+    profile = load_profile(args.profile, args.scale) if executor == "slurm" else {}
+    data_root = args.data_root or profile.get("data_root")
+    plan = expand(args.suite, args.scale, args.results, args.filter, parse_overrides(args.set), data_root)
+
+    if args.dry_run:
+        print(f"suite {plan.suite} ({plan.scale}) from {plan.path}: {len(plan.teachers)} teachers + "
+              f"{len(plan.students)} students")
+        for r in plan.runs:
+            wait = f" after teacher {r.teacher}" if r.teacher else ""
+            print(f"{r.kind:<7} {r.run_id}  {r.label}  -> {r.out}{wait}")
+        return 0
+    if args.status:
+        return print_status(plan)
+
+    if executor == "slurm":
+        slurm_reachable()
+        jobs = submit_slurm(plan, profile, args.max_parallel)
+        if not args.wait:
+            return 0
+        failed = wait_slurm(plan, jobs)
+    else:
+        failed = run_local(plan, args.max_parallel)
+    if failed:
+        print(f"{len(failed)} run(s) failed:", file=sys.stderr)
+        from mkd.launch import log_path, result_of
+
+        for r in failed:
+            why = (result_of(r) or {}).get("reason", "")
+            print(f"  {r.name} {r.label}: {why}  log: {log_path(r)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

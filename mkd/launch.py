@@ -1,0 +1,384 @@
+"""Executing a suite plan: locally (subprocesses, one per core or GPU) or on Slurm (submitit job arrays).
+
+Both paths end in ``mkd.train.train`` on a run directory holding ``config.yaml``.  Run state lives in the
+directories themselves, so any invocation can tell what is done (``result.json``), failed, running (the
+run's lock is held, or its Slurm job is pending/running: ``job.json``) or still pending.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Optional
+
+import submitit
+import yaml
+
+from . import atomic
+from .errors import UserError
+from .suites import Plan, Run
+
+RESULT, JOB = "result.json", "job.json"
+ACTIVE_SLURM = ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED",
+                "REQUEUE_HOLD", "REQUEUE_FED")
+PROJECT = Path(__file__).resolve().parent.parent
+
+
+# ---------------------------------------------------------------------------- run directories
+def prepare(plan: Plan) -> None:
+    """Write config.yaml and run.json of every planned run (pending runs show up in status and tables)."""
+    for run in plan.runs:
+        run.out.mkdir(parents=True, exist_ok=True)
+        cfg_path = run.out / "config.yaml"
+        if not cfg_path.exists():
+            atomic.write_text(cfg_path, run.config.to_yaml())
+        info = atomic.read_json(run.out / "run.json") or {}
+        rows = info.get("rows", [])
+        for r in run.rows:
+            if r not in rows:
+                rows.append(r)
+        suites = sorted(set(info.get("suites", [])) | {plan.suite})
+        new = {"run_id": run.run_id, "kind": run.kind, "scale": plan.scale, "suites": suites,
+               "suite": plan.suite if run.kind == "student" else None, "rows": rows, "label": run.label,
+               "teacher_run": str(plan_teacher(plan, run).out) if run.teacher else None}
+        if new != info:
+            atomic.write_json(run.out / "run.json", new)
+
+
+def plan_teacher(plan: Plan, run: Run) -> Optional[Run]:
+    return next((t for t in plan.teachers if t.run_id == run.teacher), None)
+
+
+def result_of(run: Run) -> Optional[dict]:
+    return atomic.read_json(run.out / RESULT)
+
+
+def log_path(run: Run) -> str:
+    job = atomic.read_json(run.out / JOB)
+    if job and job.get("stdout"):
+        return job["stdout"]
+    return str(run.out / "train.log")
+
+
+def slurm_states(runs: list[Run]) -> dict[str, str]:
+    """Slurm state of each run that has a job.json, through submitit's sacct watcher."""
+    jobs = {}
+    for run in runs:
+        info = atomic.read_json(run.out / JOB)
+        if info and info.get("executor") == "slurm" and shutil.which("sacct"):
+            jobs[run.run_id] = submitit.SlurmJob(folder=info["folder"], job_id=info["job_id"])
+    states = {}
+    for rid, job in jobs.items():
+        try:
+            states[rid] = job.watcher.get_state(job.job_id, mode="force" if not states else "standard")
+        except Exception:  # sacct unreachable: unknown
+            states[rid] = "UNKNOWN"
+    return states
+
+
+def state_of(run: Run, slurm: dict[str, str]) -> str:
+    from .train import is_locked
+
+    res = result_of(run)
+    if res is not None and res.get("status") == "done":
+        return "done"
+    if is_locked(run.out):
+        return "running"
+    st = slurm.get(run.run_id, "")
+    if st.split(" ")[0] in ACTIVE_SLURM:
+        return "running" if st.startswith("RUNNING") else "pending"
+    if res is not None:
+        return "failed"
+    if st and st not in ("UNKNOWN", "COMPLETED"):
+        return "failed"
+    return "pending"
+
+
+def status_rows(plan: Plan) -> list[dict]:
+    slurm = slurm_states(plan.runs)
+    rows = []
+    for run in plan.runs:
+        res = result_of(run) or {}
+        rows.append({"state": state_of(run, slurm), "run": run.run_id, "kind": run.kind, "label": run.label,
+                     "top1": res.get("final_top1"), "log": log_path(run), "reason": res.get("reason"),
+                     "slurm": slurm.get(run.run_id)})
+    return rows
+
+
+def print_status(plan: Plan) -> int:
+    rows = status_rows(plan)
+    counts = defaultdict(int)
+    for r in rows:
+        counts[r["state"]] += 1
+    summary = ", ".join(f"{counts[s]} {s}" for s in ("done", "running", "pending", "failed") if counts[s])
+    print(f"suite {plan.suite} ({plan.scale}): {len(rows)} runs: {summary}")
+    w = max(len(r["label"]) for r in rows)
+    print(f"{'STATE':<8} {'RUN':<12} {'KIND':<7} {'WHAT':<{w}} {'TOP1':>6}  LOG")
+    for r in rows:
+        top1 = f"{r['top1']:.2f}" if r["top1"] is not None else "-"
+        extra = f"  ({r['reason']})" if r["state"] == "failed" and r["reason"] else ""
+        print(f"{r['state']:<8} {r['run']:<12} {r['kind']:<7} {r['label']:<{w}} {top1:>6}  {r['log']}{extra}")
+    return 1 if counts["failed"] else 0
+
+
+# ---------------------------------------------------------------------------- local execution
+def _default_parallel() -> tuple[int, list[Optional[str]]]:
+    try:
+        import torch
+
+        n_gpu = torch.cuda.device_count()
+    except Exception:
+        n_gpu = 0
+    if n_gpu:
+        return n_gpu, [str(i) for i in range(n_gpu)]
+    n = max(1, min(os.cpu_count() or 1, 8))
+    return n, [None] * n
+
+
+def run_local(plan: Plan, max_parallel: Optional[int] = None, quiet: bool = False) -> list[Run]:
+    """Run every unfinished run of the plan on this machine; returns the runs that failed."""
+    from tqdm import tqdm
+
+    n_default, slots = _default_parallel()
+    n = max_parallel or n_default
+    slots = (slots * n)[:n] if slots[0] is not None else [None] * n
+    threads = max(1, (os.cpu_count() or 1) // n)
+    todo = [r for r in plan.runs if state_of(r, {}) != "done"]
+    busy_elsewhere = [r for r in todo if state_of(r, {}) == "running"]
+    todo = [r for r in todo if r not in busy_elsewhere]
+    for r in busy_elsewhere:
+        print(f"skip {r.name} ({r.label}): running in another process", file=sys.stderr)
+    if not todo:
+        if not busy_elsewhere:
+            print(f"suite {plan.suite} ({plan.scale}): all {len(plan.runs)} runs finished; nothing to do")
+        return []
+    prepare(plan)
+    by_id = {r.run_id: r for r in plan.runs}
+    failed: list[Run] = []
+    running: dict[str, tuple[subprocess.Popen, Run, float, int]] = {}
+    free = list(range(n))
+    tty = sys.stderr.isatty() and not quiet
+    bar = tqdm(total=len(todo), desc=f"{plan.suite}/{plan.scale}", unit="run", disable=not tty, dynamic_ncols=True)
+    t0 = time.time()
+    done_count = 0
+
+    def teacher_state(run: Run) -> str:
+        if run.teacher is None:
+            return "done"
+        return state_of(by_id[run.teacher], {})
+
+    def report(run: Run, ok: bool, secs: float, why: str = "") -> None:
+        nonlocal done_count
+        done_count += 1
+        bar.update(1)
+        res = result_of(run) or {}
+        msg = (f"[{done_count}/{len(todo)}] {'done' if ok else 'FAILED'} {run.name} {run.label}"
+               + (f" top1 {res['final_top1']:.2f}" if ok and res.get("final_top1") is not None else "")
+               + f" ({secs:.0f}s){' ' + why if why else ''}")
+        if tty:
+            bar.write(msg)
+        else:
+            print(msg, flush=True)
+
+    def launch(run: Run, slot: int) -> None:
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+                   PYTHONPATH=os.pathsep.join(filter(None, [str(PROJECT), os.environ.get("PYTHONPATH")])))
+        if slots[slot] is not None:
+            env["CUDA_VISIBLE_DEVICES"] = slots[slot]
+        log = open(run.out / "train.log", "ab")
+        p = subprocess.Popen([sys.executable, "-m", "mkd.train", "--config", str(run.out / "config.yaml"),
+                              "--out", str(run.out)], stdout=log, stderr=subprocess.STDOUT, env=env,
+                             start_new_session=True)
+        log.close()
+        running[run.run_id] = (p, run, time.time(), slot)
+
+    queue = list(todo)
+    try:
+        while queue or running:
+            for run in list(queue):
+                if not free:
+                    break
+                ts = teacher_state(run)
+                if ts == "done":
+                    queue.remove(run)
+                    launch(run, free.pop(0))
+                elif ts == "failed" and not any(r.run_id == run.teacher for r in queue) \
+                        and run.teacher not in running:
+                    queue.remove(run)
+                    failed.append(run)
+                    report(run, False, 0, f"(teacher {run.teacher} failed: see {log_path(by_id[run.teacher])})")
+            for rid, (p, run, start, slot) in list(running.items()):
+                if p.poll() is None:
+                    continue
+                del running[rid]
+                free.append(slot)
+                ok = (result_of(run) or {}).get("status") == "done"
+                if not ok:
+                    failed.append(run)
+                    if result_of(run) is None:  # crashed before writing a result: record why for status/tables
+                        tail = (run.out / "train.log").read_text(errors="replace").strip().splitlines()[-1:] or ["?"]
+                        atomic.write_json(run.out / RESULT, {"status": "failed", "run_id": run.run_id,
+                                                             "reason": f"exit {p.returncode}: {tail[0][:300]}"})
+                report(run, ok, time.time() - start, "" if ok else f"see {run.out / 'train.log'}")
+            if running or queue:
+                time.sleep(0.2)
+    except KeyboardInterrupt:
+        for p, *_ in running.values():
+            os.killpg(p.pid, signal.SIGTERM)
+        for p, *_ in running.values():
+            p.wait()
+        bar.close()
+        raise
+    bar.close()
+    print(f"suite {plan.suite} ({plan.scale}): {len(todo) - len(failed)}/{len(todo)} runs finished in "
+          f"{time.time() - t0:.0f}s with {n} parallel")
+    return failed
+
+
+# ---------------------------------------------------------------------------- Slurm execution
+class TrainJob(submitit.helpers.Checkpointable):
+    """A submitit job training one run directory; requeued on timeout/preemption, it resumes from the
+    run's last checkpoint (Checkpointable resubmits the same call)."""
+
+    def __call__(self, run_dir: str) -> dict:
+        from .config import load_config
+        from .train import train
+
+        env = submitit.JobEnvironment()
+        if env.num_tasks > 1:
+            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        return train(load_config(Path(run_dir) / "config.yaml"), run_dir)
+
+
+PROFILE_KEYS = {"partition": "slurm_partition", "account": "slurm_account", "qos": "slurm_qos", "nodes": "nodes",
+                "gpus_per_node": "gpus_per_node", "cpus_per_task": "cpus_per_task", "mem_gb": "mem_gb",
+                "timeout_min": "timeout_min", "constraint": "slurm_constraint", "setup": "slurm_setup",
+                "array_parallelism": "slurm_array_parallelism", "signal_delay_s": "slurm_signal_delay_s",
+                "additional": "slurm_additional_parameters", "exclude": "slurm_exclude"}
+PROFILE_OTHER = ("data_root", "scales", "description")
+
+
+def load_profile(path: Optional[str], scale: str) -> dict:
+    if not path:
+        raise UserError("--executor slurm needs --profile slurm/NAME.yaml (see slurm/example_gpu_cluster.yaml)")
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"Slurm profile {p} not found: pass an existing file (see slurm/example_gpu_cluster.yaml)")
+    prof = yaml.safe_load(p.read_text()) or {}
+    allowed = list(PROFILE_KEYS) + list(PROFILE_OTHER)
+    from .errors import suggest
+
+    for where, d in [("", prof)] + [(f"scales.{k}.", v) for k, v in (prof.get("scales") or {}).items()]:
+        for k in d:
+            if k not in allowed or (where and k in PROFILE_OTHER):
+                raise UserError(f"{p.name}: {where}{k}: unknown key{suggest(k, allowed)}; allowed: {', '.join(allowed)}")
+    merged = {k: v for k, v in prof.items() if k != "scales"}
+    merged.update((prof.get("scales") or {}).get(scale) or {})
+    return merged
+
+
+def slurm_reachable() -> None:
+    if not shutil.which("sbatch"):
+        raise UserError("--executor slurm: no Slurm here (sbatch not on PATH): run on a login node or use --executor local")
+    try:
+        r = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise UserError(f"--executor slurm: Slurm is not reachable ({e}): check SLURM_CONF / the controller") from None
+    if r.returncode != 0:
+        msg = (r.stderr.strip().splitlines() or ["sinfo failed"])[-1]
+        raise UserError(f"--executor slurm: Slurm is not reachable (sinfo: {msg}): start it or use --executor local")
+
+
+def make_executor(profile: dict, folder: Path, max_parallel: Optional[int]) -> submitit.AutoExecutor:
+    ex = submitit.AutoExecutor(folder=folder / "%j", cluster="slurm")
+    params = {PROFILE_KEYS[k]: v for k, v in profile.items() if k in PROFILE_KEYS and v is not None}
+    gpus = int(profile.get("gpus_per_node") or 0)
+    params["tasks_per_node"] = max(1, gpus)  # one task per GPU, DDP from the submitit environment
+    if not gpus:
+        params.pop("gpus_per_node", None)
+    if max_parallel:
+        params["slurm_array_parallelism"] = max_parallel
+    params.setdefault("timeout_min", 60)
+    params.setdefault("slurm_job_name", "mkd")
+    ex.update_parameters(**params)
+    return ex
+
+
+def _active_job(run: Run, states: dict[str, str]) -> Optional[str]:
+    st = states.get(run.run_id, "")
+    if st.split(" ")[0] in ACTIVE_SLURM:
+        return atomic.read_json(run.out / JOB)["job_id"]
+    return None
+
+
+def submit_slurm(plan: Plan, profile: dict, max_parallel: Optional[int] = None) -> list[submitit.Job]:
+    """Submit every unfinished run: teachers as one array, students as arrays per teacher with
+    ``afterok`` dependencies on their teacher's job.  Returns the jobs submitted now."""
+    states = slurm_states(plan.runs)
+    folder = plan.root / plan.suite / plan.scale / ".submitit"
+    ex = make_executor(profile, folder, max_parallel)
+    todo = [r for r in plan.runs if state_of(r, states) in ("pending", "failed") and not _active_job(r, states)]
+    skipped = [r for r in plan.runs if _active_job(r, states)]
+    if not todo:
+        if skipped:
+            print(f"suite {plan.suite} ({plan.scale}): {len(skipped)} runs already queued or running; nothing to submit")
+        else:
+            print(f"suite {plan.suite} ({plan.scale}): all {len(plan.runs)} runs finished; nothing to do")
+        return []
+    prepare(plan)
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT), os.environ.get("PYTHONPATH")]))
+    submitted: list[submitit.Job] = []
+    job_of: dict[str, str] = {r.run_id: _active_job(r, states) for r in skipped}
+
+    def submit(runs: list[Run], dependency: Optional[str]) -> None:
+        ex.update_parameters(slurm_dependency=dependency)
+        with ex.batch():
+            jobs = [ex.submit(TrainJob(), str(r.out)) for r in runs]
+        for r, j in zip(runs, jobs):
+            job_of[r.run_id] = j.job_id
+            atomic.write_json(r.out / JOB, {"executor": "slurm", "job_id": j.job_id, "folder": str(folder / "%j"),
+                                            "stdout": str(j.paths.stdout), "stderr": str(j.paths.stderr),
+                                            "dependency": dependency, "submitted_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        submitted.extend(jobs)
+
+    teachers = [r for r in todo if r.kind == "teacher"]
+    if teachers:
+        submit(teachers, None)
+    groups: dict[Optional[str], list[Run]] = defaultdict(list)
+    for r in todo:
+        if r.kind == "student":
+            groups[r.teacher].append(r)
+    for teacher, runs in groups.items():
+        dep = None
+        if teacher is not None and teacher in job_of and job_of[teacher]:
+            tres = atomic.read_json(Path(next(t.out for t in plan.teachers if t.run_id == teacher)) / RESULT) or {}
+            if tres.get("status") != "done":
+                dep = f"afterok:{job_of[teacher]}"
+        submit(runs, dep)
+    print(f"suite {plan.suite} ({plan.scale}): submitted {len(submitted)} jobs "
+          f"({len(teachers)} teachers, {len(submitted) - len(teachers)} students); "
+          f"logs in {folder}; follow with --status")
+    return submitted
+
+
+def wait_slurm(plan: Plan, jobs: list[submitit.Job], poll_s: float = 5.0) -> list[Run]:
+    """Block until the submitted jobs end; returns the runs that did not finish."""
+    from tqdm import tqdm
+
+    tty = sys.stderr.isatty()
+    bar = tqdm(total=len(jobs), desc=f"{plan.suite}/{plan.scale} (slurm)", unit="job", disable=not tty)
+    pending = list(jobs)
+    while pending:
+        for j in list(pending):
+            if j.done():
+                pending.remove(j)
+                bar.update(1)
+        if pending:
+            time.sleep(poll_s)
+    bar.close()
+    return [r for r in plan.runs if (result_of(r) or {}).get("status") != "done"]

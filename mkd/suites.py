@@ -1,0 +1,300 @@
+"""Suites as data: a YAML matrix of abstract axes, mapped per scale to concrete runs.
+
+A suite file (``benchmarks/suites/NAME.yaml``)::
+
+    description: what the study measures
+    axes:                      # the matrix: every combination is a row
+      teacher: [small, large]  # abstract: looked up in scales.<scale>.teachers
+      augment: [weak, strong]
+      method: [ce, kd, mkd]
+      kd.tau_t: [1, 4]         # any config key, dotted for nested ones
+    include: [{method: mkd, teacher: [small, large]}]   # extra rows; each item is itself a small matrix
+    exclude: [{method: ce, augment: strong}]            # drop rows matching every given key
+    config: {epochs: 10}       # overrides for every student run
+    scales:
+      tiny:
+        student: emb_vit_s     # or students: {ViT-T: deit_tiny_patch16_224, ...} when `student` is an axis
+        teachers:
+          small: {model: emb_vit_m, train: {epochs: 15}}        # trained by the suite (a teacher run)
+          large: {model: resnet50, checkpoint: /path/ckpt.pth}  # or pretrained: true; validated (epochs 0)
+        config: {dataset: embedded, epochs: 12}
+
+Teachers are runs too, in ``results/teachers/<scale>/<run_id>``: trained or validated once and shared by
+every suite naming the same teacher config.  Students point at the teacher run's ``model.pt``.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from .config import AUGMENTS, METHODS, RunConfig, from_dict, merge
+from .errors import UserError, suggest
+from .models import resolve
+
+SUITES_DIR = Path(__file__).resolve().parent.parent / "benchmarks" / "suites"
+SCALES = ("tiny", "cifar", "imagenet")
+ABSTRACT_AXES = ("teacher", "student")
+SUITE_KEYS = ("description", "axes", "include", "exclude", "config", "scales")
+SCALE_KEYS = ("student", "students", "teachers", "config", "description")
+TEACHER_KEYS = ("model", "kwargs", "train", "checkpoint", "pretrained")
+
+
+@dataclass
+class Run:
+    """One planned run: a teacher or a student, with the suite rows it serves."""
+
+    run_id: str
+    kind: str  # "teacher" | "student"
+    config: RunConfig
+    out: Path
+    rows: list[dict] = field(default_factory=list)  # axis assignments this run stands for
+    teacher: Optional[str] = None  # run_id of the teacher run it waits for
+    label: str = ""  # one-line description for plans and status
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind} {self.run_id}"
+
+
+@dataclass
+class Plan:
+    suite: str
+    scale: str
+    path: Path
+    description: str
+    axes: dict[str, list]
+    teachers: list[Run]
+    students: list[Run]
+    root: Path = Path("results")
+
+    @property
+    def runs(self) -> list[Run]:
+        return self.teachers + self.students
+
+
+def known_suites() -> list[str]:
+    return sorted(p.stem for p in SUITES_DIR.glob("*.yaml"))
+
+
+def suite_path(name_or_path: str) -> Path:
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml"):
+        if not p.is_file():
+            raise UserError(f"suite file {p} not found: pass a suite name ({', '.join(known_suites())}) or a YAML path")
+        return p
+    q = SUITES_DIR / f"{name_or_path}.yaml"
+    if not q.is_file():
+        raise UserError(f"unknown suite '{name_or_path}'{suggest(name_or_path, known_suites())}; "
+                        f"known suites: {', '.join(known_suites())} (or a path to a YAML file)")
+    return q
+
+
+def _fail(path: Path, key: str, msg: str) -> UserError:
+    return UserError(f"{path.name}: {key}: {msg}")
+
+
+def _check_keys(path: Path, where: str, d: Any, allowed: tuple) -> None:
+    if not isinstance(d, dict):
+        raise _fail(path, where or "<top>", f"must be a mapping, got {type(d).__name__}")
+    for k in d:
+        if k not in allowed:
+            raise _fail(path, f"{where}.{k}".lstrip("."), f"unknown key{suggest(k, allowed)}; allowed: {', '.join(allowed)}")
+
+
+def _values(path: Path, key: str, v: Any) -> list:
+    vals = v if isinstance(v, list) else [v]
+    if not vals:
+        raise _fail(path, key, "is an empty list; give at least one value")
+    return vals
+
+
+def _check_axis_values(path: Path, where: str, axis: str, values: list, scale_spec: dict) -> None:
+    allowed = {"augment": AUGMENTS, "method": METHODS}.get(axis)
+    if axis == "teacher":
+        allowed = tuple(scale_spec.get("teachers", {}) or {})
+    if axis == "student" and "students" in scale_spec:
+        allowed = tuple(scale_spec["students"])
+    for v in values:
+        if allowed is not None and v not in allowed and v is not None:
+            raise _fail(path, f"{where}.{axis}", f"value {v!r}{suggest(str(v), [str(a) for a in allowed])}; "
+                                                 f"allowed: {', '.join(map(str, allowed))}")
+        if axis == "fraction" and not (isinstance(v, (int, float)) and 0 < v <= 1):
+            raise _fail(path, f"{where}.fraction", f"value {v!r} is outside (0, 1]; use e.g. 0.25")
+
+
+def _matrix(spec: dict) -> list[dict]:
+    keys = list(spec)
+    return [dict(zip(keys, combo)) for combo in itertools.product(*(spec[k] for k in keys))]
+
+
+def _matches(row: dict, pattern: dict) -> bool:
+    return all(row.get(k) in (v if isinstance(v, list) else [v]) for k, v in pattern.items())
+
+
+def _dotted(d: dict) -> dict:
+    """{'kd.tau_t': 2} -> {'kd': {'tau_t': 2}}."""
+    out: dict = {}
+    for k, v in d.items():
+        node = out
+        parts = k.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = v
+    return out
+
+
+def load_suite(name_or_path: str) -> tuple[Path, dict]:
+    path = suite_path(name_or_path)
+    try:
+        spec = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{path.name}: not valid YAML ({str(e).splitlines()[0]})") from None
+    _check_keys(path, "", spec, SUITE_KEYS)
+    if not isinstance(spec.get("axes"), dict) or not spec["axes"]:
+        raise _fail(path, "axes", "missing: give a mapping of axis -> list of values")
+    if not isinstance(spec.get("scales"), dict) or not spec["scales"]:
+        raise _fail(path, "scales", f"missing: give settings for at least one of {', '.join(SCALES)}")
+    for s, sc in spec["scales"].items():
+        if s not in SCALES:
+            raise _fail(path, f"scales.{s}", f"unknown scale{suggest(s, SCALES)}; allowed: {', '.join(SCALES)}")
+        _check_keys(path, f"scales.{s}", sc, SCALE_KEYS)
+        for t, ts in (sc.get("teachers") or {}).items():
+            _check_keys(path, f"scales.{s}.teachers.{t}", ts, TEACHER_KEYS)
+            if "model" not in ts:
+                raise _fail(path, f"scales.{s}.teachers.{t}", "needs model: a preset or timm name")
+            if sum(k in ts for k in ("train", "checkpoint", "pretrained")) != 1:
+                raise _fail(path, f"scales.{s}.teachers.{t}",
+                            "needs exactly one of train: {...}, checkpoint: PATH, pretrained: true")
+    return path, spec
+
+
+def expand(name_or_path: str, scale: str = "tiny", results: Path | str = "results",
+           filters: Optional[list[str]] = None, overrides: Optional[dict] = None,
+           data_root: Optional[str] = None) -> Plan:
+    """Validate the suite and expand it into runs for one scale; nothing is written."""
+    path, spec = load_suite(name_or_path)
+    suite = path.stem
+    results = Path(results)
+    if scale not in spec["scales"]:
+        raise _fail(path, "scales", f"has no '{scale}' scale; it has: {', '.join(spec['scales'])} (use --scale)")
+    sc = spec["scales"][scale]
+    axes = {k: _values(path, f"axes.{k}", v) for k, v in spec["axes"].items()}
+    for k, vals in axes.items():
+        _check_axis_values(path, "axes", k, vals, sc)
+    rows = _matrix(axes)
+    for i, inc in enumerate(spec.get("include") or []):
+        if not isinstance(inc, dict):
+            raise _fail(path, f"include[{i}]", "must be a mapping of axis -> value(s)")
+        inc = {k: _values(path, f"include[{i}].{k}", v) for k, v in inc.items()}
+        for k, vals in inc.items():
+            _check_axis_values(path, f"include[{i}]", k, vals, sc)
+        rows += [r for r in _matrix(inc) if r not in rows]
+    for i, exc in enumerate(spec.get("exclude") or []):
+        if not isinstance(exc, dict):
+            raise _fail(path, f"exclude[{i}]", "must be a mapping of axis -> value(s)")
+        rows = [r for r in rows if not _matches(r, exc)]
+    for f in filters or []:
+        if "=" not in f:
+            raise UserError(f"--filter {f!r} is not axis=value (e.g. --filter method=mkd)")
+        k, v = f.split("=", 1)
+        names = sorted({k2 for r in rows for k2 in r})
+        if k not in names:
+            raise UserError(f"--filter {f}: unknown axis '{k}'{suggest(k, names)}; axes: {', '.join(names)}")
+        present = sorted({str(r.get(k)) for r in rows})
+        wanted = v.split(",")
+        for w in wanted:
+            if w not in present:
+                raise UserError(f"--filter {f}: no row has {k}={w}{suggest(w, present)}; values: {', '.join(present)}")
+        rows = [r for r in rows if str(r.get(k)) in wanted]
+    if not rows:
+        raise _fail(path, "axes", "the matrix is empty after include/exclude/--filter")
+
+    base = merge(spec.get("config") or {}, sc.get("config") or {})  # the scale's settings win
+    if overrides:
+        base = merge(base, overrides)
+    if data_root:
+        base["data_root"] = data_root
+    if base.get("dataset", "embedded") in ("imagenet", "cifar100") and not base.get("data_root"):
+        what = "ImageNet (train/ and val/)" if base.get("dataset") == "imagenet" else "CIFAR-100 (cifar-100-python/)"
+        if not (base.get("dataset") == "cifar100" and base.get("download")):
+            raise UserError(f"--scale {scale} needs a dataset root: pass --data-root DIR holding {what}, "
+                            "or set data_root in the Slurm profile")
+    if base.get("data_root") and not Path(os.path.expanduser(str(base["data_root"]))).exists() \
+            and not base.get("download"):
+        raise UserError(f"dataset root {base['data_root']} does not exist: pass an existing --data-root")
+
+    def build(d: dict, where: str) -> RunConfig:
+        try:
+            return from_dict(d)
+        except UserError as e:
+            raise _fail(path, where, str(e)) from None
+
+    def model_ok(name: str, where: str) -> None:
+        try:
+            resolve(name)
+        except UserError as e:
+            raise _fail(path, where, str(e)) from None
+
+    # teachers
+    teacher_runs: dict[str, Run] = {}
+    teacher_of: dict[str, Run] = {}
+    used = sorted({r["teacher"] for r in rows if r.get("teacher") is not None and r.get("method", "ce") != "ce"})
+    for label in used:
+        ts = sc["teachers"][label]
+        model_ok(ts["model"], f"scales.{scale}.teachers.{label}.model")
+        tcfg = {k: v for k, v in base.items() if k in ("dataset", "data_root", "download", "img_size", "embedded",
+                                                         "meta_split", "split_seed", "num_workers", "amp", "compile")}
+        tcfg.update(method="ce", student=ts["model"], student_kwargs=ts.get("kwargs") or {}, fraction=1.0, seed=0)
+        if "train" in ts:
+            tcfg = merge(tcfg, {"augment": "none", **(ts["train"] or {})})
+        else:
+            tcfg.update(epochs=0, augment="none")
+            if ts.get("checkpoint"):
+                tcfg["init_checkpoint"] = os.path.expanduser(str(ts["checkpoint"]))
+                if not Path(tcfg["init_checkpoint"]).is_file():
+                    raise _fail(path, f"scales.{scale}.teachers.{label}.checkpoint",
+                                f"{tcfg['init_checkpoint']} not found; give an existing checkpoint file")
+            else:
+                tcfg["pretrained"] = True
+        cfg = build(tcfg, f"scales.{scale}.teachers.{label}")
+        rid = cfg.run_id
+        run = teacher_runs.get(rid) or Run(rid, "teacher", cfg, results / "teachers" / scale / rid,
+                                           label=f"teacher {label}: {ts['model']} ({'trained' if 'train' in ts else 'validated'})")
+        run.rows.append({"teacher": label})
+        teacher_runs[rid] = run
+        teacher_of[label] = run
+
+    # students
+    students: dict[str, Run] = {}
+    for i, row in enumerate(rows):
+        d = merge(base, {})
+        if "student" in row and "students" in sc:
+            d["student"] = sc["students"][row["student"]]
+        elif "student" in sc:
+            d.setdefault("student", sc["student"])
+        for k, v in row.items():
+            if k in ABSTRACT_AXES:
+                continue
+            d = merge(d, _dotted({k: v}))
+        trun = None
+        if row.get("teacher") is not None and d.get("method", "ce") != "ce":
+            trun = teacher_of[row["teacher"]]
+            ts = sc["teachers"][row["teacher"]]
+            d.update(teacher=ts["model"], teacher_kwargs=ts.get("kwargs") or {},
+                     teacher_checkpoint=str(trun.out / "model.pt"))
+        where = "row " + ", ".join(f"{k}={v}" for k, v in row.items())
+        cfg = build(d, where)
+        model_ok(cfg.student, f"scales.{scale}.student ({where})")
+        rid = cfg.run_id
+        run = students.get(rid) or Run(rid, "student", cfg, results / suite / scale / rid,
+                                       teacher=trun.run_id if trun else None,
+                                       label=" ".join(f"{k}={v}" for k, v in row.items() if not (k == "teacher" and cfg.method == "ce")))
+        run.rows.append(row)
+        students[rid] = run
+    return Plan(suite, scale, path, str(spec.get("description", "")).strip(), axes,
+                list(teacher_runs.values()), list(students.values()), results)

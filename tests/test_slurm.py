@@ -1,0 +1,106 @@
+"""The runner on a real single-node Slurm (slurm/local_cluster.sh): job arrays, a teacher -> student
+``afterok`` dependency, and a requeue (interrupt -> checkpoint -> resumed) that ends like an uninterrupted run.
+
+Needs root and the Slurm packages (``slurm/local_cluster.sh install``); `.ci/run` provides both."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+
+import pytest
+import torch
+
+from conftest import ROOT, RUN, run_cli, write_suite
+
+pytestmark = pytest.mark.slurm
+SCRIPT = ROOT / "slurm" / "local_cluster.sh"
+PROFILE = ROOT / "slurm" / "local.yaml"
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster(tmp_path_factory):
+    if shutil.which("slurmctld") is None or os.geteuid() != 0:
+        pytest.skip("needs root and the Slurm packages: sudo slurm/local_cluster.sh install")
+    d = tmp_path_factory.mktemp("slurm")
+    env = dict(os.environ, SLURM_DIR=str(d))
+    subprocess.run([SCRIPT, "start"], env=env, check=True, timeout=120, capture_output=True)
+    old = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = str(d / "etc" / "slurm.conf")
+    try:
+        yield d
+    finally:
+        subprocess.run([SCRIPT, "stop"], env=env, timeout=120, capture_output=True)
+        if old is None:
+            os.environ.pop("SLURM_CONF", None)
+        else:
+            os.environ["SLURM_CONF"] = old
+
+
+def release_requeued(job_id: str) -> None:
+    """Slurm 22.05 holds requeued jobs for 121 s (Reason=BeginTime); start them now."""
+    r = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%r"], capture_output=True, text=True).stdout.strip()
+    if r == "BeginTime":
+        subprocess.run(["scontrol", "update", f"jobid={job_id}", "StartTime=now"], check=False)
+
+
+def test_suite_on_slurm_arrays_and_teacher_dependency(slurm_cluster, tmp_path):
+    suite = write_suite(tmp_path / "small.yaml")
+    res = tmp_path / "results"
+    p = run_cli(RUN, "--suite", str(suite), "--results", str(res), "--profile", str(PROFILE), "--filter", "seed=0",
+                "--wait", timeout=900)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "submitted 4 jobs (1 teachers, 3 students)" in p.stdout
+    teacher_job = json.loads(next((res / "teachers" / "tiny").glob("*/job.json")).read_text())
+    jobs = [json.loads(f.read_text()) for f in (res / "small" / "tiny").glob("*/job.json")]
+    deps = {j["dependency"] for j in jobs}
+    assert f"afterok:{teacher_job['job_id']}" in deps and None in deps, deps  # kd/mkd wait, ce does not
+    assert all("_" in j["job_id"] for j in jobs), "students go out as job arrays"
+    results = [json.loads(f.read_text()) for f in res.glob("*/tiny/*/result.json")]
+    assert len(results) == 4 and all(r["status"] == "done" and r["environment"]["slurm_job_id"] for r in results)
+    p = run_cli(RUN, "--suite", str(suite), "--results", str(res), "--profile", str(PROFILE), "--filter", "seed=0")
+    assert "nothing to do" in p.stdout
+    p = run_cli(RUN, "--suite", str(suite), "--results", str(res), "--profile", str(PROFILE), "--filter", "seed=0",
+                "--status")
+    assert p.returncode == 0 and p.stdout.count("\ndone") == 4, p.stdout
+
+
+def test_requeue_resumes_from_checkpoint_and_matches_an_uninterrupted_run(slurm_cluster, tmp_path):
+    from mkd.launch import load_profile, submit_slurm
+    from mkd.suites import expand
+
+    spec_changes = {"axes/method": ["mkd"], "axes/seed": [0], "scales/tiny/config/epochs": 6,
+                    "scales/tiny/config/augment": "strong"}
+    profile = load_profile(str(PROFILE), "tiny")
+    plans = []
+    for name in ("a", "b"):  # identical runs in two results folders: b is interrupted, a is not
+        suite = write_suite(tmp_path / f"{name}.yaml", **spec_changes)
+        plans.append(expand(str(suite), "tiny", tmp_path / name))
+    for plan in plans:  # the teacher first, locally
+        from mkd.train import train
+
+        train(plan.teachers[0].config, plan.teachers[0].out, quiet=True)
+    (ja,), (jb,) = (submit_slurm(plan, profile) for plan in plans)
+    run_b = plans[1].students[0]
+    deadline = time.time() + 300
+    while not (run_b.out / "checkpoint.pt").exists():
+        assert time.time() < deadline and not jb.done(), "job b never wrote a checkpoint"
+        time.sleep(0.1)
+    jb._interrupt()  # USR2 as at a time limit: checkpoint -> requeue
+    end = time.time() + 400
+    saw_requeue = False
+    while not (ja.done() and jb.done()) and time.time() < end:
+        st = subprocess.run(["squeue", "-h", "-j", jb.job_id, "-o", "%r"], capture_output=True, text=True).stdout
+        saw_requeue |= "BeginTime" in st
+        release_requeued(jb.job_id)
+        time.sleep(0.5)
+    ra, rb = ja.result(), jb.result()
+    log = "".join(p.read_text() for p in (tmp_path / "b").rglob("*_log.out"))
+    assert saw_requeue and "resuming after epoch" in log, log[-3000:]
+    assert ra["status"] == rb["status"] == "done"
+    assert (ra["final_top1"], ra["tau_t"], ra["tau_s"]) == (rb["final_top1"], rb["tau_t"], rb["tau_s"])
+    wa = torch.load(plans[0].students[0].out / "model.pt")["model"]
+    wb = torch.load(run_b.out / "model.pt")["model"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)

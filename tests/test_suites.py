@@ -1,0 +1,158 @@
+"""Suites as data and the local runner: expansion, validation, skip/resume/retry, locks, status."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT, RUN, assert_user_error, env, run_cli, write_suite
+from mkd.suites import expand, known_suites
+
+def test_degradation_suite_expands_to_a_teacher_ladder_and_shares_ce_runs():
+    plan = expand("degradation", "tiny")
+    assert len(plan.teachers) == 3 and len(plan.students) == 2 + 3 * 2 * 4
+    ce = [r for r in plan.students if r.config.method == "ce"]
+    assert len(ce) == 2 and all(len(r.rows) == 3 for r in ce), "one CE run per augmentation serves every teacher row"
+    sizes = {r.rows[0]["teacher"]: r.config.student for r in plan.teachers}
+    assert sizes == {"small": "emb_vit_m", "medium": "emb_vit_l", "large": "emb_vit_xl"}
+    for r in plan.students:
+        if r.config.method != "ce":
+            t = next(t for t in plan.teachers if t.run_id == r.teacher)
+            assert r.config.teacher_checkpoint == str(t.out / "model.pt")
+    assert len({r.run_id for r in plan.runs}) == len(plan.runs)
+    assert set(known_suites()) >= {"degradation", "data_fraction", "temperature_grid", "imagenet_main"}
+
+
+def test_teachers_are_shared_across_suites():
+    a = {r.run_id for r in expand("degradation", "tiny").teachers}
+    b = {r.run_id for r in expand("temperature_grid", "tiny").teachers}
+    c = {r.run_id for r in expand("data_fraction", "tiny").teachers}
+    assert b <= a and c <= a
+
+
+def test_other_suites_expand_as_described():
+    grid = expand("temperature_grid", "tiny")
+    kd = [r for r in grid.students if r.config.method == "kd"]
+    assert len(kd) == 2 * 16 and len([r for r in grid.students if r.config.method == "mkd"]) == 2
+    assert {(r.config.kd.tau_t, r.config.kd.tau_s) for r in kd} == {(a, b) for a in (1, 2, 4, 8) for b in (1, 2, 4, 8)}
+    frac = expand("data_fraction", "tiny")
+    assert sorted({r.config.fraction for r in frac.students}) == [0.1, 0.25, 0.5, 1.0] and len(frac.students) == 12
+
+
+def test_dry_run_prints_one_line_per_run_and_filters(tmp_path):
+    p = run_cli(RUN, "--suite", "degradation", "--dry-run", "--results", str(tmp_path))
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.strip().splitlines()
+    assert len(lines) == 1 + 29 and not any(tmp_path.iterdir()), "a dry run writes nothing"
+    p = run_cli(RUN, "--suite", "degradation", "--dry-run", "--filter", "method=mkd", "--filter", "teacher=large",
+                "--results", str(tmp_path))
+    assert len(p.stdout.strip().splitlines()) == 1 + 1 + 2, p.stdout
+
+
+@pytest.mark.parametrize("args,fragments", [
+    (["--suite", "degradaton"], ["unknown suite 'degradaton'", "degradation"]),
+    (["--suite", "degradation", "--filter", "method=mdk"], ["method=mdk", "mkd"]),
+    (["--suite", "degradation", "--scale", "imagenet"], ["--scale imagenet needs a dataset root", "--data-root"]),
+    (["--suite", "degradation", "--scale", "imagenet", "--data-root", "/nonexistent/imagenet"], ["does not exist"]),
+    (["--suite", "imagenet_main"], ["has no 'tiny' scale", "imagenet"]),
+    (["--suite", "degradation", "--executor", "slurm"], ["needs --profile"]),
+])
+def test_runner_bad_input_is_one_clear_line(tmp_path, args, fragments):
+    p = run_cli(RUN, *args, "--results", str(tmp_path))
+    assert_user_error(p, *fragments)
+    assert not any(tmp_path.iterdir()), "nothing launched"
+
+
+@pytest.mark.parametrize("change,fragments", [
+    ({"axes/augment": ["weak", "strnog"]}, ["axes.augment", "'strong'"]),
+    ({"axes/fraction": [1.5]}, ["fraction", "outside (0, 1]"]),
+    ({"scales/tiny/teachers/small/model": "vit_tiny_patch16_24"}, ["unknown model", "vit_tiny_patch16_224"]),
+    ({"scales/tiny/student": "emb_vit_ss"}, ["unknown model", "emb_vit_s"]),
+    ({"axes/teacher": ["smal"]}, ["axes.teacher", "'small'"]),
+    ({"axes/kd.tau_tt": [1.0]}, ["unknown config key", "tau_t"]),
+    ({"scales/tiny/config/epochs": "many"}, ["epochs", "int"]),
+    ({"scales/tiny/teachers/small/train": None, "scales/tiny/teachers/small/checkpoint": "/nonexistent.pt"},
+     ["checkpoint", "not found"]),
+])
+def test_suite_validation_names_file_key_and_allowed_values(tmp_path, change, fragments):
+    suite = write_suite(tmp_path / "bad.yaml", **change)
+    p = run_cli(RUN, "--suite", str(suite), "--results", str(tmp_path / "results"))
+    assert_user_error(p, "bad.yaml", *fragments)
+    assert not (tmp_path / "results").exists()
+
+
+def test_slurm_unreachable_is_one_clear_line(tmp_path):
+    import subprocess
+    import sys
+
+    e = dict(env(), SLURM_CONF=str(tmp_path / "missing.conf"))
+    p = subprocess.run([sys.executable, RUN, "--suite", "degradation", "--executor", "slurm", "--profile",
+                        str(ROOT / "slurm" / "local.yaml"), "--results", str(tmp_path / "r")],
+                       env=e, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert_user_error(p, "--executor slurm")
+    assert not (tmp_path / "r").exists()
+
+
+def test_local_suite_runs_teacher_first_and_finishes(small_suite_results):
+    d, suite, p = small_suite_results
+    res = d / "results"
+    students = [json.loads(f.read_text()) for f in (res / "small" / "tiny").glob("*/result.json")]
+    teachers = [json.loads(f.read_text()) for f in (res / "teachers" / "tiny").glob("*/result.json")]
+    assert len(students) == 6 and len(teachers) == 1
+    assert all(r["status"] == "done" for r in students + teachers)
+    t_done = json.loads(next((res / "teachers" / "tiny").glob("*/result.json")).read_text())["finished_at"]
+    distilled = [r for r in students if r["method"] != "ce"]
+    assert all(r["teacher_top1"] == pytest.approx(teachers[0]["final_top1"]) for r in distilled)
+    assert all(r["finished_at"] >= t_done for r in distilled), "students wait for their teacher"
+    assert "7/7 runs finished" in p.stdout
+
+
+def test_second_invocation_of_a_finished_suite_does_nothing(small_suite_results):
+    d, suite, _ = small_suite_results
+    p = run_cli(RUN, "--suite", str(suite), "--results", str(d / "results"))
+    assert p.returncode == 0 and "nothing to do" in p.stdout, p.stdout
+
+
+def test_status_lists_every_run(small_suite_results):
+    d, suite, _ = small_suite_results
+    p = run_cli(RUN, "--suite", str(suite), "--results", str(d / "results"), "--status")
+    assert p.returncode == 0
+    lines = p.stdout.strip().splitlines()
+    assert "7 runs: 7 done" in lines[0] and len(lines) == 2 + 7
+    assert all(l.startswith("done") for l in lines[2:]) and "train.log" in lines[2]
+
+
+def test_failed_runs_are_retried_and_locked_runs_skipped(small_suite_results, tmp_path):
+    from mkd.train import RunLock
+
+    d, suite, _ = small_suite_results
+    res = tmp_path / "results"
+    shutil.copytree(d / "results", res)
+    runs = sorted((res / "small" / "tiny").glob("*/result.json"))
+    failed_dir, locked_dir = runs[0].parent, runs[1].parent
+    failed_dir.joinpath("result.json").write_text(json.dumps({"status": "failed", "reason": "test"}))
+    locked_dir.joinpath("result.json").unlink()
+    p = run_cli(RUN, "--suite", str(suite), "--results", str(res), "--status")
+    assert p.returncode == 1 and "failed" in p.stdout and "pending" in p.stdout
+    with RunLock(locked_dir):
+        p = run_cli(RUN, "--suite", str(suite), "--results", str(res))
+        status = run_cli(RUN, "--suite", str(suite), "--results", str(res), "--status").stdout
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "running in another process" in p.stderr and "1/1 runs finished" in p.stdout
+    assert json.loads((failed_dir / "result.json").read_text())["status"] == "done"
+    assert list(failed_dir.glob("result.failed.*.json")), "the failure record is kept"
+    assert not (locked_dir / "result.json").exists(), "a locked run is left to its owner"
+    assert "running" in status
+
+
+def test_failed_teacher_blocks_its_students_and_exit_is_nonzero(tmp_path):
+    suite = write_suite(tmp_path / "fails.yaml", **{"scales/tiny/teachers/small/train": {"epochs": 2, "lr": 1e30,
+                                                                                        "warmup_epochs": 0, "log_every": 1}})
+    p = run_cli(RUN, "--suite", str(suite), "--results", str(tmp_path / "r"), "--filter", "seed=0",
+                "--filter", "method=kd,mkd")
+    assert p.returncode == 1
+    assert "3 run(s) failed" in p.stderr and "teacher" in p.stdout and "non-finite" in p.stderr

@@ -1,0 +1,138 @@
+"""The training loop: resume, reruns, DDP, teacher loading, and clean errors for bad runs."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, TINY, assert_user_error, env, run_cli
+from mkd.config import load_config
+
+
+def _records(d: Path) -> list[dict]:
+    return [{k: v for k, v in json.loads(l).items() if k != "seconds"} for l in (d / "metrics.jsonl").read_text().splitlines()]
+
+
+def _weights(d: Path) -> dict:
+    return torch.load(d / "model.pt", map_location="cpu")["model"]
+
+
+def test_killed_run_resumes_and_matches_an_uninterrupted_one(tmp_path, teacher_ckpt):
+    args = ["method=mkd", "teacher=emb_vit_m", f"teacher_checkpoint={teacher_ckpt}", "epochs=4", "batch_size=64",
+            "augment=strong", "mkd.meta_interval=2", "log_every=5", *TINY]
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    p = run_cli("-m", "mkd.train", "--out", str(full), *args)
+    assert p.returncode == 0, p.stderr[-3000:]
+
+    proc = subprocess.Popen([sys.executable, "-m", "mkd.train", "--out", str(killed), *args], cwd=ROOT, env=env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        ck = killed / "checkpoint.pt"
+        if ck.exists() and len((killed / "metrics.jsonl").read_text().splitlines()) >= 1:
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "result.json").exists(), "killed before finishing"
+    assert (killed / "checkpoint.pt").exists()
+    p = run_cli("-m", "mkd.train", "--out", str(killed), *args)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "resuming after epoch" in p.stdout
+    a, b = _weights(full), _weights(killed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert _records(full) == _records(killed)
+    ra, rb = (json.loads((d / "result.json").read_text()) for d in (full, killed))
+    assert (ra["final_top1"], ra["tau_t"], ra["tau_s"]) == (rb["final_top1"], rb["tau_t"], rb["tau_s"])
+    assert not (killed / "checkpoint.pt").exists(), "the checkpoint is removed once model.pt and result.json exist"
+
+
+def test_rerun_on_a_finished_dir_does_nothing(tmp_path):
+    args = ["epochs=1", "batch_size=64", *TINY]
+    assert run_cli("-m", "mkd.train", "--out", str(tmp_path), *args).returncode == 0
+    mtime = (tmp_path / "result.json").stat().st_mtime_ns
+    p = run_cli("-m", "mkd.train", "--out", str(tmp_path), *args)
+    assert p.returncode == 0 and "already finished" in p.stdout
+    assert (tmp_path / "result.json").stat().st_mtime_ns == mtime
+    p = run_cli("-m", "mkd.train", "--out", str(tmp_path), "epochs=2", "batch_size=64", *TINY)
+    assert_user_error(p, "holds another run")
+
+
+def test_result_records_teacher_top1_environment_and_is_cached(tmp_path, teacher_ckpt, private_cache):
+    from mkd.train import train
+
+    args = ["method=kd", "teacher=emb_vit_m", f"teacher_checkpoint={teacher_ckpt}", "epochs=1", "batch_size=64", *TINY]
+    res = train(load_config(overrides=args), tmp_path / "a", quiet=True)
+    teacher_res = json.loads((teacher_ckpt.parent / "result.json").read_text())
+    assert res["teacher_top1"] == pytest.approx(teacher_res["final_top1"]), "measured on the same val set"
+    assert list((private_cache / "teacher_eval").glob("*.json"))
+    env_ = res["environment"]
+    assert env_["torch"] == torch.__version__ and env_["device"].startswith("cpu") and env_["git_commit"]
+    for k in ("final_top1", "final_top5", "best_top1", "best_top5", "tau_t", "tau_s", "wall_time_s"):
+        assert res[k] is not None, k
+
+
+def test_ddp_two_processes_match_one_process(tmp_path, teacher_ckpt):
+    args = ["method=mkd", "teacher=emb_vit_m", f"teacher_checkpoint={teacher_ckpt}", "epochs=2", "batch_size=64",
+            "augment=none", "mkd.meta_interval=2", "mkd.hypergrad=jvp", *TINY]
+    one, two = tmp_path / "one", tmp_path / "two"
+    p = run_cli("-m", "mkd.train", "--out", str(one), *args)
+    assert p.returncode == 0, p.stderr[-3000:]
+    p = run_cli("-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533", "-m", "mkd.train",
+                "--out", str(two), *args)
+    assert p.returncode == 0, p.stderr[-3000:]
+    a, b = _weights(one), _weights(two)
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert worst < 1e-4, worst
+    ra, rb = (json.loads((d / "result.json").read_text()) for d in (one, two))
+    assert rb["environment"]["world_size"] == 2
+    assert abs(ra["final_top1"] - rb["final_top1"]) <= 0.5
+    assert ra["tau_t"] == pytest.approx(rb["tau_t"], rel=1e-4) and ra["tau_s"] == pytest.approx(rb["tau_s"], rel=1e-4)
+
+
+def test_non_finite_loss_marks_the_run_failed(tmp_path):
+    p = run_cli("-m", "mkd.train", "--out", str(tmp_path), "lr=1e30", "warmup_epochs=0", "epochs=2",
+                "batch_size=64", "log_every=2", *TINY)
+    assert_user_error(p, "non-finite training loss")
+    res = json.loads((tmp_path / "result.json").read_text())
+    assert res["status"] == "failed" and "non-finite" in res["reason"]
+
+
+@pytest.mark.parametrize("args,fragments", [
+    (["mkd.hypergrd=jvp"], ["unknown config key 'mkd.hypergrd'", "hypergrad"]),
+    (["method=kdd"], ["method", "'kd'"]),
+    (["student=vit_tiny_patch16_24"], ["unknown model", "vit_tiny_patch16_224"]),
+    (["method=mkd", "teacher=emb_vit_m", "mkd.tau_min=-1"], ["mkd.tau_min", "> 0"]),
+    (["method=kd", "teacher=emb_vit_m"], ["teacher 'emb_vit_m' has no weights", "teacher_checkpoint"]),
+    (["method=kd", "teacher=emb_vit_m", "teacher_checkpoint=/nonexistent/t.pt"], ["not found"]),
+    (["epochs=-1"], ["epochs"]),
+    (["batch_size=big"], ["batch_size", "int"]),
+])
+def test_bad_configs_give_one_clean_line(tmp_path, args, fragments):
+    p = run_cli("-m", "mkd.train", "--out", str(tmp_path / "r"), *args, *TINY)
+    assert_user_error(p, *fragments)
+
+
+def test_teacher_with_other_classes_is_rejected(tmp_path, teacher_ckpt):
+    p = run_cli("-m", "mkd.train", "--out", str(tmp_path / "r"), "method=kd", "teacher=emb_vit_m",
+                f"teacher_checkpoint={teacher_ckpt}", "embedded.num_classes=10", "embedded.superclasses=5", *TINY)
+    assert_user_error(p, "has 20 classes but the dataset has 10")
+
+
+def test_checkpoint_formats_deit_and_raw_state_dict(tmp_path, teacher_ckpt):
+    from mkd.models import build_teacher
+
+    sd = torch.load(teacher_ckpt)["model"]
+    torch.save(sd, tmp_path / "raw.pth")
+    torch.save({"model": {f"module.{k}": v for k, v in sd.items()}, "epoch": 3}, tmp_path / "ddp.pth")
+    for f in ("raw.pth", "ddp.pth"):
+        t = build_teacher("emb_vit_m", 20, 16, str(tmp_path / f), False)
+        assert not t.training and all(not p.requires_grad for p in t.parameters())
+        assert torch.equal(t.state_dict()["head.weight"], sd["head.weight"])
