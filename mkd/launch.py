@@ -140,13 +140,67 @@ def _default_parallel() -> tuple[int, list[Optional[str]]]:
     return n, [None] * n
 
 
+_GPU_SLOTS = None
+
+
+def _worker_init(threads: int, gpu_slots) -> None:
+    """Pool worker set-up: its GPU (one per worker) and thread count, before torch is imported."""
+    global _GPU_SLOTS
+    if gpu_slots is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu_slots.get()
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def local_job(run_dir: str) -> tuple[bool, str]:
+    """Train one run inside a pool worker, its output (Python and C level) appended to the run's train.log.
+
+    The worker imports torch/timm once and trains run after run, as a Slurm job trains its one run.
+    """
+    from .errors import UserError
+    from .train import train
+    from .config import load_config
+
+    log = open(Path(run_dir) / "train.log", "ab", buffering=0)
+    saved = os.dup(1), os.dup(2)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(log.fileno(), 1)
+    os.dup2(log.fileno(), 2)
+    try:
+        train(load_config(Path(run_dir) / "config.yaml"), run_dir)
+        return True, ""
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return False, str(e)
+    except Exception as e:  # a bug: keep the traceback in the log, tell the runner
+        import traceback
+
+        traceback.print_exc()
+        return False, f"{type(e).__name__}: {e}"
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        os.close(saved[0])
+        os.close(saved[1])
+        log.close()
+
+
 def run_local(plan: Plan, max_parallel: Optional[int] = None, quiet: bool = False) -> list[Run]:
-    """Run every unfinished run of the plan on this machine; returns the runs that failed."""
+    """Run every unfinished run of the plan on this machine (teachers before their students); returns the
+    runs that failed."""
+    import multiprocessing as mp
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from concurrent.futures.process import BrokenProcessPool
+
     from tqdm import tqdm
 
     n_default, slots = _default_parallel()
     n = max_parallel or n_default
-    slots = (slots * n)[:n] if slots[0] is not None else [None] * n
     threads = max(1, (os.cpu_count() or 1) // n)
     todo = [r for r in plan.runs if state_of(r, {}) != "done"]
     busy_elsewhere = [r for r in todo if state_of(r, {}) == "running"]
@@ -160,24 +214,17 @@ def run_local(plan: Plan, max_parallel: Optional[int] = None, quiet: bool = Fals
     prepare(plan)
     by_id = {r.run_id: r for r in plan.runs}
     failed: list[Run] = []
-    running: dict[str, tuple[subprocess.Popen, Run, float, int]] = {}
-    free = list(range(n))
     tty = sys.stderr.isatty() and not quiet
     bar = tqdm(total=len(todo), desc=f"{plan.suite}/{plan.scale}", unit="run", disable=not tty, dynamic_ncols=True)
     t0 = time.time()
-    done_count = 0
-
-    def teacher_state(run: Run) -> str:
-        if run.teacher is None:
-            return "done"
-        return state_of(by_id[run.teacher], {})
+    count = 0
 
     def report(run: Run, ok: bool, secs: float, why: str = "") -> None:
-        nonlocal done_count
-        done_count += 1
+        nonlocal count
+        count += 1
         bar.update(1)
         res = result_of(run) or {}
-        msg = (f"[{done_count}/{len(todo)}] {'done' if ok else 'FAILED'} {run.name} {run.label}"
+        msg = (f"[{count}/{len(todo)}] {'done' if ok else 'FAILED'} {run.name} {run.label}"
                + (f" top1 {res['final_top1']:.2f}" if ok and res.get("final_top1") is not None else "")
                + f" ({secs:.0f}s){' ' + why if why else ''}")
         if tty:
@@ -185,55 +232,60 @@ def run_local(plan: Plan, max_parallel: Optional[int] = None, quiet: bool = Fals
         else:
             print(msg, flush=True)
 
-    def launch(run: Run, slot: int) -> None:
-        env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
-                   PYTHONPATH=os.pathsep.join(filter(None, [str(PROJECT), os.environ.get("PYTHONPATH")])))
-        if slots[slot] is not None:
-            env["CUDA_VISIBLE_DEVICES"] = slots[slot]
-        log = open(run.out / "train.log", "ab")
-        p = subprocess.Popen([sys.executable, "-m", "mkd.train", "--config", str(run.out / "config.yaml"),
-                              "--out", str(run.out)], stdout=log, stderr=subprocess.STDOUT, env=env,
-                             start_new_session=True)
-        log.close()
-        running[run.run_id] = (p, run, time.time(), slot)
-
+    ctx = mp.get_context("spawn")
+    gpu_q = None
+    if slots[0] is not None:
+        gpu_q = ctx.Manager().Queue()
+        for i in range(n):
+            gpu_q.put(slots[i % len(slots)])
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT), os.environ.get("PYTHONPATH")]))
+    pool = ProcessPoolExecutor(n, mp_context=ctx, initializer=_worker_init, initargs=(threads, gpu_q))
     queue = list(todo)
+    running: dict = {}  # future -> (run, start)
     try:
         while queue or running:
             for run in list(queue):
-                if not free:
+                if len(running) >= n:
                     break
-                ts = teacher_state(run)
+                ts = "done" if run.teacher is None else state_of(by_id[run.teacher], {})
+                teacher_busy = any(r.run_id == run.teacher for r in queue) or \
+                    any(r.run_id == run.teacher for r, _ in running.values())
                 if ts == "done":
                     queue.remove(run)
-                    launch(run, free.pop(0))
-                elif ts == "failed" and not any(r.run_id == run.teacher for r in queue) \
-                        and run.teacher not in running:
+                    running[pool.submit(local_job, str(run.out))] = (run, time.time())
+                elif not teacher_busy and ts != "running":
                     queue.remove(run)
                     failed.append(run)
                     report(run, False, 0, f"(teacher {run.teacher} failed: see {log_path(by_id[run.teacher])})")
-            for rid, (p, run, start, slot) in list(running.items()):
-                if p.poll() is None:
-                    continue
-                del running[rid]
-                free.append(slot)
-                ok = (result_of(run) or {}).get("status") == "done"
+            if not running:
+                if queue:  # waiting for a teacher another process trains
+                    time.sleep(1.0)
+                continue
+            finished, _ = wait(list(running), timeout=1.0, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                run, start = running.pop(fut)
+                try:
+                    ok, why = fut.result()
+                except BrokenProcessPool:  # the worker died (killed, out of memory): record, restart the pool
+                    ok, why = False, "the worker process died"
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    for f2, (r2, _) in list(running.items()):
+                        queue.insert(0, r2)
+                        running.pop(f2)
+                    pool = ProcessPoolExecutor(n, mp_context=ctx, initializer=_worker_init, initargs=(threads, gpu_q))
+                ok = ok and (result_of(run) or {}).get("status") == "done"
                 if not ok:
                     failed.append(run)
-                    if result_of(run) is None:  # crashed before writing a result: record why for status/tables
-                        tail = (run.out / "train.log").read_text(errors="replace").strip().splitlines()[-1:] or ["?"]
-                        atomic.write_json(run.out / RESULT, {"status": "failed", "run_id": run.run_id,
-                                                             "reason": f"exit {p.returncode}: {tail[0][:300]}"})
+                    if result_of(run) is None:
+                        atomic.write_json(run.out / RESULT, {"status": "failed", "run_id": run.run_id, "reason": why})
                 report(run, ok, time.time() - start, "" if ok else f"see {run.out / 'train.log'}")
-            if running or queue:
-                time.sleep(0.2)
     except KeyboardInterrupt:
-        for p, *_ in running.values():
-            os.killpg(p.pid, signal.SIGTERM)
-        for p, *_ in running.values():
-            p.wait()
         bar.close()
+        for proc in list(getattr(pool, "_processes", {}).values()):
+            proc.terminate()
+        pool.shutdown(wait=False, cancel_futures=True)
         raise
+    pool.shutdown()
     bar.close()
     print(f"suite {plan.suite} ({plan.scale}): {len(todo) - len(failed)}/{len(todo)} runs finished in "
           f"{time.time() - t0:.0f}s with {n} parallel")

@@ -1,0 +1,45 @@
+# Two commands do all the set-up:  `make demo` (the embedded degradation study + tables) and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup demo tables test test-fast perf selfcheck slurm-up slurm-down clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -e .
+	touch $(STAMP)
+
+demo: $(STAMP)            ## run the embedded degradation study on this machine, then rebuild the tables
+	$(PY) benchmarks/run.py --suite degradation
+	$(PY) analysis/make_tables.py
+
+tables: $(STAMP)
+	$(PY) analysis/make_tables.py
+
+test: $(STAMP)            ## every test (the Slurm ones need root + slurm/local_cluster.sh install)
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slurm"
+
+perf: $(STAMP)
+	$(PY) benchmarks/perf.py --json perf.json
+
+selfcheck: $(STAMP)
+	$(PY) -m mkd.meta --selfcheck
+
+slurm-up:
+	slurm/local_cluster.sh start && slurm/local_cluster.sh env
+
+slurm-down:
+	slurm/local_cluster.sh stop
+
+clean:
+	rm -rf results tables/*.md tables/*.tex tables/*.html tables/*.csv tables/*.png tables/*.pdf
+	git checkout -- tables/paper_reference.csv

@@ -1,0 +1,267 @@
+#!/usr/bin/env python
+"""Step-time benchmark of the training core: ``python benchmarks/perf.py [--device cpu|cuda] [--json FILE]``.
+
+In one process, after warm-up, times (median over repeats, device synchronised before reading clocks):
+
+- ``reference_ce`` / ``reference_kd``: the plain loop a user would write with timm alone: timm models,
+  ``torch.optim.AdamW``, autocast (bf16 on GPU), the teacher forward under ``no_grad``, nothing else;
+- ``core_ce`` / ``core_kd``: the suite's ``engine.train_one_epoch`` (method objects, scheduler, hooks, and on GPU
+  ``torch.compile`` of student and teacher, fused AdamW, channels_last for CNN teachers);
+- ``core_mkd[hypergrad, interval]``: MKD with each hypergradient and a few meta intervals.
+
+Batches are pre-made on the device, so the numbers are the step's compute (data loading is the same for every
+variant and would only dilute the ratios).  An epoch is ``steps`` training steps; MKD's cost is amortised over
+whole meta intervals.  ``--trajectory`` also trains MKD on the embedded data twice, exact every-step vs the
+cheap default, and prints both temperature trajectories.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+from functools import partial
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import timm  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from mkd.config import RunConfig, from_dict  # noqa: E402
+from mkd.errors import UserError, cli  # noqa: E402
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Batches:
+    """A fixed set of device batches, cycled: what a perfectly prefetching loader delivers."""
+
+    def __init__(self, n, batch, img, classes, device, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.data = [(torch.randn(batch, 3, img, img, generator=g).to(device),
+                      torch.randint(0, classes, (batch,), generator=g).to(device)) for _ in range(n)]
+        self.steps = 0
+
+    def take(self, steps):
+        for i in range(steps):
+            yield self.data[(self.steps + i) % len(self.data)]
+        self.steps += steps
+
+
+def make_models(args, device, classes):
+    from mkd.models import create_model
+
+    student = create_model(args.student, classes, args.img).to(device)
+    teacher = create_model(args.teacher, classes, args.img).to(device).eval().requires_grad_(False)
+    return student, teacher
+
+
+def reference_step_fn(args, device, classes, kd: bool):
+    """The plain timm loop (no suite code): returns step(x, y)."""
+    student, teacher = make_models(args, device, classes)
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-4, weight_decay=0.05)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    T = 4.0
+
+    def step(x, y):
+        with amp:
+            if kd:
+                with torch.no_grad():
+                    t = teacher(x)
+            out = student(x)
+            loss = F.cross_entropy(out, y)
+            if kd:
+                loss = 0.5 * loss + 0.5 * F.kl_div(F.log_softmax(out.float() / T, -1), F.softmax(t.float() / T, -1),
+                                                   reduction="batchmean") * T * T
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def core_runner(args, device, classes, method: str, **mkd):
+    """The suite's engine on the same models and batches: returns run(steps)."""
+    from mkd.augment import build_augment
+    from mkd.data import MetaBatches
+    from mkd.engine import Loop, train_one_epoch
+    from mkd.losses import build_method
+    from mkd.models import is_vit
+    from timm.optim import param_groups_weight_decay
+    from timm.scheduler import CosineLRScheduler
+
+    d = {"method": method, "student": args.student, "batch_size": args.batch, "augment": "none", "log_every": 10**9}
+    if method != "ce":
+        d["teacher"] = args.teacher
+    if mkd:
+        d["mkd"] = mkd
+    cfg = from_dict(d)
+    student, teacher = make_models(args, device, classes)
+    m = build_method(cfg, classes).to(device)
+    groups = param_groups_weight_decay(student, 0.05, student.no_weight_decay())
+    opt = torch.optim.AdamW(groups, lr=1e-4, **({"fused": True} if device.type == "cuda" else {}))
+    sched = CosineLRScheduler(opt, t_initial=10**6, t_in_epochs=False)
+    compile_on = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
+    model = torch.compile(student) if compile_on else student
+    tf = None
+    if m.needs_teacher:
+        if not is_vit(teacher) and device.type == "cuda":
+            teacher.to(memory_format=torch.channels_last)
+        tc = torch.compile(teacher) if compile_on else teacher
+        tf = tc if is_vit(teacher) or device.type != "cuda" else (lambda x: tc(x.contiguous(memory_format=torch.channels_last)))
+    dtype = torch.bfloat16 if device.type == "cuda" else None
+    autocast = partial(torch.autocast, device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+    aug = build_augment("none", args.img, (0.5,) * 3, (0.25,) * 3, classes)
+    meta = None
+    if method == "mkd":
+        g = torch.Generator().manual_seed(1)
+        mx = torch.randn(max(args.batch, 256), 3, args.img, args.img, generator=g)
+        my = torch.randint(0, classes, (len(mx),), generator=g)
+        meta = MetaBatches(list(range(len(mx))), (mx, my), m.learner.meta_batch_size, 0, 0, 1, device)
+    loop = Loop(model, student, teacher, tf, m, opt, sched, aug, device, autocast, None, None, 1, 10**6,
+                10**9, meta, 0)
+    batches = Batches(8, args.batch, args.img, classes, device)
+
+    def run(steps):
+        train_one_epoch(loop, list(batches.take(steps)), 1, batches.steps)
+
+    return run
+
+
+def timed(fn, steps, repeats, device):
+    """Median seconds per step over ``repeats`` runs of ``steps`` steps."""
+    out = []
+    for _ in range(repeats):
+        sync(device)
+        t = time.perf_counter()
+        fn(steps)
+        sync(device)
+        out.append((time.perf_counter() - t) / steps)
+    return statistics.median(out)
+
+
+def trajectory(seconds_hint=True) -> dict:
+    """MKD on the embedded data: exact every-step (full meta batch) vs the cheap default; both tau trajectories."""
+    import tempfile
+
+    from mkd.config import load_config
+    from mkd.train import train
+
+    base = ["method=mkd", "teacher=emb_vit_l", "epochs=6", "lr=4e-3", "augment=weak", "log_every=6"]
+    with tempfile.TemporaryDirectory() as tmp:
+        teacher = Path(tmp) / "teacher"
+        train(load_config(overrides=["student=emb_vit_l", "epochs=6", "lr=2e-3", "augment=weak"]), teacher, quiet=True)
+        runs = {}
+        for name, extra in (("exact_every_step", ["mkd.hypergrad=exact", "mkd.meta_interval=1", "mkd.meta_batch_size=128"]),
+                            ("default", [])):
+            cfg = load_config(overrides=base + [f"teacher_checkpoint={teacher / 'model.pt'}"] + extra)
+            out = Path(tmp) / name
+            t = time.perf_counter()
+            res = train(cfg, out, quiet=True)
+            recs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+            runs[name] = {"epochs": [[r["epoch"], r["tau_t"], r["tau_s"]] for r in recs],
+                          "top1": res["final_top1"], "seconds": round(time.perf_counter() - t, 1),
+                          "hypergrad": cfg.mkd.hypergrad, "meta_interval": cfg.mkd.meta_interval}
+    import math
+
+    dev = max(max(abs(math.log(a[1] / b[1])), abs(math.log(a[2] / b[2])))
+              for a, b in zip(runs["exact_every_step"]["epochs"], runs["default"]["epochs"]))
+    return {"runs": runs, "max_abs_log_tau_difference": round(dev, 4)}
+
+
+@cli
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python benchmarks/perf.py", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--student", help="default: vit_tiny_patch16_224 on cuda, emb_vit_s on cpu")
+    ap.add_argument("--teacher", help="default: vit_base_patch16_224 on cuda, emb_vit_xl on cpu")
+    ap.add_argument("--img", type=int, help="default: 224 on cuda, 16 on cpu")
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--classes", type=int, help="default: 1000 on cuda, 20 on cpu")
+    ap.add_argument("--steps", type=int, default=24, help="steps per timed repeat (a multiple of every interval)")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--intervals", default="1,8", help="MKD meta intervals to time")
+    ap.add_argument("--hypergrads", default="exact,jvp,fd")
+    ap.add_argument("--compile", default="auto", choices=["auto", "on", "off"])
+    ap.add_argument("--trajectory", action="store_true", help="also compare temperature trajectories (CPU, minutes)")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda but no GPU is visible: use --device cpu")
+    gpu = device.type == "cuda"
+    args.student = args.student or ("vit_tiny_patch16_224" if gpu else "emb_vit_s")
+    args.teacher = args.teacher or ("vit_base_patch16_224" if gpu else "emb_vit_xl")
+    args.img = args.img or (224 if gpu else 16)
+    classes = args.classes or (1000 if gpu else 20)
+    intervals = [int(i) for i in args.intervals.split(",")]
+    if any(args.steps % i for i in intervals):
+        raise UserError(f"--steps {args.steps} must be a multiple of every interval in {intervals}")
+    torch.manual_seed(0)
+    name = torch.cuda.get_device_name(device) if gpu else f"cpu ({torch.get_num_threads()} threads)"
+    print(f"device {name}; student {args.student}, teacher {args.teacher}, {args.img}px, batch {args.batch}, "
+          f"{'bf16' if gpu else 'fp32'}, compile {args.compile}; {args.steps} steps x {args.repeats} repeats")
+
+    variants = {}
+    for kd in (False, True):
+        step = reference_step_fn(args, device, classes, kd)
+        batches = Batches(8, args.batch, args.img, classes, device)
+        variants[f"reference_{'kd' if kd else 'ce'}"] = lambda n, s=step, b=batches: [s(x, y) for x, y in b.take(n)]
+    variants["core_ce"] = core_runner(args, device, classes, "ce")
+    variants["core_kd"] = core_runner(args, device, classes, "kd")
+    for hg in args.hypergrads.split(","):
+        for iv in intervals:
+            variants[f"core_mkd[{hg},interval={iv}]"] = core_runner(args, device, classes, "mkd", hypergrad=hg,
+                                                                    meta_interval=iv)
+    default = RunConfig().mkd
+    variants.setdefault(f"core_mkd[{default.hypergrad},interval={default.meta_interval}]",
+                        core_runner(args, device, classes, "mkd"))
+    times = {}
+    for k, fn in variants.items():  # warm-up (compilation, allocator, caches)
+        fn(args.steps)
+    for r in range(args.repeats):  # interleave the variants so drift hits all alike
+        for k, fn in variants.items():
+            times.setdefault(k, []).append(timed(fn, args.steps, 1, device))
+    ms = {k: 1000 * statistics.median(v) for k, v in times.items()}
+    kd = ms["core_kd"]
+    print(f"\n{'variant':<34} {'ms/step':>9} {'img/s':>9} {'x core KD':>10}")
+    for k, v in ms.items():
+        print(f"{k:<34} {v:>9.2f} {args.batch / v * 1000:>9.0f} {v / kd:>10.3f}")
+    dkey = f"core_mkd[{default.hypergrad},interval={default.meta_interval}]"
+    ratios = {"mkd_epoch_over_kd_epoch": round(ms[dkey] / kd, 4),
+              "core_kd_over_reference_kd": round(kd / ms["reference_kd"], 4),
+              "core_ce_over_reference_ce": round(ms["core_ce"] / ms["reference_ce"], 4)}
+    print(f"\nMKD (default: {default.hypergrad}, interval {default.meta_interval}) epoch / KD epoch: "
+          f"{ratios['mkd_epoch_over_kd_epoch']:.3f}   (target <= 1.10)")
+    print(f"core KD step / reference KD step: {ratios['core_kd_over_reference_kd']:.3f}   (lower is faster; "
+          f"GPU target <= 1/1.3 = 0.77, CPU target <= 1.00)")
+    out = {"device": name, "student": args.student, "teacher": args.teacher, "img": args.img, "batch": args.batch,
+           "precision": "bf16" if gpu else "fp32", "steps": args.steps, "repeats": args.repeats,
+           "ms_per_step": {k: round(v, 3) for k, v in ms.items()},
+           "img_per_s": {k: round(args.batch / v * 1000, 1) for k, v in ms.items()}, "ratios": ratios,
+           "torch": torch.__version__, "timm": timm.__version__}
+    if args.trajectory:
+        print("\ntraining MKD twice on the embedded data (exact every step vs default)...")
+        out["trajectory"] = trajectory()
+        for name_, r in out["trajectory"]["runs"].items():
+            print(f"  {name_:<18} ({r['hypergrad']}, interval {r['meta_interval']}, {r['seconds']}s, top1 {r['top1']}): "
+                  + " ".join(f"e{e}:{tt:.2f}/{ts:.2f}" for e, tt, ts in r["epochs"]))
+        print(f"  max |log tau_exact - log tau_default| over epochs: {out['trajectory']['max_abs_log_tau_difference']}")
+    if args.json:
+        from mkd import atomic
+
+        atomic.write_json(args.json, out)
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
