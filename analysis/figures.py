@@ -83,7 +83,7 @@ def temperature_evolution(runs: pd.DataFrame, curves: pd.DataFrame, steps: pd.Da
 def degradation_curves(runs: pd.DataFrame, out: Path, stem: str, title: str):
     """Top-1 against teacher size per method, one panel per augmentation (CE as a horizontal line)."""
     df = runs[(runs["status"] == "done")].copy()
-    if "teacher" not in df or not df["teacher"].notna().any():
+    if "teacher" not in df or "teacher_params" not in df or df["teacher_params"].isna().all():
         return None
     augs = [a for a in ["none", "weak", "medium", "strong"] if a in set(df["augment"])]
     fig, axes = plt.subplots(1, len(augs), figsize=(5 * len(augs), 4), sharey=True, squeeze=False)
@@ -97,7 +97,8 @@ def degradation_curves(runs: pd.DataFrame, out: Path, stem: str, title: str):
                 continue
             g = ms.groupby("teacher")["final_top1"].agg(["mean", "std"]).join(sizes, how="inner").sort_values("teacher_params")
             ax.errorbar(g["teacher_params"], g["mean"], yerr=g["std"].fillna(0), marker="o", capsize=3, label=m)
-        tt = df.dropna(subset=["teacher_top1"]).groupby("teacher")[["teacher_params", "teacher_top1"]].first()
+        tt = (df.dropna(subset=["teacher_top1"]).groupby("teacher")[["teacher_params", "teacher_top1"]].first()
+              if "teacher_top1" in df else pd.DataFrame())
         for t, r in tt.iterrows():
             ax.annotate(f"{t}\n({r['teacher_top1']:.1f}%)", (r["teacher_params"], ax.get_ylim()[0]), fontsize=7,
                         ha="center", va="bottom", color="grey")

@@ -335,6 +335,9 @@ def load_profile(path: Optional[str], scale: str) -> dict:
 
 
 def slurm_reachable() -> None:
+    conf = os.environ.get("SLURM_CONF")
+    if conf and not Path(conf).is_file():
+        raise UserError(f"--executor slurm: SLURM_CONF={conf} does not exist: point it at slurm.conf or unset it")
     if not shutil.which("sbatch"):
         raise UserError("--executor slurm: no Slurm here (sbatch not on PATH): run on a login node or use --executor local")
     try:

@@ -167,7 +167,7 @@ def load_suite(name_or_path: str) -> tuple[Path, dict]:
             _check_keys(path, f"scales.{s}.teachers.{t}", ts, TEACHER_KEYS)
             if "model" not in ts:
                 raise _fail(path, f"scales.{s}.teachers.{t}", "needs model: a preset or timm name")
-            if sum(k in ts for k in ("train", "checkpoint", "pretrained")) != 1:
+            if sum(ts.get(k) not in (None, False) for k in ("train", "checkpoint", "pretrained")) != 1:
                 raise _fail(path, f"scales.{s}.teachers.{t}",
                             "needs exactly one of train: {...}, checkpoint: PATH, pretrained: true")
     return path, spec
@@ -250,8 +250,8 @@ def expand(name_or_path: str, scale: str = "tiny", results: Path | str = "result
         tcfg = {k: v for k, v in base.items() if k in ("dataset", "data_root", "download", "img_size", "embedded",
                                                          "meta_split", "split_seed", "num_workers", "amp", "compile")}
         tcfg.update(method="ce", student=ts["model"], student_kwargs=ts.get("kwargs") or {}, fraction=1.0, seed=0)
-        if "train" in ts:
-            tcfg = merge(tcfg, {"augment": "none", **(ts["train"] or {})})
+        if ts.get("train") is not None:
+            tcfg = merge(tcfg, {"augment": "none", **ts["train"]})
         else:
             tcfg.update(epochs=0, augment="none")
             if ts.get("checkpoint"):
@@ -264,7 +264,7 @@ def expand(name_or_path: str, scale: str = "tiny", results: Path | str = "result
         cfg = build(tcfg, f"scales.{scale}.teachers.{label}")
         rid = cfg.run_id
         run = teacher_runs.get(rid) or Run(rid, "teacher", cfg, results / "teachers" / scale / rid,
-                                           label=f"teacher {label}: {ts['model']} ({'trained' if 'train' in ts else 'validated'})")
+                                           label=f"teacher {label}: {ts['model']} ({'trained' if ts.get('train') is not None else 'validated'})")
         run.rows.append({"teacher": label})
         teacher_runs[rid] = run
         teacher_of[label] = run

@@ -103,6 +103,10 @@ def environment(device: torch.device, world: int) -> dict:
             "host": socket.gethostname(), "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
 
 
+class RunLocked(UserError):
+    """Another process holds the run's lock."""
+
+
 class RunLock:
     """An exclusive lock on a run directory: two processes never train the same run."""
 
@@ -116,7 +120,7 @@ class RunLock:
             fcntl.flock(self.f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self.f.close()
-            raise UserError(f"{self.path.parent} is being trained by another process (lock held): "
+            raise RunLocked(f"{self.path.parent} is being trained by another process (lock held): "
                             "wait for it, or check with benchmarks/run.py --status") from None
         self.f.seek(0)
         self.f.truncate()
@@ -191,17 +195,19 @@ def train(cfg: RunConfig, out: str | Path, quiet: bool = False) -> dict:
         say(f"{out}: already finished (top1 {done.get('final_top1')}); nothing to do")
         return done
     lock = RunLock(out) if rank == 0 else nullcontext()
-    with lock:
+    with lock:  # a RunLocked error leaves the other process's run alone
         try:
             return _run(cfg, out, rank, world, device, say)
         except NonFiniteLoss as e:
             if rank == 0:
                 _write_failure(out, cfg, str(e))
             raise UserError(f"{out}: {e}") from None
-        except UserError:
+        except UserError as e:  # bad input found while setting up: the run is failed, the message says why
+            if rank == 0:
+                _write_failure(out, cfg, str(e))
             raise
-        except BaseException as e:
-            if rank == 0 and not isinstance(e, KeyboardInterrupt):
+        except Exception as e:  # a bug: record it, keep the traceback
+            if rank == 0:
                 _write_failure(out, cfg, f"{type(e).__name__}: {e}")
             raise
 

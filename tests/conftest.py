@@ -53,6 +53,29 @@ def assert_user_error(p: subprocess.CompletedProcess, *fragments: str) -> None:
         assert f in lines[0], (f, lines[0])
 
 
+def cli_error(main, args: list[str], capsys, *fragments: str) -> str:
+    """Call a CLI's main() in-process: exit status 2 and one 'error:' line holding every fragment."""
+    capsys.readouterr()
+    rc = main(list(args))
+    err = capsys.readouterr().err.strip()
+    assert rc == 2, (rc, err)
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for f in fragments:
+        assert f in lines[0], (f, lines[0])
+    return lines[0]
+
+
+def load_script(path: Path):
+    """Import a script (benchmarks/run.py, analysis/make_tables.py) as a module."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(path.stem + "_script", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 @pytest.fixture(scope="session")
 def teacher_ckpt(tmp_path_factory) -> Path:
     """A tiny emb_vit_m teacher checkpoint (DeiT format), trained one epoch on the tiny data."""

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, TINY, assert_user_error, run_cli
+from conftest import ROOT, TINY, assert_user_error, cli_error, run_cli
 from mkd.augment import build_augment
 from mkd.config import EmbeddedConfig, load_config
 from mkd.data import (Transformed, embedded_arrays, epoch_order, load_base, load_or_make_split, make_split)
@@ -166,6 +166,12 @@ def test_randaugment_survives_posterize_zero_bits():
     (["meta_split=0.99", *TINY], ["meta_split=0.99", "smaller meta_split"]),
     (["augment=strongest"], ["augment", "strong"]),
 ])
-def test_bad_data_input_is_one_clear_line(tmp_path, args, fragments):
-    p = run_cli("-m", "mkd.train", "--out", str(tmp_path / "run"), "epochs=1", *args)
-    assert_user_error(p, *fragments)
+def test_bad_data_input_is_one_clear_line(tmp_path, args, fragments, capsys):
+    from mkd.train import main
+
+    cli_error(main, ["--out", str(tmp_path / "run"), "epochs=1", *args], capsys, *fragments)
+
+
+def test_bad_data_input_in_a_real_process_has_no_traceback(tmp_path):
+    assert_user_error(run_cli("-m", "mkd.train", "--out", str(tmp_path / "run"), "dataset=imagenet",
+                              f"data_root={tmp_path / 'nope'}"), "not found", "train/ and val/")

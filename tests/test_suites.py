@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, RUN, assert_user_error, env, run_cli, write_suite
+from conftest import ROOT, RUN, assert_user_error, cli_error, env, load_script, run_cli, write_suite
 from mkd.suites import expand, known_suites
 
 def test_degradation_suite_expands_to_a_teacher_ladder_and_shares_ce_runs():
@@ -61,10 +61,14 @@ def test_dry_run_prints_one_line_per_run_and_filters(tmp_path):
     (["--suite", "imagenet_main"], ["has no 'tiny' scale", "imagenet"]),
     (["--suite", "degradation", "--executor", "slurm"], ["needs --profile"]),
 ])
-def test_runner_bad_input_is_one_clear_line(tmp_path, args, fragments):
-    p = run_cli(RUN, *args, "--results", str(tmp_path))
-    assert_user_error(p, *fragments)
+def test_runner_bad_input_is_one_clear_line(tmp_path, args, fragments, capsys):
+    cli_error(load_script(Path(RUN)).main, [*args, "--results", str(tmp_path)], capsys, *fragments)
     assert not any(tmp_path.iterdir()), "nothing launched"
+
+
+def test_runner_error_in_a_real_process_has_no_traceback(tmp_path):
+    assert_user_error(run_cli(RUN, "--suite", "degradation", "--filter", "augment=strnog", "--results", str(tmp_path)),
+                      "augment=strnog", "strong")
 
 
 @pytest.mark.parametrize("change,fragments", [
@@ -78,10 +82,10 @@ def test_runner_bad_input_is_one_clear_line(tmp_path, args, fragments):
     ({"scales/tiny/teachers/small/train": None, "scales/tiny/teachers/small/checkpoint": "/nonexistent.pt"},
      ["checkpoint", "not found"]),
 ])
-def test_suite_validation_names_file_key_and_allowed_values(tmp_path, change, fragments):
+def test_suite_validation_names_file_key_and_allowed_values(tmp_path, change, fragments, capsys):
     suite = write_suite(tmp_path / "bad.yaml", **change)
-    p = run_cli(RUN, "--suite", str(suite), "--results", str(tmp_path / "results"))
-    assert_user_error(p, "bad.yaml", *fragments)
+    cli_error(load_script(Path(RUN)).main, ["--suite", str(suite), "--results", str(tmp_path / "results")], capsys,
+              "bad.yaml", *fragments)
     assert not (tmp_path / "results").exists()
 
 

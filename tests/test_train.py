@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, TINY, assert_user_error, env, run_cli
+from conftest import ROOT, TINY, assert_user_error, cli_error, env, run_cli
 from mkd.config import load_config
 
 
@@ -115,15 +115,18 @@ def test_non_finite_loss_marks_the_run_failed(tmp_path):
     (["epochs=-1"], ["epochs"]),
     (["batch_size=big"], ["batch_size", "int"]),
 ])
-def test_bad_configs_give_one_clean_line(tmp_path, args, fragments):
-    p = run_cli("-m", "mkd.train", "--out", str(tmp_path / "r"), *args, *TINY)
-    assert_user_error(p, *fragments)
+def test_bad_configs_give_one_clean_line(tmp_path, args, fragments, capsys):
+    from mkd.train import main
+
+    cli_error(main, ["--out", str(tmp_path / "r"), *args, *TINY], capsys, *fragments)
 
 
 def test_teacher_with_other_classes_is_rejected(tmp_path, teacher_ckpt):
     p = run_cli("-m", "mkd.train", "--out", str(tmp_path / "r"), "method=kd", "teacher=emb_vit_m",
                 f"teacher_checkpoint={teacher_ckpt}", "embedded.num_classes=10", "embedded.superclasses=5", *TINY)
     assert_user_error(p, "has 20 classes but the dataset has 10")
+    res = json.loads((tmp_path / "r" / "result.json").read_text())
+    assert res["status"] == "failed" and "classes" in res["reason"]
 
 
 def test_checkpoint_formats_deit_and_raw_state_dict(tmp_path, teacher_ckpt):
