@@ -7,8 +7,8 @@
   label smoothing 0.1
 
 Mixup/CutMix act on a whole batch (``AugmentPreset.batch``) and return soft targets; the loop feeds the
-teacher the same mixed images.  Every preset yields targets as class distributions, so one soft-target
-cross-entropy serves all of them.
+teacher the same mixed images.  Targets are class indices when a preset neither mixes nor smooths, class
+distributions otherwise; ``F.cross_entropy`` takes both (the index path is the faster one).
 """
 from __future__ import annotations
 
@@ -51,13 +51,15 @@ class AugmentPreset:
     num_classes: int
 
     def batch(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Batch-level augmentation: (images, int labels) -> (images, target distributions)."""
+        """Batch-level augmentation: (images, int labels) -> (images, targets: indices or distributions)."""
         if self.mixup is not None:
             if x.shape[0] % 2:
                 raise UserError(f"augment={self.name} mixes pairs and needs an even batch per process, got "
                                 f"{x.shape[0]}: pick an even batch_size")
             return self.mixup(x, y)
-        return x, soft_targets(y, self.num_classes, self.label_smoothing)
+        if self.label_smoothing:
+            return x, soft_targets(y, self.num_classes, self.label_smoothing)
+        return x, y
 
 
 def soft_targets(y: torch.Tensor, num_classes: int, smoothing: float = 0.0) -> torch.Tensor:

@@ -80,9 +80,10 @@ class MKDConfig:
     hypergrad: str = _f("fd", "hypergradient: exact (double backward), jvp (forward mode on the logits), fd (two forwards)",
                         ("exact", "jvp", "fd"))
     meta_interval: int = _f(8, "update the temperatures every N training steps")
-    meta_lr: float = _f(0.01, "Adam learning rate of log(tau) per meta update, before interval scaling")
-    scale_lr_with_interval: bool = _f(True, "multiply meta_lr by meta_interval so the trajectory keeps its pace")
-    meta_batch_size: int = _f(0, "meta batch size (0: a quarter of batch_size)")
+    meta_lr: float = _f(0.01, "Adam learning rate of log(tau) for meta_interval=1")
+    lr_scaling: str = _f("sqrt", "meta_lr x sqrt(meta_interval), x meta_interval (linear) or x 1 (none): "
+                                 "keeps the trajectory's pace with fewer updates", ("sqrt", "linear", "none"))
+    meta_batch_size: int = _f(0, "global meta batch size (0: batch_size)")
     objective: str = _f("ce", "meta objective on the held-out batch: ce, kd (KL to the teacher at T=1), ce+kd",
                         ("ce", "kd", "ce+kd"))
     granularity: str = _f("global", "global: two scalars; per_class: two vectors, indexed by the target class",
@@ -146,7 +147,8 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+        """The resolved config, headed by its run id (so later versions can tell runs apart without parsing)."""
+        return f"# run_id: {self.run_id}\n" + yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     @property
     def run_id(self) -> str:
@@ -275,7 +277,7 @@ def _check(cfg: RunConfig) -> None:
         need(hi > lo, f"{sec}.tau_max", f"is {hi}: it must exceed {sec}.tau_min={lo}")
     need(cfg.mkd.meta_interval >= 1, "mkd.meta_interval", "must be >= 1")
     need(cfg.mkd.meta_lr > 0, "mkd.meta_lr", "must be > 0")
-    need(cfg.mkd.meta_batch_size >= 0, "mkd.meta_batch_size", "must be >= 0 (0: batch_size // 4)")
+    need(cfg.mkd.meta_batch_size >= 0, "mkd.meta_batch_size", "must be >= 0 (0: batch_size)")
     need(cfg.mkd.fd_eps > 0, "mkd.fd_eps", "must be > 0")
     need(cfg.method != "mkd" or cfg.meta_split > 0, "meta_split", "must be > 0 for method=mkd (it needs held-out data)")
     e = cfg.embedded

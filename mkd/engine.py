@@ -82,11 +82,12 @@ def train_one_epoch(loop: Loop, loader, epoch: int, step: int) -> tuple[dict[str
             loop.scaler.unscale_(loop.optimizer)
         else:
             loss.backward()
-        lr = loop.optimizer.param_groups[0]["lr"]
-        m.meta_step(StepContext(
-            student=loop.student, x=x, targets=targets, teacher_logits=t_logits,
-            student_out=tuple(o.detach() for o in out) if isinstance(out, (tuple, list)) else out.detach(),
-            lr=lr, step=step, autocast=loop.autocast, meta_batches=loop.meta_batches, teacher=loop.teacher))
+        if m.has_meta_step:
+            m.meta_step(StepContext(
+                student=loop.student, x=x, targets=targets, teacher_logits=t_logits,
+                student_out=tuple(o.detach() for o in out) if isinstance(out, (tuple, list)) else out.detach(),
+                lr=loop.optimizer.param_groups[0]["lr"], step=step, autocast=loop.autocast,
+                meta_batches=loop.meta_batches, teacher=loop.teacher))
         if loop.clip_grad:
             torch.nn.utils.clip_grad_norm_(loop.student.parameters(), loop.clip_grad)
         if loop.scaler is not None:
@@ -97,7 +98,7 @@ def train_one_epoch(loop: Loop, loader, epoch: int, step: int) -> tuple[dict[str
         step += 1
         loop.scheduler.step_update(num_updates=step)
         for k, v in terms.items():
-            sums[k] = sums.get(k, 0.0) + v.detach().float()
+            sums[k] = sums.get(k, 0.0) + v.detach()
         n += 1
         if step % loop.log_every == 0:
             _check_finite(sums["loss"], epoch, step)
@@ -105,7 +106,7 @@ def train_one_epoch(loop: Loop, loader, epoch: int, step: int) -> tuple[dict[str
                 temps = m.temperatures()
                 loop.temp_samples.append([step, round(temps["tau_t"], 5), round(temps["tau_s"], 5)])
             if show:
-                bar.set_postfix(loss=f"{float(sums['loss']) / n:.3f}", lr=f"{lr:.2e}")
+                bar.set_postfix(loss=f"{float(sums['loss']) / n:.3f}", lr=f"{loop.optimizer.param_groups[0]['lr']:.2e}")
     means = {k: float(_all_sum(v)) / (n * _world()) for k, v in sums.items()}
     _check_finite(torch.tensor(means.get("loss", 0.0)), epoch, step)
     return means, step

@@ -1,8 +1,8 @@
 """Distillation methods as small loss objects.
 
 A method maps ``(student_out, teacher_logits, targets)`` to a dict of named loss terms, the total under
-``"loss"``.  ``targets`` are class distributions (one-hot, smoothed or mixed), so Mixup/CutMix need no
-special case.  A student with a distillation head (timm ``deit_*_distilled``) returns ``(cls, dist)``
+``"loss"``.  ``targets`` are class indices or class distributions (smoothed or mixed by Mixup/CutMix); the
+cross-entropy takes either.  A student with a distillation head (timm ``deit_*_distilled``) returns ``(cls, dist)``
 logits in training: CE goes through the class head, the teacher term through the distillation head.
 
 Hooks the loop calls for every method (the loop never branches on a method's name):
@@ -43,9 +43,9 @@ def fp32(t: Tensor) -> Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
-def soft_ce(logits: Tensor, targets: Tensor) -> Tensor:
-    """Cross-entropy against class distributions, mean over the batch."""
-    return torch.sum(-targets * F.log_softmax(fp32(logits), dim=-1), dim=-1).mean()
+def ce_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """Cross-entropy against class indices or class distributions, mean over the batch."""
+    return F.cross_entropy(fp32(logits), targets)
 
 
 def _col(t: Tensor | float) -> Tensor | float:
@@ -104,6 +104,11 @@ class Method(nn.Module):
     def meta_step(self, ctx: StepContext) -> None:
         """Called after the backward of each step, before the optimizer step (meta learning)."""
 
+    @property
+    def has_meta_step(self) -> bool:
+        """Whether the loop must build a StepContext and call meta_step (kept off the plain methods' step)."""
+        return type(self).meta_step is not Method.meta_step
+
     def temperatures(self) -> dict[str, float]:
         """Current temperatures for logging ({} when the method has none)."""
         return {}
@@ -123,7 +128,7 @@ class CE(Method):
 
     def forward(self, out, teacher_logits, targets):
         cls, dist = heads(out)
-        ce = soft_ce(cls, targets) if cls is dist else (soft_ce(cls, targets) + soft_ce(dist, targets)) / 2
+        ce = ce_loss(cls, targets) if cls is dist else (ce_loss(cls, targets) + ce_loss(dist, targets)) / 2
         return {"ce": ce, "loss": ce}
 
 
@@ -133,7 +138,7 @@ class KD(Method):
     def forward(self, out, teacher_logits, targets):
         cls, dist = heads(out)
         k = self.cfg.kd
-        return self._mix(soft_ce(cls, targets), kd_term(dist, teacher_logits, k.tau_t, k.tau_s, k.weight), k.alpha, "kd")
+        return self._mix(ce_loss(cls, targets), kd_term(dist, teacher_logits, k.tau_t, k.tau_s, k.weight), k.alpha, "kd")
 
     def temperatures(self):
         return {"tau_t": self.cfg.kd.tau_t, "tau_s": self.cfg.kd.tau_s}
@@ -145,7 +150,7 @@ class Hard(Method):
     def forward(self, out, teacher_logits, targets):
         cls, dist = heads(out)
         hard = F.cross_entropy(fp32(dist), teacher_logits.argmax(dim=-1))
-        return self._mix(soft_ce(cls, targets), hard, self.cfg.hard.alpha, "hard")
+        return self._mix(ce_loss(cls, targets), hard, self.cfg.hard.alpha, "hard")
 
 
 class _GradReverse(torch.autograd.Function):
@@ -184,7 +189,7 @@ class CTKD(Method):
         cls, dist = heads(out)
         c = self.cfg.ctkd
         tau = c.tau_min + (c.tau_max - c.tau_min) * torch.sigmoid(_GradReverse.apply(self.p, self.lam))
-        return self._mix(soft_ce(cls, targets), kd_term(dist, teacher_logits, tau, tau, self.cfg.kd.weight),
+        return self._mix(ce_loss(cls, targets), kd_term(dist, teacher_logits, tau, tau, self.cfg.kd.weight),
                          self.cfg.kd.alpha, "kd")
 
     def temperatures(self):
@@ -212,7 +217,7 @@ class MKD(Method):
     def loss_with(self, out, teacher_logits, targets, tau_t, tau_s) -> dict[str, Tensor]:
         cls, dist = heads(out)
         k = self.cfg.kd
-        return self._mix(soft_ce(cls, targets), kd_term(dist, teacher_logits, tau_t, tau_s, k.weight), k.alpha, "kd")
+        return self._mix(ce_loss(cls, targets), kd_term(dist, teacher_logits, tau_t, tau_s, k.weight), k.alpha, "kd")
 
     def forward(self, out, teacher_logits, targets):
         tau_t, tau_s = self.temps(targets)

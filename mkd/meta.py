@@ -43,8 +43,8 @@ from .losses import eval_logits, fp32
 class LearnedTemperatures(nn.Module):
     """``log tau_t``, ``log tau_s``: two scalars (global) or two per-class vectors.
 
-    Per class, a sample's temperature is its target distribution times the vector (the true class's entry
-    for one-hot targets, the mixture's for Mixup/CutMix targets).
+    Per class, a sample's temperature is the true class's entry (index targets), or the target distribution
+    times the vector (smoothed or Mixup/CutMix targets).
     """
 
     def __init__(self, tau_t: float, tau_s: float, num_classes: int, granularity: str = "global",
@@ -61,6 +61,8 @@ class LearnedTemperatures(nn.Module):
         t, s = self.log_tau_t.exp(), self.log_tau_s.exp()
         if not self.per_class:
             return t[0], s[0]
+        if targets.dtype == torch.long:
+            return t[targets], s[targets]
         return targets.to(t.dtype) @ t, targets.to(s.dtype) @ s
 
     @torch.no_grad()
@@ -211,8 +213,8 @@ class MetaLearner:
 
     def __init__(self, temps: LearnedTemperatures, cfg: MKDConfig, batch_size: int, loss_fn: LossFn):
         self.temps, self.cfg, self.loss_fn = temps, cfg, loss_fn
-        self.meta_batch_size = cfg.meta_batch_size or max(2, batch_size // 4)
-        lr = cfg.meta_lr * (cfg.meta_interval if cfg.scale_lr_with_interval else 1)
+        self.meta_batch_size = cfg.meta_batch_size or batch_size
+        lr = cfg.meta_lr * {"sqrt": math.sqrt(cfg.meta_interval), "linear": cfg.meta_interval, "none": 1}[cfg.lr_scaling]
         self.opt = torch.optim.Adam(temps.parameters(), lr=lr, eps=1e-12)
         self.updates = 0
         self.last_meta_loss: Optional[Tensor] = None

@@ -20,6 +20,7 @@ import fcntl
 import os
 import platform
 import random
+import re
 import shutil
 import socket
 import subprocess
@@ -154,8 +155,12 @@ def prepare_dir(cfg: RunConfig, out: Path) -> Optional[dict]:
     res = atomic.read_json(out / RESULT)
     old = out / CONFIG
     if old.exists():
-        prev = yaml.safe_load(old.read_text()) or {}
-        prev_id = load_config(overrides=prev).run_id if prev else None
+        text = old.read_text()
+        m = re.match(r"# run_id: (\w+)", text)
+        try:
+            prev_id = m.group(1) if m else load_config(overrides=yaml.safe_load(text) or {}).run_id
+        except UserError:  # written by another version with other keys
+            prev_id = "unknown"
         if prev_id != cfg.run_id:
             raise UserError(f"{out} holds another run ({prev_id}, this config is {cfg.run_id}): use a new --out")
     if res and res.get("status") == "done":
@@ -284,7 +289,7 @@ def _run(cfg: RunConfig, out: Path, rank: int, world: int, device: torch.device,
     groups = param_groups_weight_decay(student, cfg.weight_decay, getattr(student, "no_weight_decay", lambda: ())())
     if method.train_parameters():
         groups.append({"params": method.train_parameters(), "weight_decay": 0.0})
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, **({"fused": True} if device.type == "cuda" else {}))
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, fused=True)  # one kernel per group, on GPU and CPU alike
     sched = CosineLRScheduler(opt, t_initial=total, lr_min=cfg.min_lr, warmup_t=int(cfg.warmup_epochs * steps_per_epoch),
                               warmup_lr_init=cfg.lr * 1e-3, t_in_epochs=False)
     scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
@@ -396,7 +401,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0
     cfg = load_config(args.config, args.overrides)
     if args.print_config:
-        print(f"# run_id {cfg.run_id}\n{cfg.to_yaml()}", end="")
+        print(cfg.to_yaml(), end="")
         return 0
     out = Path(args.out or Path("results") / "train" / cfg.run_id)
     try:

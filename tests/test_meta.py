@@ -91,7 +91,9 @@ def test_meta_interval_skips_steps_and_scales_the_meta_lr():
     cfg = RunConfig(method="mkd", teacher="t")
     cfg.mkd.meta_interval, cfg.mkd.meta_lr = 4, 0.01
     m = MKD(cfg, 10)
-    assert m.learner.opt.param_groups[0]["lr"] == pytest.approx(0.04)
+    assert m.learner.opt.param_groups[0]["lr"] == pytest.approx(0.02)  # sqrt(4) x
+    cfg.mkd.lr_scaling = "linear"
+    assert MKD(cfg, 10).learner.opt.param_groups[0]["lr"] == pytest.approx(0.04)
     calls = []
     m.learner.cfg.hypergrad = "fd"
     import mkd.meta as meta

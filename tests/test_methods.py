@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from conftest import TINY
 from mkd.config import load_config
-from mkd.losses import METHODS, build_method, kd_term, soft_ce
+from mkd.losses import METHODS, build_method, kd_term, ce_loss
 
 
 def test_kd_term_reduces_to_hinton_and_is_batchmean():
@@ -31,7 +31,7 @@ def test_hard_distillation_uses_the_distillation_head():
     y = F.one_hot(torch.tensor([0, 1, 2, 3]), 5).float()
     terms = m((cls, dist), t, y)
     assert torch.allclose(terms["hard"], F.cross_entropy(dist, t.argmax(-1)))
-    assert torch.allclose(terms["ce"], soft_ce(cls, y))
+    assert torch.allclose(terms["ce"], ce_loss(cls, y))
     assert torch.allclose(terms["loss"], 0.5 * terms["ce"] + 0.5 * terms["hard"])
 
 
