@@ -97,13 +97,14 @@ def degradation_curves(runs: pd.DataFrame, out: Path, stem: str, title: str):
                 continue
             g = ms.groupby("teacher")["final_top1"].agg(["mean", "std"]).join(sizes, how="inner").sort_values("teacher_params")
             ax.errorbar(g["teacher_params"], g["mean"], yerr=g["std"].fillna(0), marker="o", capsize=3, label=m)
-        tt = (df.dropna(subset=["teacher_top1"]).groupby("teacher")[["teacher_params", "teacher_top1"]].first()
-              if "teacher_top1" in df else pd.DataFrame())
-        for t, r in tt.iterrows():
-            ax.annotate(f"{t}\n({r['teacher_top1']:.1f}%)", (r["teacher_params"], ax.get_ylim()[0]), fontsize=7,
-                        ha="center", va="bottom", color="grey")
+        tt = (df.dropna(subset=["teacher_top1", "teacher_params"]).groupby("teacher")[["teacher_params", "teacher_top1"]]
+              .first().sort_values("teacher_params") if "teacher_top1" in df else pd.DataFrame())
         ax.set_xscale("log")
-        ax.set_xlabel("teacher parameters")
+        if len(tt):  # label each teacher at its size: name, parameters, its own top-1
+            ax.set_xticks(tt["teacher_params"], [f"{t}\n{p / 1e3:.0f}k\n({a1:.1f}%)" for t, p, a1 in
+                                                 zip(tt.index, tt["teacher_params"], tt["teacher_top1"])])
+            ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        ax.set_xlabel("teacher (parameters, teacher top-1)")
         ax.set_title(f"augment={a}")
     axes[0][0].set_ylabel("student top-1 (%)")
     axes[0][-1].legend(fontsize=8)

@@ -30,6 +30,8 @@ def parse_args(argv):
     ap.add_argument("--results", default="results", help="results root (default results/)")
     ap.add_argument("--filter", action="append", default=[], metavar="AXIS=VALUE[,VALUE]",
                     help="keep only rows with these axis values (repeatable)")
+    ap.add_argument("--axis", action="append", default=[], metavar="AXIS=V1,V2",
+                    help="replace an axis's values, e.g. --axis seed=0,1,2 for error bars (repeatable)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="config override for every run, e.g. --set epochs=1 (changes run ids)")
     ap.add_argument("--data-root", help="dataset root for the cifar / imagenet scales")
@@ -51,7 +53,7 @@ def main(argv=None) -> int:
     executor = args.executor or ("slurm" if args.profile else "local")
     profile = load_profile(args.profile, args.scale) if executor == "slurm" else {}
     data_root = args.data_root or profile.get("data_root")
-    plan = expand(args.suite, args.scale, args.results, args.filter, parse_overrides(args.set), data_root)
+    plan = expand(args.suite, args.scale, args.results, args.filter, parse_overrides(args.set), data_root, args.axis)
 
     if args.dry_run:
         print(f"suite {plan.suite} ({plan.scale}) from {plan.path}: {len(plan.teachers)} teachers + "

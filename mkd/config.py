@@ -83,7 +83,7 @@ class MKDConfig:
     meta_lr: float = _f(0.01, "Adam learning rate of log(tau) for meta_interval=1")
     lr_scaling: str = _f("sqrt", "meta_lr x sqrt(meta_interval), x meta_interval (linear) or x 1 (none): "
                                  "keeps the trajectory's pace with fewer updates", ("sqrt", "linear", "none"))
-    meta_batch_size: int = _f(0, "global meta batch size (0: batch_size)")
+    meta_batch_size: int = _f(0, "global meta batch size (0: half of batch_size)")
     objective: str = _f("ce", "meta objective on the held-out batch: ce, kd (KL to the teacher at T=1), ce+kd",
                         ("ce", "kd", "ce+kd"))
     granularity: str = _f("global", "global: two scalars; per_class: two vectors, indexed by the target class",
@@ -277,7 +277,7 @@ def _check(cfg: RunConfig) -> None:
         need(hi > lo, f"{sec}.tau_max", f"is {hi}: it must exceed {sec}.tau_min={lo}")
     need(cfg.mkd.meta_interval >= 1, "mkd.meta_interval", "must be >= 1")
     need(cfg.mkd.meta_lr > 0, "mkd.meta_lr", "must be > 0")
-    need(cfg.mkd.meta_batch_size >= 0, "mkd.meta_batch_size", "must be >= 0 (0: batch_size)")
+    need(cfg.mkd.meta_batch_size >= 0, "mkd.meta_batch_size", "must be >= 0 (0: batch_size // 2)")
     need(cfg.mkd.fd_eps > 0, "mkd.fd_eps", "must be > 0")
     need(cfg.method != "mkd" or cfg.meta_split > 0, "meta_split", "must be > 0 for method=mkd (it needs held-out data)")
     e = cfg.embedded

@@ -213,7 +213,7 @@ class MetaLearner:
 
     def __init__(self, temps: LearnedTemperatures, cfg: MKDConfig, batch_size: int, loss_fn: LossFn):
         self.temps, self.cfg, self.loss_fn = temps, cfg, loss_fn
-        self.meta_batch_size = cfg.meta_batch_size or batch_size
+        self.meta_batch_size = cfg.meta_batch_size or max(2, batch_size // 2)
         lr = cfg.meta_lr * {"sqrt": math.sqrt(cfg.meta_interval), "linear": cfg.meta_interval, "none": 1}[cfg.lr_scaling]
         self.opt = torch.optim.Adam(temps.parameters(), lr=lr, eps=1e-12)
         self.updates = 0

@@ -175,9 +175,19 @@ def load_suite(name_or_path: str) -> tuple[Path, dict]:
 
 def expand(name_or_path: str, scale: str = "tiny", results: Path | str = "results",
            filters: Optional[list[str]] = None, overrides: Optional[dict] = None,
-           data_root: Optional[str] = None) -> Plan:
-    """Validate the suite and expand it into runs for one scale; nothing is written."""
+           data_root: Optional[str] = None, axes_override: Optional[list[str]] = None) -> Plan:
+    """Validate the suite and expand it into runs for one scale; nothing is written.
+
+    ``axes_override`` items ``AXIS=V1,V2`` replace an axis's values (e.g. ``seed=0,1,2`` for error bars)."""
     path, spec = load_suite(name_or_path)
+    for item in axes_override or []:
+        if "=" not in item:
+            raise UserError(f"--axis {item!r} is not axis=v1,v2 (e.g. --axis seed=0,1,2)")
+        k, v = item.split("=", 1)
+        if k not in spec["axes"]:
+            raise UserError(f"--axis {item}: {path.name} has no axis '{k}'{suggest(k, list(spec['axes']))}; "
+                            f"axes: {', '.join(spec['axes'])}")
+        spec["axes"][k] = [yaml.safe_load(x) for x in v.split(",")]
     suite = path.stem
     results = Path(results)
     if scale not in spec["scales"]:

@@ -51,6 +51,9 @@ def test_dry_run_prints_one_line_per_run_and_filters(tmp_path):
     p = run_cli(RUN, "--suite", "degradation", "--dry-run", "--filter", "method=mkd", "--filter", "teacher=large",
                 "--results", str(tmp_path))
     assert len(p.stdout.strip().splitlines()) == 1 + 1 + 2, p.stdout
+    p = run_cli(RUN, "--suite", "degradation", "--dry-run", "--axis", "seed=0,1,2", "--filter", "method=ce",
+                "--results", str(tmp_path))
+    assert len(p.stdout.strip().splitlines()) == 1 + 2 * 3, p.stdout
 
 
 @pytest.mark.parametrize("args,fragments", [
@@ -60,6 +63,7 @@ def test_dry_run_prints_one_line_per_run_and_filters(tmp_path):
     (["--suite", "degradation", "--scale", "imagenet", "--data-root", "/nonexistent/imagenet"], ["does not exist"]),
     (["--suite", "imagenet_main"], ["has no 'tiny' scale", "imagenet"]),
     (["--suite", "degradation", "--executor", "slurm"], ["needs --profile"]),
+    (["--suite", "degradation", "--axis", "sed=0,1"], ["no axis 'sed'", "seed"]),
 ])
 def test_runner_bad_input_is_one_clear_line(tmp_path, args, fragments, capsys):
     cli_error(load_script(Path(RUN)).main, [*args, "--results", str(tmp_path)], capsys, *fragments)
