@@ -164,7 +164,6 @@ def temperature_grid(df: pd.DataFrame, suite: str, scale: str) -> list[Table]:
     tables = []
     settings = [c for c in ("teacher", "augment") if c in df and df[c].nunique() > 1] or ["teacher"]
     keys = df[settings].drop_duplicates().to_dict("records")
-    grid_all = df[df["method"] == "kd"]
     for key in keys:
         sub = _filter(df, **key)
         kd = sub[sub["method"] == "kd"]
@@ -214,7 +213,6 @@ def imagenet_main(df: pd.DataFrame, suite: str, scale: str, reference: pd.DataFr
             if p is not None:
                 src = str(pub["source"].iloc[0])
                 sources.setdefault(src, len(sources) + 1)
-                note = pub["note"].iloc[0] if "note" in pub and not pd.isna(pub["note"].iloc[0]) else ""
             row += [c.text(), f"{p:.1f} [{sources[src]}]" if p is not None else DASH,
                     f"{c.mean - p:+.2f}" if (p is not None and c.mean is not None) else DASH]
             vals.append({"student": s, "method": m, "top1_mean": c.mean, "top1_std": c.std, "n": c.n, "published": p})

@@ -21,7 +21,6 @@ import json
 import statistics
 import sys
 import time
-from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 

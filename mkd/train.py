@@ -21,7 +21,6 @@ import os
 import platform
 import random
 import re
-import shutil
 import socket
 import subprocess
 import sys

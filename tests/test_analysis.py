@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import re
 import statistics
 import sys
 from pathlib import Path

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, TINY, assert_user_error, cli_error, run_cli
+from conftest import TINY, assert_user_error, cli_error, run_cli
 from mkd.augment import build_augment
 from mkd.config import EmbeddedConfig, load_config
 from mkd.data import (Transformed, embedded_arrays, epoch_order, load_base, load_or_make_split, make_split)

@@ -2,12 +2,10 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import pytest
-import yaml
 
 from conftest import ROOT, RUN, assert_user_error, cli_error, env, load_script, run_cli, write_suite
 from mkd.suites import expand, known_suites
