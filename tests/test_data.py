@@ -7,6 +7,7 @@ import time
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from conftest import TINY, assert_user_error, cli_error, run_cli
@@ -135,16 +136,18 @@ def test_augment_presets_shapes_dtypes_and_targets(name):
     y = torch.tensor([ds[i][1] for i in range(16)])
     assert x.shape == (16, 3, 16, 16) and x.dtype == torch.float32
     xm, t = aug.batch(x.clone(), y)  # timm mixes in place
-    assert xm.shape == x.shape and t.shape == (16, info.num_classes) and t.dtype == torch.float32
-    assert torch.allclose(t.sum(-1), torch.ones(16), atol=1e-5)
-    if name == "strong":
+    assert xm.shape == x.shape
+    if name == "strong":  # class distributions: mixed and smoothed
+        assert t.shape == (16, info.num_classes) and t.dtype == torch.float32
+        assert torch.allclose(t.sum(-1), torch.ones(16), atol=1e-5)
         assert aug.mixup is not None and not torch.equal(xm, x), "mixup/cutmix changes the batch"
         assert (t > 0.5).sum() < 16 or (t.max(-1).values < 0.95).all(), "targets are mixed and smoothed"
         assert "RandAugment" in str(aug.train_transform) and "RandomErasing" in str(aug.train_transform)
         with pytest.raises(UserError, match="even batch"):
             aug.batch(x[:3], y[:3])
-    else:
-        assert aug.mixup is None and torch.equal(t.argmax(-1), y)
+    else:  # neither mixed nor smoothed: class indices, the fast cross-entropy path
+        assert aug.mixup is None and t.dtype == torch.long and torch.equal(t, y)
+        assert torch.allclose(F.cross_entropy(torch.zeros(16, 20), t), F.cross_entropy(torch.zeros(16, 20), F.one_hot(t, 20).float()))
     if name == "medium":
         assert "RandAugment" in str(aug.train_transform)
     if name == "none":
