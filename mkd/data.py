@@ -314,24 +314,32 @@ class MetaBatches:
     """Endless random batches of the held-out meta split, identical across DDP ranks up to the shard.
 
     Every rank draws the same global index batch from a shared generator (seeded by run seed and epoch) and
-    keeps its stride, as ``epoch_order`` does for training batches.
+    keeps its stride, as ``epoch_order`` does for training batches.  A materialised split is indexed
+    directly; a large one (ImageNet) streams through a DataLoader with workers.
     """
 
     def __init__(self, ds: Dataset, tensors: Optional[tuple], global_batch: int, seed: int, rank: int,
-                 world: int, device: torch.device):
+                 world: int, device: torch.device, num_workers: int = 0):
         self.ds, self.tensors, self.rank, self.world, self.device = ds, tensors, rank, world, device
         self.global_batch = max(world, min(global_batch, len(ds)) // world * world)
-        self.seed = seed
+        self.seed, self.num_workers = seed, num_workers
         self.set_epoch(0)
+
+    def _indices(self, gen: torch.Generator):
+        while True:
+            yield torch.randperm(len(self.ds), generator=gen)[: self.global_batch][self.rank:: self.world].tolist()
 
     def set_epoch(self, epoch: int) -> None:
         self.gen = torch.Generator().manual_seed(self.seed * 31 + epoch + 12345)
+        self.stream = None
+        if self.tensors is None:
+            self.stream = iter(DataLoader(self.ds, batch_sampler=self._indices(self.gen), num_workers=self.num_workers,
+                                          pin_memory=self.device.type == "cuda"))
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = torch.randperm(len(self.ds), generator=self.gen)[: self.global_batch][self.rank:: self.world]
-        if self.tensors is not None:
-            x, y = self.tensors[0][idx], self.tensors[1][idx]
+        if self.stream is not None:
+            x, y = next(self.stream)
         else:
-            items = [self.ds[int(i)] for i in idx]
-            x, y = torch.stack([a for a, _ in items]), torch.tensor([b for _, b in items])
+            idx = next(self._indices(self.gen))
+            x, y = self.tensors[0][idx], self.tensors[1][idx]
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)

@@ -101,7 +101,7 @@ def train_one_epoch(loop: Loop, loader, epoch: int, step: int) -> tuple[dict[str
             sums[k] = sums.get(k, 0.0) + v.detach()
         n += 1
         if step % loop.log_every == 0:
-            _check_finite(sums["loss"], epoch, step)
+            _check_finite(_all_sum(sums["loss"]), epoch, step)  # collective: every rank stops together
             if m.learns_temperature:
                 temps = m.temperatures()
                 loop.temp_samples.append([step, round(temps["tau_t"], 5), round(temps["tau_s"], 5)])

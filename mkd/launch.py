@@ -307,7 +307,7 @@ class TrainJob(submitit.helpers.Checkpointable):
 
 
 PROFILE_KEYS = {"partition": "slurm_partition", "account": "slurm_account", "qos": "slurm_qos", "nodes": "nodes",
-                "gpus_per_node": "gpus_per_node", "cpus_per_task": "cpus_per_task", "mem_gb": "mem_gb",
+                "gpus_per_node": "gpus_per_node", "tasks_per_node": "tasks_per_node", "cpus_per_task": "cpus_per_task", "mem_gb": "mem_gb",
                 "timeout_min": "timeout_min", "constraint": "slurm_constraint", "setup": "slurm_setup",
                 "array_parallelism": "slurm_array_parallelism", "signal_delay_s": "slurm_signal_delay_s",
                 "additional": "slurm_additional_parameters", "exclude": "slurm_exclude"}
@@ -352,7 +352,7 @@ def make_executor(profile: dict, folder: Path, max_parallel: Optional[int]) -> s
     ex = submitit.AutoExecutor(folder=folder / "%j", cluster="slurm")
     params = {PROFILE_KEYS[k]: v for k, v in profile.items() if k in PROFILE_KEYS and v is not None}
     gpus = int(profile.get("gpus_per_node") or 0)
-    params["tasks_per_node"] = max(1, gpus)  # one task per GPU, DDP from the submitit environment
+    params.setdefault("tasks_per_node", max(1, gpus))  # one task (process) per GPU, DDP from the submitit environment
     if not gpus:
         params.pop("gpus_per_node", None)
     if max_parallel:

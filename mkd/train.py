@@ -275,7 +275,7 @@ def _run(cfg: RunConfig, out: Path, rank: int, world: int, device: torch.device,
     if cfg.method == "mkd":
         meta_ds = Transformed(train_base, split["meta"], aug.eval_transform)
         meta_batches = MetaBatches(meta_ds, materialize(meta_ds, num_workers=cfg.num_workers),
-                                   method.learner.meta_batch_size, cfg.seed, rank, world, device)
+                                   method.learner.meta_batch_size, cfg.seed, rank, world, device, cfg.num_workers)
 
     model = student
     if world > 1:

@@ -178,3 +178,22 @@ def test_bad_data_input_is_one_clear_line(tmp_path, args, fragments, capsys):
 def test_bad_data_input_in_a_real_process_has_no_traceback(tmp_path):
     assert_user_error(run_cli("-m", "mkd.train", "--out", str(tmp_path / "run"), "dataset=imagenet",
                               f"data_root={tmp_path / 'nope'}"), "not found", "train/ and val/")
+
+
+def test_meta_batches_stream_and_tensor_paths_agree_and_shard_like_one_process():
+    from mkd.data import MetaBatches
+
+    ds = [(torch.full((3, 2, 2), float(i)), i) for i in range(50)]
+    tensors = (torch.stack([a for a, _ in ds]), torch.tensor([b for _, b in ds]))
+    cpu = torch.device("cpu")
+    one = MetaBatches(ds, tensors, 8, 0, 0, 1, cpu)
+    streamed = MetaBatches(ds, None, 8, 0, 0, 1, cpu, num_workers=1)
+    shards = [MetaBatches(ds, tensors, 8, 0, r, 2, cpu) for r in (0, 1)]
+    for epoch in range(2):
+        for mb in (one, streamed, *shards):
+            mb.set_epoch(epoch)
+        for _ in range(3):
+            x, y = one.next()
+            xs, ys = streamed.next()
+            assert torch.equal(x, xs) and torch.equal(y, ys)
+            assert sorted(torch.cat([s.next()[1] for s in shards]).tolist()) == sorted(y.tolist())

@@ -120,3 +120,25 @@ def test_requeue_resumes_from_checkpoint_and_matches_an_uninterrupted_run(slurm_
     wa = torch.load(plans[0].students[0].out / "model.pt")["model"]
     wb = torch.load(run_b.out / "model.pt")["model"]
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_two_task_job_trains_with_ddp_from_the_submitit_environment(slurm_cluster, tmp_path):
+    """tasks_per_node=2 on CPU: gloo DDP set up by TorchDistributedEnvironment matches one process."""
+    from mkd.launch import load_profile, submit_slurm
+    from mkd.suites import expand
+    from mkd.train import train
+
+    changes = {"axes/method": ["kd"], "axes/seed": [0], "scales/tiny/config/epochs": 2}
+    suite = write_suite(tmp_path / "ddp.yaml", **changes)
+    one = expand(str(suite), "tiny", tmp_path / "one")
+    two = expand(str(suite), "tiny", tmp_path / "two")
+    for plan in (one, two):
+        train(plan.teachers[0].config, plan.teachers[0].out, quiet=True)
+    train(one.students[0].config, one.students[0].out, quiet=True)
+    profile = dict(load_profile(str(PROFILE), "tiny"), tasks_per_node=2)
+    (job,) = submit_slurm(two, profile)
+    res = job.results()  # one result per task
+    assert len(res) == 2 and all(r["status"] == "done" and r["environment"]["world_size"] == 2 for r in res), res
+    wa = torch.load(one.students[0].out / "model.pt")["model"]
+    wb = torch.load(two.students[0].out / "model.pt")["model"]
+    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-4

@@ -139,3 +139,11 @@ def test_checkpoint_formats_deit_and_raw_state_dict(tmp_path, teacher_ckpt):
         t = build_teacher("emb_vit_m", 20, 16, str(tmp_path / f), False)
         assert not t.training and all(not p.requires_grad for p in t.parameters())
         assert torch.equal(t.state_dict()["head.weight"], sd["head.weight"])
+
+
+def test_pretrained_teacher_offline_is_a_clear_error(tmp_path):
+    e = dict(env(), HF_HUB_OFFLINE="1")
+    p = subprocess.run([sys.executable, "-m", "mkd.train", "--out", str(tmp_path / "r"), "method=kd",
+                        "teacher=vit_tiny_patch16_224", "teacher_pretrained=true", "img_size=32", *TINY],
+                       cwd=ROOT, env=e, capture_output=True, text=True, timeout=300)
+    assert_user_error(p, "could not get pretrained weights for 'vit_tiny_patch16_224'", "teacher_checkpoint=PATH")
