@@ -55,7 +55,8 @@ def collect(results: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
         base = {"suite": info.get("suite") or run_dir.parent.parent.name, "scale": info.get("scale", run_dir.parent.name),
                 "run_id": run_dir.name, "kind": info.get("kind", "student"), "status": status,
                 "method": cfg.get("method"), "student_model": cfg.get("student"), "teacher_model": cfg.get("teacher"),
-                "teacher_run": info.get("teacher_run"), "path": str(run_dir)}
+                "teacher_run": info.get("teacher_run"), "path": str(run_dir),
+                "kd_tau_t": (cfg.get("kd") or {}).get("tau_t"), "kd_tau_s": (cfg.get("kd") or {}).get("tau_s")}
         for k in RESULT_FIELDS:
             base[k] = (res or {}).get(k)
         for r in info.get("rows") or [{}]:

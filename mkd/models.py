@@ -15,7 +15,6 @@ import timm
 import torch
 from torch import nn
 
-from . import atomic
 from .errors import UserError, suggest
 
 _VIT = "vit_tiny_patch16_224"
@@ -148,10 +147,6 @@ def teacher_eval_cache(checkpoint: Optional[str], name: str, data_key: dict) -> 
     from .data import cache_dir
 
     return cache_dir() / "teacher_eval" / f"{key}.json"
-
-
-def cached_teacher_top1(path: Path) -> Optional[dict]:
-    return atomic.read_json(path)
 
 
 def is_vit(model: nn.Module) -> bool:
