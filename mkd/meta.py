@@ -268,7 +268,7 @@ def _rel(a: Tensor, b: Tensor) -> float:
 
 
 def selfcheck(device: str = "cpu", dtype: str = "float64", lr: float = 0.5, seed: int = 0,
-              granularity: str = "global") -> dict[str, float]:
+              granularity: str = "global", student_name: str = "emb_vit_s") -> dict[str, float]:
     """Relative errors of jvp and fd against exact, and of exact against a finite difference of the real
     meta loss in log tau, on embedded data with a tiny ViT student and teacher."""
     from .augment import build_augment
@@ -287,7 +287,7 @@ def selfcheck(device: str = "cpu", dtype: str = "float64", lr: float = 0.5, seed
     xs = torch.stack([ds[i][0] for i in range(96)]).to(device, dt)
     ys = torch.tensor([ds[i][1] for i in range(96)], device=device)
     x, y, xm, ym = xs[:64], ys[:64], xs[64:], ys[64:]
-    student = create_model("emb_vit_s", info.num_classes, info.img_size).to(device, dt).train()
+    student = create_model(student_name, info.num_classes, info.img_size).to(device, dt).train()
     teacher = create_model("emb_vit_m", info.num_classes, info.img_size).to(device, dt).eval()
     with torch.no_grad():
         tl = 3 * teacher(x)  # sharpen the untrained teacher so the KD term matters
@@ -338,6 +338,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float64", choices=["float64", "float32"])
     ap.add_argument("--granularity", default="global", choices=["global", "per_class"])
+    ap.add_argument("--student", default="emb_vit_s", help="student preset or timm name (16 px input)")
     args = ap.parse_args(argv)
     if not args.selfcheck:
         ap.print_help()
@@ -345,10 +346,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("error: --device cuda but no GPU is visible: use --device cpu", file=sys.stderr)
         return 2
-    res = selfcheck(args.device, args.dtype, granularity=args.granularity)
+    res = selfcheck(args.device, args.dtype, granularity=args.granularity, student_name=args.student)
     tol = TOLERANCES[args.dtype]
     ok = True
-    print(f"MKD hypergradient self-check ({args.device}, {args.dtype}, granularity={args.granularity})")
+    print(f"MKD hypergradient self-check ({args.device}, {args.dtype}, granularity={args.granularity}, "
+          f"student={args.student})")
     for k, t in tol.items():
         good = res[k] <= t
         ok &= good

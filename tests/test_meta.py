@@ -13,9 +13,10 @@ from mkd.losses import MKD, StepContext
 from mkd.meta import TOLERANCES, fused_attention_off, selfcheck
 
 
-@pytest.mark.parametrize("granularity", ["global", "per_class"])
-def test_hypergradients_agree_with_each_other_and_a_finite_difference_of_the_meta_loss(granularity):
-    res = selfcheck("cpu", "float64", granularity=granularity)
+@pytest.mark.parametrize("granularity,student", [("global", "emb_vit_s"), ("per_class", "emb_vit_s"),
+                                                 ("global", "emb_deit_s_distilled")])
+def test_hypergradients_agree_with_each_other_and_a_finite_difference_of_the_meta_loss(granularity, student):
+    res = selfcheck("cpu", "float64", granularity=granularity, student_name=student)
     tol = TOLERANCES["float64"]
     assert res["jvp_vs_exact"] < tol["jvp_vs_exact"], res
     assert res["fd_vs_exact"] < tol["fd_vs_exact"], res
