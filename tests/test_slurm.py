@@ -115,6 +115,8 @@ def test_requeue_resumes_from_checkpoint_and_matches_an_uninterrupted_run(slurm_
     ra, rb = ja.result(), jb.result()
     log = "".join(p.read_text() for p in (tmp_path / "b").rglob("*_log.out"))
     assert saw_requeue and "resuming after epoch" in log, log[-3000:]
+    print("requeued job", jb.job_id, "log:", *[l for l in log.splitlines() if "resuming" in l or l.startswith("epoch")],
+          sep="\n  ")
     assert ra["status"] == rb["status"] == "done"
     assert (ra["final_top1"], ra["tau_t"], ra["tau_s"]) == (rb["final_top1"], rb["tau_t"], rb["tau_s"])
     wa = torch.load(plans[0].students[0].out / "model.pt")["model"]
