@@ -77,7 +77,8 @@ def temperature_evolution(runs: pd.DataFrame, curves: pd.DataFrame, steps: pd.Da
 def degradation_curves(runs: pd.DataFrame, out: Path, stem: str, title: str):
     """Top-1 against teacher size per method, one panel per augmentation (CE as a horizontal line)."""
     df = runs[(runs["status"] == "done")].copy()
-    if "teacher" not in df or "teacher_params" not in df or df["teacher_params"].isna().all():
+    if "teacher" not in df or "teacher_params" not in df or df["teacher_params"].isna().all() \
+            or df["teacher"].nunique() < 2:  # a curve needs a ladder of teachers
         return None
     augs = [a for a in ["none", "weak", "medium", "strong"] if a in set(df["augment"])]
     fig, axes = plt.subplots(1, len(augs), figsize=(5 * len(augs), 4), sharey=True, squeeze=False)
@@ -154,7 +155,7 @@ def grid_heatmap(runs: pd.DataFrame, out: Path, stem: str, title: str):
                 x, y = pos(float(r["tau_s"]), ts_vals), pos(float(r["tau_t"]), tt_vals)
                 ax.plot(x, y, marker="*", ms=16, color="red", mec="white")
                 ax.annotate(f"MKD {r['final_top1']:.1f}%\n(τt={r['tau_t']:.2f}, τs={r['tau_s']:.2f})", (x, y),
-                            textcoords="offset points", xytext=(8, 8), color="white", fontsize=8,
+                            textcoords="offset points", xytext=(-10, 10), ha="right", color="white", fontsize=8,
                             bbox=dict(boxstyle="round", fc="black", alpha=0.6))
         ax.set_xlabel("tau_s")
         ax.set_ylabel("tau_t")
