@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -146,7 +147,7 @@ def timed(fn, steps, repeats, device):
     return statistics.median(out)
 
 
-def trajectory(seconds_hint=True) -> dict:
+def trajectory() -> dict:
     """MKD on the embedded data: exact every-step (full meta batch) vs the cheap default; both tau trajectories."""
     import tempfile
 
@@ -169,8 +170,6 @@ def trajectory(seconds_hint=True) -> dict:
             runs[name] = {"epochs": [[r["epoch"], r["tau_t"], r["tau_s"]] for r in recs],
                           "top1": res["final_top1"], "seconds": round(time.perf_counter() - t, 1),
                           "hypergrad": cfg.mkd.hypergrad, "meta_interval": cfg.mkd.meta_interval}
-    import math
-
     def dev(x, y):
         return round(max(max(abs(math.log(a[1] / b[1])), abs(math.log(a[2] / b[2])))
                          for a, b in zip(runs[x]["epochs"], runs[y]["epochs"])), 4)

@@ -7,6 +7,7 @@ prints them.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -28,7 +29,6 @@ AUGMENTS = ("none", "weak", "medium", "strong")
 def _f(default: Any, doc: str, choices: tuple | None = None, hashed: bool = True, **kw):
     meta = {"doc": doc, "choices": choices, "hashed": hashed}
     if isinstance(default, (dict, list)) or dataclasses.is_dataclass(default):
-        import copy
         factory = type(default) if dataclasses.is_dataclass(default) else (lambda d=default: copy.deepcopy(d))
         return field(default_factory=factory, metadata=meta, **kw)
     return field(default=default, metadata=meta, **kw)

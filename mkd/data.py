@@ -15,6 +15,7 @@ Class templates depend on ``seed`` only; the training and validation samples use
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -100,12 +101,14 @@ def embedded_arrays(cfg: EmbeddedConfig) -> dict[str, np.ndarray]:
     xt, yt = _generate(cfg, cfg.train_per_class, stream=0)
     xv, yv = _generate(cfg, cfg.val_per_class, stream=1)
     arrays = {"x_train": xt, "y_train": yt.astype(np.int64), "x_val": xv, "y_val": yv.astype(np.int64)}
-    import io
-
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    atomic.write_bytes(path, buf.getvalue())
+    _save_npz(path, arrays)
     return arrays
+
+
+def _save_npz(path: Path, arrays: dict) -> None:
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    atomic.write_bytes(path, buf.getvalue())
 
 
 class ArrayImages(Dataset):
@@ -246,11 +249,7 @@ def load_or_make_split(path: Path, labels: Sequence[int], cfg: RunConfig) -> dic
                             f"{len(labels)}: point data_root at the same data or use a new --out")
         return split
     split = make_split(labels, cfg.fraction, cfg.meta_split, cfg.split_seed)
-    import io
-
-    buf = io.BytesIO()
-    np.savez_compressed(buf, **split)
-    atomic.write_bytes(path, buf.getvalue())
+    _save_npz(path, split)
     return split
 
 
@@ -331,13 +330,13 @@ class MetaBatches:
 
     def set_epoch(self, epoch: int) -> None:
         self.gen = torch.Generator().manual_seed(self.seed * 31 + epoch + 12345)
-        self.stream = None
-        if self.tensors is None:
-            self.stream = iter(DataLoader(self.ds, batch_sampler=self._indices(self.gen), num_workers=self.num_workers,
-                                          pin_memory=self.device.type == "cuda"))
+        self.stream = None  # the streaming loader (and its workers) starts at the first next() of the epoch
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.stream is not None:
+        if self.tensors is None:
+            if self.stream is None:
+                self.stream = iter(DataLoader(self.ds, batch_sampler=self._indices(self.gen),
+                                              num_workers=self.num_workers, pin_memory=self.device.type == "cuda"))
             x, y = next(self.stream)
         else:
             idx = next(self._indices(self.gen))
