@@ -54,7 +54,7 @@ def collect(results: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
         status = status_of(run_dir, res)
         base = {"suite": info.get("suite") or run_dir.parent.parent.name, "scale": info.get("scale", run_dir.parent.name),
                 "run_id": run_dir.name, "kind": info.get("kind", "student"), "status": status,
-                "method": cfg.get("method"), "student_model": cfg.get("student"), "teacher_model": cfg.get("teacher"),
+                "method": cfg.get("method"), "student_model": cfg.get("student"), "epochs": cfg.get("epochs"), "teacher_model": cfg.get("teacher"),
                 "teacher_run": info.get("teacher_run"), "path": str(run_dir),
                 "kd_tau_t": (cfg.get("kd") or {}).get("tau_t"), "kd_tau_s": (cfg.get("kd") or {}).get("tau_s")}
         for k in RESULT_FIELDS:

@@ -196,28 +196,52 @@ def temperature_grid(df: pd.DataFrame, suite: str, scale: str) -> list[Table]:
     return tables
 
 
+def _unlike(runs: pd.DataFrame, pub: pd.Series) -> Optional[str]:
+    """Why the finished runs of a cell are not the published configuration (None when they are like for like)."""
+    done = runs[runs["status"] == "done"]
+    ours = sorted({str(v) for v in done.get("student_model", pd.Series(dtype=object)).dropna()})
+    epochs = sorted({int(v) for v in done.get("epochs", pd.Series(dtype=float)).dropna()})
+    model = pub.get("model")
+    why = []
+    if isinstance(model, str) and model and ours != [model]:
+        why.append(f"architecture: ours {', '.join(ours) or 'unknown'}, published {model}")
+    if not pd.isna(pub.get("epochs")) and epochs != [int(pub["epochs"])]:
+        why.append(f"epochs: ours {', '.join(map(str, epochs)) or 'unknown'}, published {int(pub['epochs'])}")
+    return "; ".join(why) or None
+
+
 def imagenet_main(df: pd.DataFrame, suite: str, scale: str, reference: pd.DataFrame) -> list[Table]:
-    """Students x methods: reproduced, published (tables/paper_reference.csv) and reproduced minus published."""
+    """Students x methods: reproduced, published (tables/paper_reference.csv) and reproduced minus published.
+
+    The difference is shown only like for like (same architecture where the source fixes it, same epochs);
+    otherwise the cell reads ``n/c`` and a note says what differs."""
     students = _sorted(df["student"], ["ViT-T", "ViT-S", "ViT-B", "ViT-L"])
     methods = _sorted(df["method"], METHOD_ORDER)
     ref = reference[(reference["suite"] == suite)] if len(reference) else reference
     h1 = ["student"] + [m for m in methods for _ in range(3)]
     h2 = [""] + ["reproduced", "published", "diff"] * len(methods)
-    rows, vals, sources = [], [], {}
+    rows, vals, sources, unlike = [], [], {}, []
     for s in students:
         row = [str(s)]
         for m in methods:
-            c = cell(_filter(df, student=s, method=m))
+            runs = _filter(df, student=s, method=m)
+            c = cell(runs)
             pub = ref[(ref["student"] == s) & (ref["method"] == m)] if len(ref) else ref
             p = float(pub["top1"].iloc[0]) if len(pub) and not pd.isna(pub["top1"].iloc[0]) else None
+            diff, why = DASH, None
             if p is not None:
                 src = str(pub["source"].iloc[0])
                 sources.setdefault(src, len(sources) + 1)
-            row += [c.text(), f"{p:.1f} [{sources[src]}]" if p is not None else DASH,
-                    f"{c.mean - p:+.2f}" if (p is not None and c.mean is not None) else DASH]
-            vals.append({"student": s, "method": m, "top1_mean": c.mean, "top1_std": c.std, "n": c.n, "published": p})
+                if c.mean is not None:
+                    why = _unlike(runs, pub.iloc[0])
+                    diff = f"{c.mean - p:+.2f}" if why is None else "n/c"
+                    if why:
+                        unlike.append(f"{s} {m}: not compared ({why}).")
+            row += [c.text(), f"{p:.1f} [{sources[src]}]" if p is not None else DASH, diff]
+            vals.append({"student": s, "method": m, "top1_mean": c.mean, "top1_std": c.std, "n": c.n, "published": p,
+                         "comparable": None if p is None or c.mean is None else why is None})
         rows.append(row)
-    notes = [f"[{i}] {src}" for src, i in sources.items()]
+    notes = [f"[{i}] {src}" for src, i in sources.items()] + unlike
     extra = ref[~ref["method"].isin(methods)] if len(ref) else ref
     for _, r in extra.iterrows():
         notes.append(f"Also published, not a method of this suite: {r['student']} {r['method']} {r['top1']:.1f} "
@@ -226,7 +250,8 @@ def imagenet_main(df: pd.DataFrame, suite: str, scale: str, reference: pd.DataFr
     for _, r in used.iterrows():
         if isinstance(r.get("note"), str) and r["note"]:
             notes.append(f"{r['student']} {r['method']} published: {r['note']}.")
-    notes.append("Published cells come only from tables/paper_reference.csv (../shared/PAPER.md); unknown ones stay —.")
+    notes.append("Published cells come only from tables/paper_reference.csv (../shared/PAPER.md); unknown ones stay —. "
+                 "A difference is shown only against runs of the published architecture and epochs (n/c otherwise).")
     return [Table(f"{suite}_{scale}", f"{suite} ({scale}): reproduced vs published top-1", [h1, h2], rows, notes,
                   pd.DataFrame(vals))]
 

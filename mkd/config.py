@@ -65,12 +65,30 @@ class HardConfig:
 
 @dataclass
 class CTKDConfig:
-    """Curriculum temperature (CTKD, AAAI 2023): one learnable temperature behind a gradient reversal."""
+    """Curriculum temperature (CTKD, AAAI 2023): one learnable temperature behind a gradient reversal.
 
-    tau_min: float = _f(1.0, "lower end of the temperature range (tau = min + (max-min)*sigmoid(p))")
-    tau_max: float = _f(21.0, "upper end of the temperature range")
-    lambda_max: float = _f(1.0, "final strength of the gradient reversal")
-    ramp: float = _f(0.2, "fraction of training over which lambda rises (cosine) from 0 to lambda_max")
+    Defaults are the official code's (github zhengli97/CTKD, models/temp_global.py, train_student.py,
+    scripts/run_cifar_distill.sh): tau = 1 + 20*sigmoid(p), p starting at 1 (tau 15.62); reversal strength
+    (1 - cos(pi*e/L))/2 on the 1-based epoch e, constant within an epoch, over L = 10 of 240 epochs (CIFAR;
+    ImageNet: 5 of 120, the same 1/24); p trained by SGD (lr 0.05, momentum 0.9, weight decay 5e-4) following
+    the student's learning-rate schedule.  The earlier variant: init=kd schedule=step ramp=0.2 optimizer=student."""
+
+    tau_min: float = _f(1.0, "lower end of the temperature range (tau = min + (max-min)*sigmoid(p); official t_start 1)")
+    tau_max: float = _f(21.0, "upper end of the temperature range (official t_start + t_end = 1 + 20)")
+    init: str = _f("official", "official: p = 1 (tau = 15.62, the official Global_T's ones(1)); kd: start at kd.tau_t",
+                   ("official", "kd"))
+    lambda_max: float = _f(1.0, "final strength of the gradient reversal (official decay_min -1)")
+    ramp: float = _f(1 / 24, "fraction of training over which lambda rises (cosine) from 0 to lambda_max "
+                             "(official: 10 of 240 epochs on CIFAR, 5 of 120 on ImageNet)")
+    schedule: str = _f("epoch", "epoch: lambda from the 1-based epoch index, constant within an epoch (official); "
+                                "step: a smooth per-step cosine", ("epoch", "step"))
+    optimizer: str = _f("sgd", "sgd: the temperature's own SGD (lr, momentum, weight_decay below), scaled by the "
+                               "student's schedule, as the official code's shared SGD does; student: a parameter "
+                               "of the student's AdamW (whose normalisation leaves only lambda's sign)",
+                        ("sgd", "student"))
+    lr: float = _f(0.05, "SGD learning rate of p at the schedule's peak (official CIFAR 0.05, ImageNet 0.1)")
+    momentum: float = _f(0.9, "SGD momentum of p (official 0.9)")
+    weight_decay: float = _f(5e-4, "SGD weight decay of p (official CIFAR 5e-4, ImageNet 1e-4)")
 
 
 @dataclass
@@ -91,6 +109,9 @@ class MKDConfig:
     tau_min: float = _f(0.5, "lower clamp of both temperatures")
     tau_max: float = _f(20.0, "upper clamp of both temperatures")
     fd_eps: float = _f(0.01, "finite-difference step along v, divided by |v| (DARTS' choice)")
+    lookahead: str = _f("sgd", "look-ahead step theta' = theta - lr*g (sgd) or with AdamW's current per-parameter "
+                               "scaling, theta - lr*g/(sqrt(v_hat)+eps) (adam), as the student's optimizer steps",
+                        ("sgd", "adam"))
 
 
 @dataclass

@@ -17,7 +17,8 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from .augment import AugmentPreset
-from .losses import Method, StepContext, eval_logits
+from .losses import Method, Progress, StepContext, eval_logits
+from .meta import capture_rng
 
 
 class NonFiniteLoss(RuntimeError):
@@ -67,11 +68,12 @@ def train_one_epoch(loop: Loop, loader, epoch: int, step: int) -> tuple[dict[str
         x = x.to(loop.device, non_blocking=True)
         y = y.to(loop.device, non_blocking=True)
         x, targets = loop.augment.batch(x, y)
-        m.on_step(step / max(1, loop.total_steps))
+        m.on_step(Progress(step, loop.steps_per_epoch, loop.total_steps))
         t_logits = None
         if loop.teacher_fwd is not None:
             with torch.no_grad(), loop.autocast():
                 t_logits = loop.teacher_fwd(x)
+        rng = capture_rng(loop.device) if m.replays_forward else None  # the meta step replays this forward's masks
         with loop.autocast():
             out = loop.model(x)
             terms = m(out, t_logits, targets)
@@ -87,7 +89,8 @@ def train_one_epoch(loop: Loop, loader, epoch: int, step: int) -> tuple[dict[str
                 student=loop.student, x=x, targets=targets, teacher_logits=t_logits,
                 student_out=tuple(o.detach() for o in out) if isinstance(out, (tuple, list)) else out.detach(),
                 lr=loop.optimizer.param_groups[0]["lr"], step=step, autocast=loop.autocast,
-                meta_batches=loop.meta_batches, teacher=loop.teacher))
+                meta_batches=loop.meta_batches, teacher=loop.teacher, rng=rng, optimizer=loop.optimizer,
+                scaler=loop.scaler))
         if loop.clip_grad:
             torch.nn.utils.clip_grad_norm_(loop.student.parameters(), loop.clip_grad)
         if loop.scaler is not None:

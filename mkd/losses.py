@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -41,6 +42,20 @@ def eval_logits(out: Tensor | tuple) -> Tensor:
 def fp32(t: Tensor) -> Tensor:
     """Upcast half precision (autocast outputs) for the softmax; float64 stays float64."""
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def mean_over_ranks(tensors: list[Tensor]) -> list[Tensor]:
+    """The mean of each tensor over DDP processes (one all-reduce); unchanged in a single process."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensors
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    out, i = [], 0
+    for t in tensors:
+        out.append(flat[i: i + t.numel()].view_as(t))
+        i += t.numel()
+    return out
 
 
 def ce_loss(logits: Tensor, targets: Tensor) -> Tensor:
@@ -69,6 +84,27 @@ def kd_term(z_s: Tensor, z_t: Tensor, tau_t: Tensor | float, tau_s: Tensor | flo
     return kl.mean()
 
 
+@dataclass(frozen=True)
+class Progress:
+    """Where training stands before a step (for schedules): global step, 0-based epoch, totals."""
+
+    step: int
+    steps_per_epoch: int
+    total_steps: int
+
+    @property
+    def fraction(self) -> float:
+        return self.step / max(1, self.total_steps)
+
+    @property
+    def epoch(self) -> int:
+        return self.step // max(1, self.steps_per_epoch)
+
+    @property
+    def epochs(self) -> float:
+        return self.total_steps / max(1, self.steps_per_epoch)
+
+
 @dataclass
 class StepContext:
     """What a method's ``meta_step`` may use about the current training step."""
@@ -83,6 +119,9 @@ class StepContext:
     autocast: Callable[[], Any]  # context manager factory of the loop's precision
     meta_batches: Any = None  # mkd.data.MetaBatches of the held-out split
     teacher: Optional[nn.Module] = None
+    rng: Optional[dict] = None  # RNG state the real forward started from (mkd.meta.capture_rng): replay its masks
+    optimizer: Optional[torch.optim.Optimizer] = None  # the student's optimizer (its state, not to be stepped)
+    scaler: Any = None  # the fp16 GradScaler, when one is used (gradients of the method's own parameters are scaled)
 
 
 class Method(nn.Module):
@@ -90,6 +129,7 @@ class Method(nn.Module):
 
     needs_teacher = True
     learns_temperature = False  # the loop samples temperatures of such methods every log_every steps
+    replays_forward = False  # meta_step recomputes the real forward: the loop records the RNG state it started from
 
     def __init__(self, cfg: RunConfig, num_classes: int):
         super().__init__()
@@ -98,8 +138,8 @@ class Method(nn.Module):
     def forward(self, out, teacher_logits: Optional[Tensor], targets: Tensor) -> dict[str, Tensor]:
         raise NotImplementedError
 
-    def on_step(self, progress: float) -> None:
-        """Called before each training step with the fraction of training done (schedules)."""
+    def on_step(self, progress: Progress) -> None:
+        """Called before each training step with where training stands (schedules)."""
 
     def meta_step(self, ctx: StepContext) -> None:
         """Called after the backward of each step, before the optimizer step (meta learning)."""
@@ -164,18 +204,41 @@ class _GradReverse(torch.autograd.Function):
         return -ctx.lam * g, None
 
 
+def ctkd_lambda(progress: Progress, lambda_max: float, ramp: float, schedule: str) -> float:
+    """Strength of CTKD's gradient reversal before a step.
+
+    ``epoch`` (official, train_student.py's CosineDecay on the 1-based epoch e): ``(1 - cos(pi*min(e, L)/L))/2``
+    with ``L = ramp * epochs``; ``step``: the same cosine over the fraction of training done."""
+    if schedule == "epoch":
+        L = ramp * progress.epochs
+        x = 1.0 if L <= 1e-8 else min(progress.epoch + 1, L) / L
+    else:
+        x = min(1.0, progress.fraction / max(ramp, 1e-8))
+    return lambda_max * 0.5 * (1 - math.cos(math.pi * x))
+
+
 class CTKD(Method):
-    """Curriculum temperature KD: one temperature trained adversarially (gradient reversal, cosine-rising
-    strength) by the student's own optimizer; ``tau = tau_min + (tau_max - tau_min) * sigmoid(p)``."""
+    """Curriculum temperature KD (AAAI 2023): one temperature ``tau = tau_min + (tau_max - tau_min) * sigmoid(p)``
+    for teacher and student, trained adversarially through a gradient reversal of rising strength.
+
+    With ``ctkd.optimizer=sgd`` (official) ``p`` has its own SGD, stepped in ``meta_step`` with the student's
+    schedule shape; with ``student`` it joins the student's AdamW."""
 
     learns_temperature = True
 
     def __init__(self, cfg, num_classes):
         super().__init__(cfg, num_classes)
         c = cfg.ctkd
-        u = min(max((cfg.kd.tau_t - c.tau_min) / (c.tau_max - c.tau_min), 1e-4), 1 - 1e-4)
-        self.p = nn.Parameter(torch.tensor(math.log(u / (1 - u))))
+        if c.init == "official":
+            p0 = 1.0
+        else:
+            u = min(max((cfg.kd.tau_t - c.tau_min) / (c.tau_max - c.tau_min), 1e-4), 1 - 1e-4)
+            p0 = math.log(u / (1 - u))
+        self.p = nn.Parameter(torch.tensor(p0))
         self.lam = 0.0
+        self.opt = None
+        if c.optimizer == "sgd":
+            self.opt = torch.optim.SGD([self.p], lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
 
     def tau(self) -> Tensor:
         c = self.cfg.ctkd
@@ -183,7 +246,7 @@ class CTKD(Method):
 
     def on_step(self, progress):
         c = self.cfg.ctkd
-        self.lam = c.lambda_max * 0.5 * (1 - math.cos(math.pi * min(1.0, progress / max(c.ramp, 1e-8))))
+        self.lam = ctkd_lambda(progress, c.lambda_max, c.ramp, c.schedule)
 
     def forward(self, out, teacher_logits, targets):
         cls, dist = heads(out)
@@ -192,9 +255,31 @@ class CTKD(Method):
         return self._mix(ce_loss(cls, targets), kd_term(dist, teacher_logits, tau, tau, self.cfg.kd.weight),
                          self.cfg.kd.alpha, "kd")
 
+    def meta_step(self, ctx):
+        if self.opt is None or self.p.grad is None:
+            return
+        g = mean_over_ranks([self.p.grad])[0]  # p is outside DDP: average its gradient by hand
+        if ctx.scaler is not None:
+            g = g / ctx.scaler.get_scale()
+        self.p.grad = g
+        for group in self.opt.param_groups:
+            group["lr"] = self.cfg.ctkd.lr * ctx.lr / self.cfg.lr  # the student's schedule, the official peak
+        self.opt.step()
+        self.p.grad = None  # the student's zero_grad does not reach p
+
     def temperatures(self):
         t = float(self.tau().detach())
         return {"tau_t": t, "tau_s": t}
+
+    def train_parameters(self):
+        return [self.p] if self.opt is None else []
+
+    def get_extra_state(self):
+        return {"opt": self.opt.state_dict() if self.opt is not None else None}
+
+    def set_extra_state(self, state):
+        if self.opt is not None and state.get("opt"):
+            self.opt.load_state_dict(state["opt"])
 
 
 class MKD(Method):
@@ -205,6 +290,7 @@ class MKD(Method):
     """
 
     learns_temperature = True
+    replays_forward = True
 
     def __init__(self, cfg, num_classes):
         super().__init__(cfg, num_classes)

@@ -18,6 +18,14 @@ Fused scaled-dot-product attention has neither double backward nor forward-mode 
 switch timm's ``fused_attn`` off for their own computation and restore it.  ``temperatures`` are stored as
 ``log tau`` (positive by construction), projected onto ``[tau_min, tau_max]`` after each Adam update.
 
+Every mode differentiates the loss of the step the student actually took: each extra forward on the
+training batch replays the RNG state the real forward started from (same drop-path and dropout masks), runs
+with BatchNorm normalising by batch statistics without updating its running ones (no meta computation touches
+a buffer), and the meta objective at ``theta'`` is evaluated in eval mode (deterministic, like evaluation).
+``lookahead=adam`` preconditions the look-ahead with AdamW's current bias-corrected second moment
+``P = 1 / (sqrt(v_hat) + eps)`` (a constant in tau): ``theta' = theta - lr * P*g``; the hypergradient then uses
+``P*v`` in place of ``v``, at the cost of a few elementwise operations.
+
 ``python -m mkd.meta --selfcheck`` compares the three against each other and ``exact`` against a finite
 difference of the real meta loss in log tau.
 """
@@ -36,7 +44,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from .config import MKDConfig
-from .losses import eval_logits, fp32
+from .losses import eval_logits, fp32, mean_over_ranks
 
 
 # ---------------------------------------------------------------------------- temperatures
@@ -99,18 +107,80 @@ def _untuple(zs: Sequence[Tensor]):
     return zs[0] if len(zs) == 1 else tuple(zs)
 
 
-def _mean_over_ranks(tensors: list[Tensor]) -> list[Tensor]:
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return tensors
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    out, i = [], 0
-    for t in tensors:
-        out.append(flat[i: i + t.numel()].view_as(t))
-        i += t.numel()
-    return out
 
+
+
+# ---------------------------------------------------------------------------- the step actually taken
+def capture_rng(device: torch.device | str) -> dict:
+    """The RNG state a forward is about to start from (CPU, and the CUDA device when there is one)."""
+    device = torch.device(device)
+    st = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        st["cuda"] = torch.cuda.get_rng_state(device)
+    return st
+
+
+@contextlib.contextmanager
+def replayed_rng(rng: Optional[dict], device: torch.device | str):
+    """Run the block from the captured RNG state (the same stochastic masks), then restore the current one.
+
+    ``rng=None`` leaves the RNG alone (the caller has no real forward to replay)."""
+    if rng is None:
+        yield
+        return
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type):
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng:
+            torch.cuda.set_rng_state(rng["cuda"], device)
+        yield
+
+
+@contextlib.contextmanager
+def batchnorm_stats_frozen(model: nn.Module):
+    """Train-mode BatchNorm normalises with the batch's statistics (as the real step did) and leaves its
+    running statistics and counters untouched (``track_running_stats`` off for the block)."""
+    mods = [m for m in model.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats]
+    for m in mods:
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m in mods:
+            m.track_running_stats = True
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    was = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def adam_preconditioner(optimizer: torch.optim.Optimizer, params: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
+    """``1 / (sqrt(v_hat) + eps)`` of the AdamW step about to be taken: the second moment updated with this step's
+    gradient, bias-corrected; parameters without state yet start from ``g^2`` (Adam's first step)."""
+    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    out = []
+    for p, g in zip(params, grads):
+        group, st = group_of[id(p)], optimizer.state.get(p, {})
+        beta2, eps = group["betas"][1], group["eps"]
+        g = g.detach()
+        if "exp_avg_sq" in st:
+            t = float(st["step"]) + 1
+            v = (beta2 * st["exp_avg_sq"] + (1 - beta2) * g * g) / (1 - beta2 ** t)
+        else:
+            v = g * g
+        out.append(1.0 / (v.sqrt() + eps))
+    return out
 
 # ---------------------------------------------------------------------------- the hypergradient
 LossFn = Callable[..., dict]
@@ -129,55 +199,76 @@ def meta_objective(logits: Tensor, y: Tensor, objective: str, teacher_logits: Op
     return loss
 
 
-def lookahead_meta_grad(student: nn.Module, names: list[str], params: list[Tensor], g: list[Tensor], lr: float,
+def lookahead_meta_grad(student: nn.Module, names: list[str], params: list[Tensor], step: list[Tensor], lr: float,
                         xm: Tensor, ym: Tensor, objective: str, teacher_m: Optional[Tensor],
                         autocast=contextlib.nullcontext) -> tuple[list[Tensor], Tensor]:
-    """``v = grad L_meta(theta - lr g)`` and the meta loss (one forward/backward on the meta batch)."""
-    theta = [(p.detach() - lr * gi.detach()).requires_grad_(True) for p, gi in zip(params, g)]
-    with autocast():
+    """``v = grad L_meta(theta - lr * step)`` and the meta loss: one forward/backward on the meta batch, in eval
+    mode (no stochastic masks, BatchNorm on its running statistics, nothing updated)."""
+    theta = [(p.detach() - lr * d.detach()).requires_grad_(True) for p, d in zip(params, step)]
+    with eval_mode(student), autocast():
         out = functional_call(student, dict(zip(names, theta)), (xm,))
     loss = meta_objective(eval_logits(out), ym, objective, teacher_m)
     v = torch.autograd.grad(loss, theta, allow_unused=True)
     return [torch.zeros_like(p) if vi is None else vi for p, vi in zip(params, v)], loss.detach()
 
 
+def _zeros_for_none(ts, like) -> list[Tensor]:
+    return [torch.zeros_like(p) if t is None else t for p, t in zip(like, ts)]
+
+
 def hypergradient(mode: str, student: nn.Module, x: Tensor, targets: Tensor, teacher_logits: Optional[Tensor],
                   temps: LearnedTemperatures, loss_fn: LossFn, lr: float, xm: Tensor, ym: Tensor, *,
                   objective: str = "ce", teacher_m: Optional[Tensor] = None, out=None,
-                  grads: Optional[list[Tensor]] = None, fd_eps: float = 0.01,
+                  grads: Optional[list[Tensor]] = None, fd_eps: float = 0.01, rng: Optional[dict] = None,
+                  precond: Optional[Callable[[list[Tensor]], list[Tensor]]] = None,
                   autocast=contextlib.nullcontext) -> tuple[list[Tensor], Tensor]:
     """d L_meta(theta') / d (log tau_t, log tau_s), and the meta loss.
 
-    ``out`` (the real forward's output) and ``grads`` (the real backward's gradients) are reused when given;
-    ``exact`` always recomputes them with a differentiable graph.
+    ``rng`` is the RNG state the real forward started from (``capture_rng``): every forward on the training batch
+    here replays it, so the hypergradient is that of the step taken, masks included.  ``out`` (the real
+    forward's output) and ``grads`` (the real backward's gradients) are reused when given; ``exact`` recomputes
+    them with a differentiable graph.  ``precond(grads) -> P`` makes the look-ahead ``theta - lr * P*g``
+    (``lookahead=adam``); None is plain SGD.
     """
     named = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
     names, params = [n for n, _ in named], [p for _, p in named]
     tparams = list(temps.parameters())
+    device = _device_of(student)
+
+    def train_forward(fn, *args):  # the real step's forward: same masks, batch statistics, no buffer update
+        with replayed_rng(rng, device), batchnorm_stats_frozen(student):
+            return fn(*args)
 
     if mode == "exact":
         with fused_attention_off(student), autocast():
-            z = student(x)
+            z = train_forward(student, x)
             tau_t, tau_s = temps(targets)
             loss = loss_fn(z, teacher_logits, targets, tau_t, tau_s)["loss"]
-            g = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
-            g = [torch.zeros_like(p) if gi is None else gi for p, gi in zip(params, g)]
-        v, meta_loss = lookahead_meta_grad(student, names, params, g, lr, xm, ym, objective, teacher_m, autocast)
-        v = _mean_over_ranks(v)
+            g = _zeros_for_none(torch.autograd.grad(loss, params, create_graph=True, allow_unused=True), params)
+        P = precond([gi.detach() for gi in g]) if precond else None
+        step = [gi * pi for gi, pi in zip(g, P)] if P else g
+        v, meta_loss = lookahead_meta_grad(student, names, params, step, lr, xm, ym, objective, teacher_m, autocast)
+        v = mean_over_ranks(v)
+        if P:
+            v = [vi * pi for vi, pi in zip(v, P)]
         with fused_attention_off(student):
             dot = sum((gi * vi).sum() for gi, vi in zip(g, v))
             hyper = torch.autograd.grad(-lr * dot, tparams, allow_unused=True)
-        return [torch.zeros_like(p) if h is None else h for p, h in zip(tparams, hyper)], meta_loss
+        return _zeros_for_none(hyper, tparams), meta_loss
 
     if grads is None:
         with autocast():
-            out = student(x)
+            out = train_forward(student, x)
             tau_t, tau_s = temps(targets)
             loss = loss_fn(out, teacher_logits, targets, tau_t.detach(), tau_s.detach())["loss"]
         grads = torch.autograd.grad(loss, params, allow_unused=True)
-    g = [torch.zeros_like(p) if gi is None else gi for p, gi in zip(params, grads)]
-    v, meta_loss = lookahead_meta_grad(student, names, params, g, lr, xm, ym, objective, teacher_m, autocast)
-    v = _mean_over_ranks(v)
+    g = _zeros_for_none(grads, params)
+    P = precond(g) if precond else None
+    step = [gi * pi for gi, pi in zip(g, P)] if P else g
+    v, meta_loss = lookahead_meta_grad(student, names, params, step, lr, xm, ym, objective, teacher_m, autocast)
+    v = mean_over_ranks(v)
+    if P:
+        v = [vi * pi for vi, pi in zip(v, P)]
     primals = tuple(p.detach() for p in params)
 
     def logits_at(*ps):
@@ -185,17 +276,17 @@ def hypergradient(mode: str, student: nn.Module, x: Tensor, targets: Tensor, tea
 
     if mode == "jvp":
         with fused_attention_off(student), autocast():
-            z, dz = torch.func.jvp(logits_at, primals, tuple(v))
+            z, dz = train_forward(torch.func.jvp, logits_at, primals, tuple(v))
     elif mode == "fd":
         eps = fd_eps / (torch.sqrt(sum((fp32(vi) ** 2).sum() for vi in v)) + 1e-12)
         with torch.no_grad():
-            zp = logits_at(*[p + eps * vi for p, vi in zip(primals, v)])
-            zm = logits_at(*[p - eps * vi for p, vi in zip(primals, v)])
+            zp = train_forward(logits_at, *[p + eps * vi for p, vi in zip(primals, v)])
+            zm = train_forward(logits_at, *[p - eps * vi for p, vi in zip(primals, v)])
         dz = tuple((fp32(a) - fp32(b)) / (2 * eps) for a, b in zip(zp, zm))
         z = _as_tuple(out) if out is not None else None
         if z is None:
             with torch.no_grad(), autocast():
-                z = logits_at(*primals)
+                z = train_forward(logits_at, *primals)
     else:
         raise ValueError(f"unknown hypergradient mode {mode!r}")
 
@@ -205,7 +296,7 @@ def hypergradient(mode: str, student: nn.Module, x: Tensor, targets: Tensor, tea
     gz = torch.autograd.grad(loss, zs, create_graph=True)
     inner = sum((a * fp32(b.detach())).sum() for a, b in zip(gz, dz))
     hyper = torch.autograd.grad(-lr * inner, tparams, allow_unused=True)
-    return [torch.zeros_like(p) if h is None else h for p, h in zip(tparams, hyper)], meta_loss
+    return _zeros_for_none(hyper, tparams), meta_loss
 
 
 class MetaLearner:
@@ -227,12 +318,17 @@ class MetaLearner:
         if "kd" in self.cfg.objective:
             with torch.no_grad(), ctx.autocast():
                 teacher_m = ctx.teacher(xm)
-        grads = [p.grad for p in ctx.student.parameters() if p.requires_grad]
+        params = [p for p in ctx.student.parameters() if p.requires_grad]
+        grads = [p.grad for p in params]
+        precond = None
+        if self.cfg.lookahead == "adam":
+            precond = lambda g: adam_preconditioner(ctx.optimizer, params, g)  # noqa: E731
         hyper, self.last_meta_loss = hypergradient(
             self.cfg.hypergrad, ctx.student, ctx.x, ctx.targets, ctx.teacher_logits, self.temps, self.loss_fn,
             ctx.lr, xm, ym, objective=self.cfg.objective, teacher_m=teacher_m, out=ctx.student_out,
-            grads=None if any(g is None for g in grads) else grads, fd_eps=self.cfg.fd_eps, autocast=ctx.autocast)
-        hyper = _mean_over_ranks(hyper)
+            grads=None if any(g is None for g in grads) else grads, fd_eps=self.cfg.fd_eps, rng=ctx.rng,
+            precond=precond, autocast=ctx.autocast)
+        hyper = mean_over_ranks(hyper)
         for p, h in zip(self.temps.parameters(), hyper):
             p.grad = h.to(p.dtype)
         self.opt.step()
@@ -250,15 +346,19 @@ class MetaLearner:
 
 # ---------------------------------------------------------------------------- self-check
 def real_meta_loss(student, x, targets, teacher_logits, temps, loss_fn, lr, xm, ym, objective="ce",
-                   teacher_m=None) -> Tensor:
-    """``L_meta(theta - lr * grad_theta L(theta, tau))`` evaluated for the temperatures' current values."""
+                   teacher_m=None, rng=None, precond: Optional[list[Tensor]] = None) -> Tensor:
+    """``L_meta(theta - lr * P*grad_theta L(theta, tau))`` for the temperatures' current values: the training
+    forward replays ``rng`` with BatchNorm's running statistics frozen, the meta forward is in eval mode."""
     named = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
     names, params = [n for n, _ in named], [p for _, p in named]
     with torch.no_grad():
         tau_t, tau_s = temps(targets)
-    loss = loss_fn(student(x), teacher_logits, targets, tau_t, tau_s)["loss"]
-    g = torch.autograd.grad(loss, params)
-    with torch.no_grad():
+    with replayed_rng(rng, _device_of(student)), batchnorm_stats_frozen(student):
+        z = student(x)
+    g = torch.autograd.grad(loss_fn(z, teacher_logits, targets, tau_t, tau_s)["loss"], params)
+    if precond is not None:
+        g = [gi * pi for gi, pi in zip(g, precond)]
+    with torch.no_grad(), eval_mode(student):
         out = functional_call(student, {n: p - lr * gi for n, p, gi in zip(names, params, g)}, (xm,))
         return meta_objective(eval_logits(out), ym, objective, teacher_m)
 
@@ -267,18 +367,25 @@ def _rel(a: Tensor, b: Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
-def selfcheck(device: str = "cpu", dtype: str = "float64", lr: float = 0.5, seed: int = 0,
-              granularity: str = "global", student_name: str = "emb_vit_s") -> dict[str, float]:
+def _buffers(model: nn.Module) -> list[Tensor]:
+    return [b.detach().clone() for b in model.buffers()]
+
+
+def selfcheck(device: str = "cpu", dtype: str = "float64", lr: Optional[float] = None, seed: int = 0,
+              granularity: str = "global", student_name: str = "emb_vit_s", drop_path: float = 0.0,
+              dropout: float = 0.0, lookahead: str = "sgd") -> dict[str, float]:
     """Relative errors of jvp and fd against exact, and of exact against a finite difference of the real
-    meta loss in log tau, on embedded data with a tiny ViT student and teacher."""
+    meta loss in log tau, on embedded data with a tiny student (stochastic layers and BatchNorm included) and
+    teacher; also whether any meta computation changed a buffer."""
     from .augment import build_augment
     from .config import RunConfig
     from .data import Transformed, load_base
     from .losses import MKD
-    from .models import create_model
+    from .models import create_model, is_vit
 
     torch.manual_seed(seed)
     dt = getattr(torch, dtype)
+    lr = lr or (0.5 if lookahead == "sgd" else 0.01)  # a step of the size each look-ahead takes in training
     cfg = RunConfig(method="mkd", teacher="emb_vit_m")
     cfg.mkd.granularity = granularity
     train, _, info = load_base(cfg)
@@ -287,7 +394,12 @@ def selfcheck(device: str = "cpu", dtype: str = "float64", lr: float = 0.5, seed
     xs = torch.stack([ds[i][0] for i in range(96)]).to(device, dt)
     ys = torch.tensor([ds[i][1] for i in range(96)], device=device)
     x, y, xm, ym = xs[:64], ys[:64], xs[64:], ys[64:]
-    student = create_model(student_name, info.num_classes, info.img_size).to(device, dt).train()
+    kw = {"drop_rate": dropout}
+    student = create_model(student_name, info.num_classes, info.img_size, drop_path=drop_path, **kw)
+    if dropout and is_vit(student):  # ViTs take dropout in three places; attention dropout stays 0 (see README)
+        student = create_model(student_name, info.num_classes, info.img_size, drop_path=drop_path,
+                               proj_drop_rate=dropout, pos_drop_rate=dropout, **kw)
+    student = student.to(device, dt).train()
     teacher = create_model("emb_vit_m", info.num_classes, info.img_size).to(device, dt).eval()
     with torch.no_grad():
         tl = 3 * teacher(x)  # sharpen the untrained teacher so the KD term matters
@@ -297,18 +409,32 @@ def selfcheck(device: str = "cpu", dtype: str = "float64", lr: float = 0.5, seed
         method.temps.log_tau_t.fill_(math.log(3.0))
         method.temps.log_tau_s.fill_(math.log(5.0))
     temps, loss_fn = method.temps, method.loss_with
+    params = [p for p in student.parameters() if p.requires_grad]
+    P = None
+    if lookahead == "adam":  # one earlier AdamW step on the meta batch gives the optimizer a second moment
+        opt = torch.optim.AdamW(params, lr=1e-3)
+        F.cross_entropy(eval_logits(student(xm)), ym).backward()
+        opt.step()
+        opt.zero_grad()
 
-    # the real training step: fused attention on, gradients in .grad
+    # the real training step: fused attention on, its RNG state recorded, gradients in .grad
+    rng = capture_rng(device)
     out = student(x)
     tau_t, tau_s = temps(targets)
     loss_fn(out, tl, targets, tau_t.detach(), tau_s.detach())["loss"].backward()
-    grads = [p.grad.clone() for p in student.parameters()]
+    grads = [p.grad.clone() for p in params]
+    if lookahead == "adam":
+        P = adam_preconditioner(opt, params, grads)
+    before = _buffers(student)
     hg = {}
     for mode in ("exact", "jvp", "fd"):
+        torch.manual_seed(seed + 1000 + len(hg))  # a different current RNG state for each: replay must not care
         h, _ = hypergradient(mode, student, x, targets, tl, temps, loss_fn, lr, xm, ym,
                              out=tuple(o.detach() for o in out) if isinstance(out, tuple) else out.detach(),
-                             grads=grads, fd_eps=1e-4 if dtype == "float64" else 1e-2)
+                             grads=grads, fd_eps=1e-6 if dtype == "float64" else 1e-2, rng=rng,
+                             precond=(lambda g: P) if P is not None else None)
         hg[mode] = torch.cat([t.reshape(-1) for t in h])
+    buffers_changed = any(not torch.equal(a, b) for a, b in zip(before, _buffers(student)))
     # finite difference of the real meta loss in each log-tau coordinate
     delta = 1e-5 if dtype == "float64" else 1e-2
     fd_real = []
@@ -318,14 +444,14 @@ def selfcheck(device: str = "cpu", dtype: str = "float64", lr: float = 0.5, seed
             for sgn in (1, -1):
                 with torch.no_grad():
                     p.view(-1)[i] += sgn * delta
-                vals.append(real_meta_loss(student, x, targets, tl, temps, loss_fn, lr, xm, ym))
+                vals.append(real_meta_loss(student, x, targets, tl, temps, loss_fn, lr, xm, ym, rng=rng, precond=P))
                 with torch.no_grad():
                     p.view(-1)[i] -= sgn * delta
             fd_real.append((vals[0] - vals[1]) / (2 * delta))
     fd_real = torch.stack(fd_real)
     return {"jvp_vs_exact": _rel(hg["jvp"], hg["exact"]), "fd_vs_exact": _rel(hg["fd"], hg["exact"]),
             "exact_vs_fd_of_meta_loss": _rel(hg["exact"], fd_real), "hypergrad_exact": hg["exact"].tolist(),
-            "fd_of_meta_loss": fd_real.tolist()}
+            "fd_of_meta_loss": fd_real.tolist(), "buffers_changed": buffers_changed}
 
 
 TOLERANCES = {"float64": {"jvp_vs_exact": 1e-6, "fd_vs_exact": 1e-4, "exact_vs_fd_of_meta_loss": 1e-4},
@@ -338,7 +464,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float64", choices=["float64", "float32"])
     ap.add_argument("--granularity", default="global", choices=["global", "per_class"])
-    ap.add_argument("--student", default="emb_vit_s", help="student preset or timm name (16 px input)")
+    ap.add_argument("--student", default="emb_vit_s",
+                    help="student preset or timm name (16 px input), e.g. emb_resnet (a BatchNorm CNN)")
+    ap.add_argument("--drop-path", type=float, default=0.0, help="stochastic depth rate of the student")
+    ap.add_argument("--dropout", type=float, default=0.0, help="dropout rate of the student (not attention dropout)")
+    ap.add_argument("--lookahead", default="sgd", choices=["sgd", "adam"], help="look-ahead step (mkd.lookahead)")
     args = ap.parse_args(argv)
     if not args.selfcheck:
         ap.print_help()
@@ -346,11 +476,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("error: --device cuda but no GPU is visible: use --device cpu", file=sys.stderr)
         return 2
-    res = selfcheck(args.device, args.dtype, granularity=args.granularity, student_name=args.student)
+    res = selfcheck(args.device, args.dtype, granularity=args.granularity, student_name=args.student,
+                    drop_path=args.drop_path, dropout=args.dropout, lookahead=args.lookahead)
     tol = TOLERANCES[args.dtype]
-    ok = True
+    ok = not res["buffers_changed"]
     print(f"MKD hypergradient self-check ({args.device}, {args.dtype}, granularity={args.granularity}, "
-          f"student={args.student})")
+          f"student={args.student}, drop_path={args.drop_path}, dropout={args.dropout}, lookahead={args.lookahead})")
+    print(f"  {'buffers untouched':<28} {'ok' if ok else 'FAIL: a meta computation changed a buffer'}")
     for k, t in tol.items():
         good = res[k] <= t
         ok &= good

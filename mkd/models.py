@@ -27,6 +27,8 @@ PRESETS: dict[str, tuple[str, dict]] = {
     "emb_vit_xl": (_VIT, dict(patch_size=4, embed_dim=96, depth=4, num_heads=4)),
     # the student with a DeiT distillation token and head
     "emb_deit_s_distilled": (_DEIT_DISTILLED, dict(patch_size=4, embed_dim=32, depth=2, num_heads=2)),
+    # a BatchNorm CNN at the embedded scale (checks the meta path on buffers; any timm CNN works the same)
+    "emb_resnet": ("resnet10t", dict(stem_width=8, channels=(16, 32, 64, 128), zero_init_last=False)),
     # CIFAR scale (32 px, 4 px patches -> 64 tokens): ViT-T/S/B/L widths at CIFAR resolution
     "cifar_vit_t": (_VIT, dict(patch_size=4, embed_dim=192, depth=12, num_heads=3)),
     "cifar_vit_s": (_VIT, dict(patch_size=4, embed_dim=384, depth=12, num_heads=6)),

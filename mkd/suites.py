@@ -14,6 +14,7 @@ A suite file (``benchmarks/suites/NAME.yaml``)::
     scales:
       tiny:
         student: emb_vit_s     # or students: {ViT-T: deit_tiny_patch16_224, ...} when `student` is an axis
+        method_students: {hard: {ViT-T: deit_tiny_distilled_patch16_224}}  # a method's own architecture
         teachers:
           small: {model: emb_vit_m, train: {epochs: 15}}        # trained by the suite (a teacher run)
           large: {model: resnet50, checkpoint: /path/ckpt.pth}  # or pretrained: true; validated (epochs 0)
@@ -40,7 +41,7 @@ SUITES_DIR = Path(__file__).resolve().parent.parent / "benchmarks" / "suites"
 SCALES = ("tiny", "cifar", "imagenet")
 ABSTRACT_AXES = ("teacher", "student")
 SUITE_KEYS = ("description", "axes", "include", "exclude", "config", "scales")
-SCALE_KEYS = ("student", "students", "teachers", "config", "description")
+SCALE_KEYS = ("student", "students", "method_students", "teachers", "config", "description")
 TEACHER_KEYS = ("model", "kwargs", "train", "checkpoint", "pretrained")
 
 
@@ -283,7 +284,10 @@ def expand(name_or_path: str, scale: str = "tiny", results: Path | str = "result
     students: dict[str, Run] = {}
     for i, row in enumerate(rows):
         d = merge(base, {})
-        if "student" in row and "students" in sc:
+        own = (sc.get("method_students") or {}).get(row.get("method")) or {}
+        if "student" in row and row["student"] in own:  # e.g. hard distillation with the distillation token
+            d["student"] = own[row["student"]]
+        elif "student" in row and "students" in sc:
             d["student"] = sc["students"][row["student"]]
         elif "student" in sc:
             d.setdefault("student", sc["student"])

@@ -281,6 +281,8 @@ def _run(cfg: RunConfig, out: Path, rank: int, world: int, device: torch.device,
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
     if compile_on:
+        if method.replays_forward:  # compiled random ops draw from the eager RNG, so the meta step can replay them
+            torch._inductor.config.fallback_random = True
         model = torch.compile(model)
 
     steps_per_epoch = len(split["train"]) // cfg.batch_size

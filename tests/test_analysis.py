@@ -114,10 +114,14 @@ def test_imagenet_table_puts_published_and_reproduced_numbers_in_the_right_cells
     import make_tables
 
     res = tmp_path / "results"
-    rep = {("ViT-T", "ce"): 71.0, ("ViT-T", "hard"): 73.9, ("ViT-L", "mkd"): 86.0, ("ViT-L", "ce"): 84.0}
-    for (s, m), v in rep.items():
+    rep = {("ViT-T", "ce"): (71.0, "deit_tiny_patch16_224", 300), ("ViT-T", "hard"): (73.9, "deit_tiny_patch16_224", 300),
+           ("ViT-S", "hard"): (80.9, "deit_small_distilled_patch16_224", 300),
+           ("ViT-L", "mkd"): (86.0, "vit_large_patch16_224", 600), ("ViT-L", "ce"): (84.0, "vit_large_patch16_224", 600),
+           ("ViT-B", "ce"): (81.0, "deit_base_patch16_224", 100)}
+    for (s, m), (v, model, ep) in rep.items():
         fake_run(res, "imagenet_main", f"{s}{m}", [{"student": s, "teacher": "regnety", "augment": "strong",
-                                                    "method": m, "seed": 0}], m, done(v), "regnety_160", scale="imagenet")
+                                                    "method": m, "seed": 0}], m, done(v), "regnety_160", scale="imagenet",
+                 cfg_extra={"student": model, "epochs": ep})
     make_tables.build(res, tmp_path / "t")
     md = (tmp_path / "t" / "imagenet_main_imagenet.md").read_text()
     lines = md.splitlines()
@@ -129,7 +133,12 @@ def test_imagenet_table_puts_published_and_reproduced_numbers_in_the_right_cells
     assert rows["ViT-L"][j] == "86.00" and rows["ViT-L"][j + 1].startswith("86.5 [") and rows["ViT-L"][j + 2] == "-0.50"
     assert rows["ViT-L"][i + 1] == "—" and rows["ViT-L"][i + 2] == "—", "no published ViT-L CE: stays empty"
     k = header.index("hard: reproduced")
-    assert rows["ViT-T"][k + 1].startswith("74.5 [")
+    # hard distillation: the published number has a distillation token; a run without one is not compared
+    assert rows["ViT-T"][k + 1].startswith("74.5 [") and rows["ViT-T"][k + 2] == "n/c"
+    assert rows["ViT-S"][k + 1].startswith("81.2 [") and rows["ViT-S"][k + 2] == "-0.30"
+    assert "ViT-T hard: not compared (architecture: ours deit_tiny_patch16_224, published " \
+           "deit_tiny_distilled_patch16_224)" in md
+    assert rows["ViT-B"][i + 2] == "n/c" and "ViT-B ce: not compared (epochs: ours 100, published 300)" in md
     ref = pd.read_csv(ROOT / "tables" / "paper_reference.csv")
     assert ref["source"].notna().all()
     src = ref[(ref["student"] == "ViT-L") & (ref["method"] == "mkd")]["source"].iloc[0]

@@ -13,10 +13,16 @@ from mkd.losses import MKD, StepContext
 from mkd.meta import TOLERANCES, fused_attention_off, selfcheck
 
 
-@pytest.mark.parametrize("granularity,student", [("global", "emb_vit_s"), ("per_class", "emb_vit_s"),
-                                                 ("global", "emb_deit_s_distilled")])
-def test_hypergradients_agree_with_each_other_and_a_finite_difference_of_the_meta_loss(granularity, student):
-    res = selfcheck("cpu", "float64", granularity=granularity, student_name=student)
+@pytest.mark.parametrize("granularity,student,drop_path,dropout,lookahead", [
+    ("global", "emb_vit_s", 0.0, 0.0, "sgd"), ("per_class", "emb_vit_s", 0.1, 0.0, "sgd"),
+    ("global", "emb_deit_s_distilled", 0.1, 0.1, "sgd"), ("global", "emb_vit_s", 0.1, 0.1, "adam"),
+    ("global", "emb_resnet", 0.1, 0.1, "sgd"), ("global", "emb_resnet", 0.0, 0.0, "adam")])
+def test_hypergradients_agree_with_each_other_and_a_finite_difference_of_the_meta_loss(
+        granularity, student, drop_path, dropout, lookahead):
+    """Stochastic layers, BatchNorm (a ResNet student) and the Adam look-ahead included; no buffer changes."""
+    res = selfcheck("cpu", "float64", granularity=granularity, student_name=student, drop_path=drop_path,
+                    dropout=dropout, lookahead=lookahead)
+    assert not res["buffers_changed"]
     tol = TOLERANCES["float64"]
     assert res["jvp_vs_exact"] < tol["jvp_vs_exact"], res
     assert res["fd_vs_exact"] < tol["fd_vs_exact"], res
@@ -28,6 +34,67 @@ def test_selfcheck_cli_passes_in_float32():
     p = run_cli("-m", "mkd.meta", "--selfcheck", "--dtype", "float32")
     assert p.returncode == 0, p.stdout + p.stderr
     assert "jvp_vs_exact" in p.stdout and "PASS" in p.stdout
+
+
+def test_repeated_hypergradients_of_one_step_with_drop_path_agree_with_each_other_and_exact():
+    """One real training step with drop path 0.1; its hypergradient, recomputed from other current RNG states,
+    must be the same every time (the masks of the step are replayed) and equal to exact's."""
+    from mkd.meta import capture_rng, hypergradient
+    from mkd.models import create_model
+
+    torch.manual_seed(0)
+    student = create_model("emb_vit_s", 20, 16, drop_path=0.1).double().train()
+    x, xm = torch.randn(32, 3, 16, 16, dtype=torch.float64), torch.randn(16, 3, 16, 16, dtype=torch.float64)
+    y, ym = torch.randint(0, 20, (32,)), torch.randint(0, 20, (16,))
+    targets, tl = F.one_hot(y, 20).double(), 3 * torch.randn(32, 20, dtype=torch.float64)
+    cfg = RunConfig(method="mkd", teacher="t")
+    method = MKD(cfg, 20).double()
+    with torch.no_grad():
+        method.temps.log_tau_t.fill_(1.0)
+    rng = capture_rng("cpu")
+    out = student(x)
+    method(out, tl, targets)["loss"].backward()
+    grads = [p.grad.clone() for p in student.parameters()]
+    hs = {}
+    for mode in ("exact", "jvp", "fd"):
+        for k in range(3):
+            torch.manual_seed(100 + k)
+            h, _ = hypergradient(mode, student, x, targets, tl, method.temps, method.loss_with, 0.5, xm, ym,
+                                 out=out.detach(), grads=grads, rng=rng, fd_eps=1e-6)
+            hs.setdefault(mode, []).append(torch.cat([t.reshape(-1) for t in h]))
+    ref = hs["exact"][0]
+    assert ref.abs().min() > 1e-8
+    for mode, tol in (("exact", 1e-12), ("jvp", 1e-10), ("fd", 1e-5)):
+        for h in hs[mode]:
+            assert torch.equal(h, hs[mode][0]), f"{mode}: repeats differ"
+            assert float((h - ref).norm() / ref.norm()) < tol, (mode, h, ref)
+    # without the replay the extra forwards draw other masks: the same computation no longer repeats
+    torch.manual_seed(7)
+    fresh, _ = hypergradient("fd", student, x, targets, tl, method.temps, method.loss_with, 0.5, xm, ym,
+                             out=out.detach(), grads=grads, rng=None, fd_eps=1e-6)
+    assert float((torch.cat([t.reshape(-1) for t in fresh]) - ref).norm() / ref.norm()) > 1e-2
+
+
+def test_batchnorm_running_statistics_are_untouched_by_every_meta_mode():
+    from mkd.meta import capture_rng, hypergradient
+    from mkd.models import create_model
+
+    torch.manual_seed(0)
+    student = create_model("emb_resnet", 20, 16).train()
+    x, xm = torch.randn(32, 3, 16, 16), torch.randn(16, 3, 16, 16)
+    y, ym = torch.randint(0, 20, (32,)), torch.randint(0, 20, (16,))
+    method = MKD(RunConfig(method="mkd", teacher="t"), 20)
+    rng = capture_rng("cpu")
+    out = student(x)
+    method(out, torch.randn(32, 20), y)["loss"].backward()
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    for mode in ("exact", "jvp", "fd"):
+        for grads in (None, [p.grad for p in student.parameters()]):  # fd/jvp also without the real gradients
+            hypergradient(mode, student, x, y, torch.randn(32, 20), method.temps, method.loss_with, 0.1, xm, ym,
+                          out=out.detach(), grads=grads, rng=rng)
+    after = student.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), [k for k in before if not torch.equal(before[k], after[k])]
+    assert any("running_mean" in k for k in before)
 
 
 def test_fused_attention_is_off_only_inside_the_block():

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -35,22 +36,64 @@ def test_hard_distillation_uses_the_distillation_head():
     assert torch.allclose(terms["loss"], 0.5 * terms["ce"] + 0.5 * terms["hard"])
 
 
-def test_ctkd_reverses_the_temperature_gradient_with_a_cosine_ramp():
+def _official_ctkd_strength(epoch: int, decay_loops: float) -> float:
+    """github zhengli97/CTKD train_student.py: CosineDecay(max_value=0, min_value=-1, num_loops=decay_loops)
+    .get_value(epoch), epochs counted from 1; the reversal layer multiplies the gradient by that (negative) value."""
+    i = min(max(epoch, 0), decay_loops)
+    value = (math.cos(i * math.pi / decay_loops) + 1.0) * 0.5 * (0 - (-1)) + (-1)
+    return -value
+
+
+@pytest.mark.parametrize("epochs,loops", [(240, 10), (120, 5), (10, 10 / 24)])
+def test_ctkd_reversal_strength_follows_the_official_per_epoch_schedule(epochs, loops):
+    from mkd.losses import Progress, ctkd_lambda
+
+    spe = 7
+    for e in range(epochs):  # every step of 1-based epoch e+1 has the official value of that epoch
+        for s in (0, spe - 1):
+            lam = ctkd_lambda(Progress(e * spe + s, spe, epochs * spe), 1.0, 1 / 24, "epoch")
+            assert lam == pytest.approx(_official_ctkd_strength(e + 1, loops), abs=1e-12), (e, s)
+    if epochs == 240:  # values quoted in the README and the fidelity issue
+        assert ctkd_lambda(Progress(4 * spe, spe, 240 * spe), 1.0, 1 / 24, "epoch") == pytest.approx(0.5)
+        assert ctkd_lambda(Progress(0, spe, 240 * spe), 1.0, 1 / 24, "epoch") == pytest.approx(0.02447, abs=1e-5)
+
+
+def test_ctkd_starts_at_the_official_temperature_and_keeps_the_earlier_variant():
     cfg = load_config(overrides=["method=ctkd", "teacher=t"])
     m = build_method(cfg, 5)
-    assert m.temperatures()["tau_t"] == pytest.approx(4.0, rel=1e-3)
-    m.on_step(0.0)
-    assert m.lam == 0.0
-    m.on_step(1.0)
-    assert m.lam == pytest.approx(1.0)
-    zs, zt = torch.randn(6, 5, requires_grad=True), torch.randn(6, 5) * 3
+    assert m.temperatures()["tau_t"] == pytest.approx(1 + 20 / (1 + math.exp(-1)), abs=1e-5)  # 15.6193
+    assert m.train_parameters() == [] and m.opt is not None  # its own SGD, not the student's AdamW
+    old = build_method(load_config(overrides=["method=ctkd", "teacher=t", "ctkd.init=kd", "ctkd.optimizer=student",
+                                              "ctkd.schedule=step", "ctkd.ramp=0.2"]), 5)
+    assert old.temperatures()["tau_t"] == pytest.approx(4.0, rel=1e-3) and old.train_parameters() == [old.p]
+
+
+def test_ctkd_reverses_the_gradient_and_its_sgd_step_scales_with_lambda():
+    from mkd.losses import Progress, StepContext
+
+    cfg = load_config(overrides=["method=ctkd", "teacher=t", "lr=0.01"])
+    zs, zt = torch.randn(6, 5), torch.randn(6, 5) * 3
     y = F.one_hot(torch.arange(6) % 5, 5).float()
-    m(zs, zt, y)["kd"].backward()
-    reversed_grad = m.p.grad.clone()
-    m.p.grad = None
-    m.lam = -1.0  # no reversal: plain gradient
-    m(zs, zt, y)["kd"].backward()
-    assert torch.allclose(reversed_grad, -m.p.grad)
+    moved = {}
+    for lam in (0.1, 1.0):
+        m = build_method(cfg, 5)
+        m.lam = lam
+        m(zs, zt, y)["kd"].backward()
+        g = m.p.grad.clone()
+        m.lam = -1.0  # identity instead of reversal: the plain gradient, scaled by lambda above
+        m.p.grad = None
+        m(zs, zt, y)["kd"].backward()
+        assert torch.allclose(g, -lam * m.p.grad)
+        m.p.grad = g
+        p0 = float(m.p.detach())
+        m.meta_step(StepContext(None, zs, y, zt, zs, 0.005, 0, None))  # student at half its peak lr
+        moved[lam] = float(m.p) - p0 + 0.025 * 5e-4 * p0  # the part the loss moved (weight decay removed)
+        assert m.p.grad is None
+        # SGD with the official lr at the student's schedule: half of 0.05, weight decay 5e-4
+        assert moved[lam] == pytest.approx(-0.025 * float(g), rel=2e-2)  # float32 p
+    assert moved[0.1] / moved[1.0] == pytest.approx(0.1, rel=1e-2)  # AdamW would normalise lambda away
+    m.on_step(Progress(0, 10, 100))
+    assert m.lam == pytest.approx(1.0)  # 10 epochs, ramp 10/24 of an epoch: full strength from epoch 1
 
 
 @pytest.mark.parametrize("method", list(METHODS))

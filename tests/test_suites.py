@@ -25,6 +25,15 @@ def test_degradation_suite_expands_to_a_teacher_ladder_and_shares_ce_runs():
     assert set(known_suites()) >= {"degradation", "data_fraction", "temperature_grid", "imagenet_main"}
 
 
+def test_imagenet_hard_rows_train_the_distillation_token_students_of_the_published_numbers(tmp_path):
+    plan = expand("imagenet_main", "imagenet", data_root=str(tmp_path))
+    student = {(r.rows[0]["student"], r.config.method): r.config.student for r in plan.students}
+    assert student[("ViT-T", "hard")] == "deit_tiny_distilled_patch16_224"
+    assert student[("ViT-B", "hard")] == "deit_base_distilled_patch16_224"
+    assert student[("ViT-T", "kd")] == student[("ViT-T", "ce")] == "deit_tiny_patch16_224"
+    assert student[("ViT-L", "hard")] == "vit_large_patch16_224"  # no published ViT-L hard number to match
+
+
 def test_teachers_are_shared_across_suites():
     a = {r.run_id for r in expand("degradation", "tiny").teachers}
     b = {r.run_id for r in expand("temperature_grid", "tiny").teachers}
