@@ -17,7 +17,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mkd.train import is_locked  # noqa: E402
+from mkd.rundir import RunDir  # noqa: E402  (no torch: the analysis imports no training code)
 
 RESULT_FIELDS = ("final_top1", "final_top5", "best_top1", "best_top5", "tau_t", "tau_s", "teacher_top1",
                  "teacher_params", "student_params", "wall_time_s", "reason")
@@ -37,21 +37,16 @@ def _jsonl(path: Path) -> list[dict]:
         return []
 
 
-def status_of(run_dir: Path, result: dict | None) -> str:
-    if result is not None:
-        return "done" if result.get("status") == "done" else "failed"
-    return "running" if is_locked(run_dir) else "pending"
-
-
 def collect(results: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     results = Path(results)
     rows, curves, steps = [], [], []
     for info_path in sorted(results.glob("*/*/*/run.json")):
-        run_dir = info_path.parent
-        info = _json(info_path) or {}
-        res = _json(run_dir / "result.json")
-        cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").exists() else {}
-        status = status_of(run_dir, res)
+        run = RunDir(info_path.parent)
+        run_dir = run.path
+        info = _json(run.info) or {}
+        res = _json(run.result)
+        cfg = yaml.safe_load(run.config.read_text()) if run.config.exists() else {}
+        status = run.state()
         base = {"suite": info.get("suite") or run_dir.parent.parent.name, "scale": info.get("scale", run_dir.parent.name),
                 "run_id": run_dir.name, "kind": info.get("kind", "student"), "status": status,
                 "method": cfg.get("method"), "student_model": cfg.get("student"), "epochs": cfg.get("epochs"), "teacher_model": cfg.get("teacher"),
@@ -59,9 +54,14 @@ def collect(results: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
                 "kd_tau_t": (cfg.get("kd") or {}).get("tau_t"), "kd_tau_s": (cfg.get("kd") or {}).get("tau_s")}
         for k in RESULT_FIELDS:
             base[k] = (res or {}).get(k)
+        records = _jsonl(run.metrics)
+        decl = info.get("method") or {}  # the method's declarations, written by the launcher (no import here)
+        base.update(method_label=decl.get("label", base["method"]), method_order=decl.get("order"),
+                    learns_temperature=decl.get("learns_temperature", any("temps" in r for r in records)),
+                    table=info.get("table"))
         for r in info.get("rows") or [{}]:
             rows.append({**base, **{f"axis:{k}": v for k, v in r.items()}})
-        for rec in _jsonl(run_dir / "metrics.jsonl"):
+        for rec in records:
             curves.append({"run_id": run_dir.name, "suite": base["suite"], "scale": base["scale"],
                            **{k: v for k, v in rec.items() if k != "temps"}})
             for s, tt, ts in rec.get("temps", []):
@@ -79,7 +79,7 @@ def _fill_teacher_info(runs: pd.DataFrame) -> None:
     """Teacher size and top-1 for rows whose own result lacks them (running / failed students)."""
     for i, r in runs[runs["teacher_run"].notna()].iterrows():
         if pd.isna(r.get("teacher_top1")) or pd.isna(r.get("teacher_params")):
-            tres = _json(Path(r["teacher_run"]) / "result.json") or {}
+            tres = _json(RunDir(r["teacher_run"]).result) or {}
             if pd.isna(r.get("teacher_top1")):
                 runs.at[i, "teacher_top1"] = tres.get("final_top1")
             if pd.isna(r.get("teacher_params")):

@@ -13,7 +13,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-from tables import METHOD_ORDER  # noqa: E402
+from tables import BASELINE, learned, methods_in  # noqa: E402
 
 sns.set_theme(style="whitegrid", context="paper")
 
@@ -34,7 +34,7 @@ def save(fig, out: Path, stem: str) -> dict:
 def temperature_evolution(runs: pd.DataFrame, curves: pd.DataFrame, steps: pd.DataFrame, out: Path, stem: str,
                           title: str):
     """tau_t and tau_s against epoch for MKD and CTKD runs; dotted: KD's fixed temperature."""
-    learn = runs[runs["method"].isin(["mkd", "ctkd"])].drop_duplicates("run_id")
+    learn = learned(runs).drop_duplicates("run_id")
     if not len(learn) or not len(curves):
         return None
     setting_cols = [c for c in ("teacher", "augment", "fraction", "student") if c in learn and learn[c].nunique() > 1]
@@ -51,14 +51,14 @@ def temperature_evolution(runs: pd.DataFrame, curves: pd.DataFrame, steps: pd.Da
             if not len(c):
                 continue
             spe = c["step"].iloc[0] / c["epoch"].iloc[0] if "step" in c and c["epoch"].iloc[0] else 1
-            ls = "-" if r["method"] == "mkd" else "--"
-            label = f"{r['method']}" + (f" ({', '.join(f'{k}={v}' for k, v in s.items())})" if s else "")
+            ls = ["-", "--", "-.", ":"][methods_in(learn).index(r["method"]) % 4]
+            label = f"{r.get('method_label', r['method'])}" + (f" ({', '.join(f'{k}={v}' for k, v in s.items())})" if s else "")
             for ax, key in zip(axes, ("tau_t", "tau_s")):
                 if len(st):
                     ax.plot(st["step"] / spe, st[key], ls, color=palette[i % len(palette)], label=label, lw=1.4)
                 else:
                     ax.plot(c["epoch"], c[key], ls, color=palette[i % len(palette)], label=label, lw=1.4)
-    kd = runs[runs["method"] == "kd"]
+    kd = runs[runs["method"] == BASELINE]
     for ax, key in zip(axes, ("tau_t", "tau_s")):
         fixed = kd[f"kd_{key}"].dropna().unique() if f"kd_{key}" in kd else []
         if len(fixed) == 1:  # the suite's KD runs share one fixed temperature: draw it for reference
@@ -85,10 +85,10 @@ def degradation_curves(runs: pd.DataFrame, out: Path, stem: str, title: str):
     sizes = df.dropna(subset=["teacher_params"]).groupby("teacher")["teacher_params"].first()
     for ax, a in zip(axes[0], augs):
         sub = df[df["augment"] == a]
-        for m in [m for m in METHOD_ORDER if m in set(sub["method"])]:
+        for m in methods_in(sub):
             ms = sub[sub["method"] == m]
-            if m == "ce":
-                ax.axhline(ms.drop_duplicates("run_id")["final_top1"].mean(), color="k", ls=":", label="ce (no teacher)")
+            if "teacher_model" not in ms or ms["teacher_model"].isna().all():  # trained without a teacher: one line across the ladder
+                ax.axhline(ms.drop_duplicates("run_id")["final_top1"].mean(), color="k", ls=":", label=f"{m} (no teacher)")
                 continue
             g = ms.groupby("teacher")["final_top1"].agg(["mean", "std"]).join(sizes, how="inner").sort_values("teacher_params")
             ax.errorbar(g["teacher_params"], g["mean"], yerr=g["std"].fillna(0), marker="o", capsize=3, label=m)
@@ -113,7 +113,7 @@ def fraction_curves(runs: pd.DataFrame, out: Path, stem: str, title: str):
     if "fraction" not in df or df["fraction"].nunique() < 2:
         return None
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    for m in [m for m in METHOD_ORDER if m in set(df["method"])]:
+    for m in methods_in(df):
         g = df[df["method"] == m].drop_duplicates("run_id").groupby("fraction")["final_top1"].agg(["mean", "std"])
         ax.errorbar(g.index, g["mean"], yerr=g["std"].fillna(0), marker="o", capsize=3, label=m)
     ax.set_xscale("log")
@@ -129,7 +129,7 @@ def fraction_curves(runs: pd.DataFrame, out: Path, stem: str, title: str):
 
 def grid_heatmap(runs: pd.DataFrame, out: Path, stem: str, title: str):
     """KD top-1 over the (tau_t, tau_s) grid per setting; MKD's final learned temperatures marked."""
-    kd = runs[(runs["method"] == "kd") & (runs["status"] == "done")]
+    kd = runs[(runs["method"] == BASELINE) & (runs["status"] == "done")]
     if "kd.tau_t" not in kd or not len(kd):
         return None
     settings = [c for c in ("teacher", "augment") if c in runs and runs[c].nunique() > 1] or ["teacher"]
@@ -137,7 +137,8 @@ def grid_heatmap(runs: pd.DataFrame, out: Path, stem: str, title: str):
     fig, axes = plt.subplots(1, len(keys), figsize=(5.2 * len(keys), 4.2), squeeze=False)
     for ax, key in zip(axes[0], keys):
         sub = kd
-        mk = runs[(runs["method"] == "mkd") & (runs["status"] == "done")]
+        mk = learned(runs)
+        mk = mk[(mk["status"] == "done") & (mk["method"] != BASELINE)]
         for k, v in key.items():
             sub, mk = sub[sub[k] == v], mk[mk[k] == v]
         piv = sub.drop_duplicates("run_id").pivot_table(index="kd.tau_t", columns="kd.tau_s", values="final_top1",
@@ -154,7 +155,7 @@ def grid_heatmap(runs: pd.DataFrame, out: Path, stem: str, title: str):
             if pd.notna(r["tau_t"]) and pd.notna(r["tau_s"]):
                 x, y = pos(float(r["tau_s"]), ts_vals), pos(float(r["tau_t"]), tt_vals)
                 ax.plot(x, y, marker="*", ms=16, color="red", mec="white")
-                ax.annotate(f"MKD {r['final_top1']:.1f}%\n(τt={r['tau_t']:.2f}, τs={r['tau_s']:.2f})", (x, y),
+                ax.annotate(f"{r.get('method_label', r['method'])} {r['final_top1']:.1f}%\n(τt={r['tau_t']:.2f}, τs={r['tau_s']:.2f})", (x, y),
                             textcoords="offset points", xytext=(-10, 10), ha="right", color="white", fontsize=8,
                             bbox=dict(boxstyle="round", fc="black", alpha=0.6))
         ax.set_xlabel("tau_s")

@@ -15,8 +15,30 @@ import jinja2
 import pandas as pd
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
-METHOD_ORDER = ["ce", "kd", "hard", "ctkd", "mkd"]
+METHOD_ORDER = ["ce", "kd", "hard", "ctkd", "mkd"]  # for results written before methods declared their order
+BASELINE = "kd"  # the studies' questions compare every method with KD
 DASH = "—"
+
+
+def methods_in(df: pd.DataFrame) -> list:
+    """The methods of a frame in their declared table order (``Method.order`` via run.json), then by name."""
+    names = _sorted(df["method"])
+    order = df.groupby("method")["method_order"].min().to_dict() if "method_order" in df else {}
+
+    def key(m):
+        o = order.get(m)
+        if o is None or (isinstance(o, float) and math.isnan(o)):
+            o = METHOD_ORDER.index(m) if m in METHOD_ORDER else 100
+        return (o, str(m))
+
+    return sorted(names, key=key)
+
+
+def learned(df: pd.DataFrame) -> pd.DataFrame:
+    """Rows of methods that learn their temperatures (MKD, CTKD, ...), by their declaration."""
+    if "learns_temperature" not in df:
+        return df.iloc[0:0]
+    return df[df["learns_temperature"].fillna(False).astype(bool)]
 
 
 @dataclass
@@ -112,7 +134,7 @@ def degradation(df: pd.DataFrame, suite: str, scale: str) -> list[Table]:
     teachers = sorted(teachers, key=lambda t: float(df[df["teacher"] == t]["teacher_params"].dropna().iloc[0])
                       if len(df[df["teacher"] == t]["teacher_params"].dropna()) else math.inf)
     augs = _sorted(df["augment"], ["none", "weak", "medium", "strong"]) if "augment" in df else [None]
-    methods = _sorted(df["method"], METHOD_ORDER)
+    methods = methods_in(df)
     h1 = ["teacher", "model", "params", "teacher top-1"]
     h2 = ["", "", "", ""]
     for a in augs:
@@ -126,7 +148,7 @@ def degradation(df: pd.DataFrame, suite: str, scale: str) -> list[Table]:
             sub = _filter(df, augment=a) if a is not None else df
             cells = {m: cell(sub[(sub["method"] == m) & ((sub["teacher"] == t) | (m == "ce"))]) for m in methods}
             for m, c in cells.items():
-                delta = _diff(c, cells["kd"]) if "kd" in cells and m != "kd" else DASH
+                delta = _diff(c, cells[BASELINE]) if BASELINE in cells and m != BASELINE else DASH
                 row.append(c.text() + (f" ({delta})" if delta != DASH else ""))
                 vals.append({"teacher": t, "augment": a, "method": m, "top1_mean": c.mean, "top1_std": c.std,
                              "n": c.n, "minus_kd": None if delta == DASH else float(delta)})
@@ -140,7 +162,7 @@ def degradation(df: pd.DataFrame, suite: str, scale: str) -> list[Table]:
 
 def data_fraction(df: pd.DataFrame, suite: str, scale: str) -> list[Table]:
     fracs = _sorted(df["fraction"])
-    methods = _sorted(df["method"], METHOD_ORDER)
+    methods = methods_in(df)
     augs = _sorted(df["augment"], ["none", "weak", "medium", "strong"]) if "augment" in df else [None]
     h1, h2 = ["fraction"], [""]
     for a in augs:
@@ -166,7 +188,7 @@ def temperature_grid(df: pd.DataFrame, suite: str, scale: str) -> list[Table]:
     keys = df[settings].drop_duplicates().to_dict("records")
     for key in keys:
         sub = _filter(df, **key)
-        kd = sub[sub["method"] == "kd"]
+        kd = sub[sub["method"] == BASELINE]
         tts, tss = _sorted(kd["kd.tau_t"]), _sorted(kd["kd.tau_s"])
         rows, vals = [], []
         best = None
@@ -184,12 +206,12 @@ def temperature_grid(df: pd.DataFrame, suite: str, scale: str) -> list[Table]:
         notes = [f"KD with fixed temperatures; rows tau_t, columns tau_s. Teacher {model} ({size}, top-1 {top1})."]
         if best:
             notes.append(f"Best grid cell: {best[0]:.2f} at tau_t={best[1]:g}, tau_s={best[2]:g}.")
-        mk = cell(sub[sub["method"] == "mkd"])
-        if len(sub[sub["method"] == "mkd"]):
-            done = sub[(sub["method"] == "mkd") & (sub["status"] == "done")]
+        for m, runs in learned(sub).groupby("method", sort=True):
+            done = runs[runs["status"] == "done"]
             temps = (f", learned tau_t={done['tau_t'].astype(float).mean():.2f}, tau_s={done['tau_s'].astype(float).mean():.2f}"
                      if len(done) else "")
-            notes.append(f"MKD in the same setting: {mk.text()}{temps}.")
+            notes.append(f"{runs['method_label'].iloc[0] if 'method_label' in runs else m} in the same setting: "
+                         f"{cell(runs).text()}{temps}.")
         stem = f"{suite}_{scale}_" + "_".join(str(v) for v in key.values())
         tables.append(Table(stem, f"{suite} ({scale}), {label}: KD top-1 over (tau_t, tau_s)",
                             [["tau_t \\ tau_s"] + [f"{t:g}" for t in tss]], rows, notes, pd.DataFrame(vals)))
@@ -216,7 +238,7 @@ def imagenet_main(df: pd.DataFrame, suite: str, scale: str, reference: pd.DataFr
     The difference is shown only like for like (same architecture where the source fixes it, same epochs);
     otherwise the cell reads ``n/c`` and a note says what differs."""
     students = _sorted(df["student"], ["ViT-T", "ViT-S", "ViT-B", "ViT-L"])
-    methods = _sorted(df["method"], METHOD_ORDER)
+    methods = methods_in(df)
     ref = reference[(reference["suite"] == suite)] if len(reference) else reference
     h1 = ["student"] + [m for m in methods for _ in range(3)]
     h2 = [""] + ["reproduced", "published", "diff"] * len(methods)
@@ -268,16 +290,32 @@ def generic(df: pd.DataFrame, suite: str, scale: str, axes: list[str]) -> list[T
     return [Table(f"{suite}_{scale}", f"{suite} ({scale})", [axes + ["top-1"]], rows, [], pd.DataFrame(vals))]
 
 
+KINDS = ("degradation", "data_fraction", "temperature_grid", "imagenet_main", "generic")
+
+
 def tables_for(df: pd.DataFrame, suite: str, scale: str, reference: pd.DataFrame) -> list[Table]:
+    """The table the suite asks for (``table:`` in its YAML), else the one its varying axes call for."""
     axes = [c for c in df.columns if c in ("teacher", "student", "augment", "method", "fraction", "seed")
             or c.startswith(("kd.", "mkd.", "ctkd."))]
-    if "kd.tau_t" in df and "kd.tau_s" in df and df["kd.tau_t"].nunique() > 1:
+    asked = next((t for t in df["table"].dropna().unique()), None) if "table" in df else None
+    if asked is None:
+        if "kd.tau_t" in df and "kd.tau_s" in df and df["kd.tau_t"].nunique() > 1:
+            asked = "temperature_grid"
+        elif "student" in df and df["student"].nunique() > 1:
+            asked = "imagenet_main"
+        elif "fraction" in df and df["fraction"].nunique() > 1:
+            asked = "data_fraction"
+        elif "teacher" in df and df["teacher"].notna().any():
+            asked = "degradation"
+        else:
+            asked = "generic"
+    if asked == "temperature_grid":
         return temperature_grid(df, suite, scale)
-    if "student" in df and df["student"].nunique() > 1:
+    if asked == "imagenet_main":
         return imagenet_main(df, suite, scale, reference)
-    if "fraction" in df and df["fraction"].nunique() > 1:
+    if asked == "data_fraction":
         return data_fraction(df, suite, scale)
-    if "teacher" in df and df["teacher"].notna().any():
+    if asked == "degradation":
         return degradation(df, suite, scale)
     return generic(df, suite, scale, axes)
 

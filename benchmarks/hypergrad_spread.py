@@ -28,7 +28,8 @@ import torch.nn.functional as F  # noqa: E402
 from mkd.augment import build_augment  # noqa: E402
 from mkd.config import RunConfig  # noqa: E402
 from mkd.data import Transformed, load_base  # noqa: E402
-from mkd.losses import MKD, eval_logits  # noqa: E402
+from mkd.methods.common import eval_logits  # noqa: E402
+from mkd.methods.mkd import MKD  # noqa: E402
 from mkd.meta import capture_rng, hypergradient  # noqa: E402
 from mkd.models import create_model  # noqa: E402
 

@@ -88,16 +88,15 @@ def reference_step_fn(args, device, classes, kd: bool):
 
 
 def core_runner(args, device, classes, method: str, **mkd):
-    """The suite's engine on the same models and batches: returns run(steps)."""
+    """The suite's engine on the same models and batches (the loop built by ``engine.build_loop``, as a run
+    builds it): returns run(steps)."""
     from mkd.augment import build_augment
     from mkd.data import MetaBatches
-    from mkd.engine import Loop, train_one_epoch
-    from mkd.losses import build_method
-    from mkd.models import is_vit
-    from timm.optim import param_groups_weight_decay
-    from timm.scheduler import CosineLRScheduler
+    from mkd.engine import build_loop, train_one_epoch
+    from mkd.methods import build_method
 
-    d = {"method": method, "student": args.student, "batch_size": args.batch, "augment": "none", "log_every": 10**9}
+    d = {"method": method, "student": args.student, "batch_size": args.batch, "augment": "none", "log_every": 10**9,
+         "lr": 1e-4, "warmup_epochs": 0, "epochs": 10**6, "compile": args.compile}
     if method != "ce":
         d["teacher"] = args.teacher
     if mkd:
@@ -105,28 +104,14 @@ def core_runner(args, device, classes, method: str, **mkd):
     cfg = from_dict(d)
     student, teacher = make_models(args, device, classes)
     m = build_method(cfg, classes).to(device)
-    groups = param_groups_weight_decay(student, 0.05, student.no_weight_decay())
-    opt = torch.optim.AdamW(groups, lr=1e-4, fused=True)
-    sched = CosineLRScheduler(opt, t_initial=10**6, t_in_epochs=False)
-    compile_on = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
-    model = torch.compile(student) if compile_on else student
-    tf = None
-    if m.needs_teacher:
-        if not is_vit(teacher) and device.type == "cuda":
-            teacher.to(memory_format=torch.channels_last)
-        tc = torch.compile(teacher) if compile_on else teacher
-        tf = tc if is_vit(teacher) or device.type != "cuda" else (lambda x: tc(x.contiguous(memory_format=torch.channels_last)))
-    dtype = torch.bfloat16 if device.type == "cuda" else None
-    autocast = partial(torch.autocast, device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
     aug = build_augment("none", args.img, (0.5,) * 3, (0.25,) * 3, classes)
     meta = None
-    if method == "mkd":
+    if m.needs_meta_split:
         g = torch.Generator().manual_seed(1)
         mx = torch.randn(max(args.batch, 256), 3, args.img, args.img, generator=g)
         my = torch.randint(0, classes, (len(mx),), generator=g)
-        meta = MetaBatches(list(range(len(mx))), (mx, my), m.learner.meta_batch_size, 0, 0, 1, device)
-    loop = Loop(model, student, teacher, tf, m, opt, sched, aug, device, autocast, None, None, 1, 10**6,
-                10**9, meta, 0)
+        meta = MetaBatches(list(range(len(mx))), (mx, my), m.meta_batch_size, 0, 0, 1, device)
+    loop = build_loop(cfg, student, teacher if m.needs_teacher else None, m, aug, device, 1, meta)
     batches = Batches(8, args.batch, args.img, classes, device)
 
     def run(steps):

@@ -11,12 +11,25 @@ import argparse
 import sys
 from pathlib import Path
 
+import yaml
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mkd.config import parse_overrides  # noqa: E402
 from mkd.errors import UserError, cli  # noqa: E402
 from mkd.launch import load_profile, print_status, run_local, slurm_reachable, submit_slurm, wait_slurm  # noqa: E402
 from mkd.suites import SCALES, expand, known_suites  # noqa: E402
+
+
+def axis_values(items: list[str], flag: str, example: str, parse=str) -> dict[str, list]:
+    """['seed=0,1,2'] -> {'seed': [0, 1, 2]} (values parsed by ``parse``); one clear error for a malformed item."""
+    out: dict[str, list] = {}
+    for item in items:
+        if "=" not in item:
+            raise UserError(f"{flag} {item!r} is not axis=value[,value] (e.g. {flag} {example})")
+        k, v = item.split("=", 1)
+        out[k] = [parse(x) for x in v.split(",")]
+    return out
 
 
 def parse_args(argv):
@@ -53,7 +66,8 @@ def main(argv=None) -> int:
     executor = args.executor or ("slurm" if args.profile else "local")
     profile = load_profile(args.profile, args.scale) if executor == "slurm" else {}
     data_root = args.data_root or profile.get("data_root")
-    plan = expand(args.suite, args.scale, args.results, args.filter, parse_overrides(args.set), data_root, args.axis)
+    plan = expand(args.suite, args.scale, args.results, axis_values(args.filter, "--filter", "method=mkd"),
+                  parse_overrides(args.set), data_root, axis_values(args.axis, "--axis", "seed=0,1,2", yaml.safe_load))
 
     if args.dry_run:
         print(f"suite {plan.suite} ({plan.scale}) from {plan.path}: {len(plan.teachers)} teachers + "
@@ -75,11 +89,9 @@ def main(argv=None) -> int:
         failed = run_local(plan, args.max_parallel)
     if failed:
         print(f"{len(failed)} run(s) failed:", file=sys.stderr)
-        from mkd.launch import log_path, result_of
-
         for r in failed:
-            why = (result_of(r) or {}).get("reason", "")
-            print(f"  {r.name} {r.label}: {why}  log: {log_path(r)}", file=sys.stderr)
+            why = (r.dir.read_result() or {}).get("reason", "")
+            print(f"  {r.name} {r.label}: {why}  log: {r.dir.log_path()}", file=sys.stderr)
         return 1
     return 0
 

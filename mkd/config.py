@@ -7,31 +7,27 @@ prints them.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 import json
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import yaml
 
+from . import methods
 from .errors import UserError, suggest
+from .options import option
 
-METHODS = ("ce", "kd", "hard", "ctkd", "mkd")
+METHODS = methods.names()  # built-ins, then those of MKD_METHODS
 DATASETS = ("embedded", "cifar100", "imagenet")
 AUGMENTS = ("none", "weak", "medium", "strong")
 
 
-def _f(default: Any, doc: str, choices: tuple | None = None, hashed: bool = True, **kw):
-    meta = {"doc": doc, "choices": choices, "hashed": hashed}
-    if isinstance(default, (dict, list)) or dataclasses.is_dataclass(default):
-        factory = type(default) if dataclasses.is_dataclass(default) else (lambda d=default: copy.deepcopy(d))
-        return field(default_factory=factory, metadata=meta, **kw)
-    return field(default=default, metadata=meta, **kw)
+_f = option
 
 
 @dataclass
@@ -47,75 +43,7 @@ class EmbeddedConfig:
 
 
 @dataclass
-class KDConfig:
-    """The distillation term shared by kd, ctkd and mkd:
-    L = (1-alpha)*CE(z_s, y) + alpha * w(tau) * KL(softmax(z_t/tau_t) || softmax(z_s/tau_s)), batchmean."""
-
-    tau: Optional[float] = _f(None, "shorthand: one temperature for teacher and student (overrides tau_t, tau_s)")
-    tau_t: float = _f(4.0, "teacher temperature (kd: fixed; ctkd/mkd: initial value)")
-    tau_s: float = _f(4.0, "student temperature (kd: fixed; mkd: initial value)")
-    alpha: float = _f(0.5, "weight of the distillation term; CE on labels gets 1-alpha")
-    weight: str = _f("tau_prod", "w(tau): tau_prod = tau_t*tau_s (Hinton's tau^2), none = 1", ("tau_prod", "none"))
-
-
-@dataclass
-class HardConfig:
-    alpha: float = _f(0.5, "weight of CE on the teacher's argmax (DeiT hard distillation: 0.5)")
-
-
-@dataclass
-class CTKDConfig:
-    """Curriculum temperature (CTKD, AAAI 2023): one learnable temperature behind a gradient reversal.
-
-    Defaults are the official code's (github zhengli97/CTKD, models/temp_global.py, train_student.py,
-    scripts/run_cifar_distill.sh): tau = 1 + 20*sigmoid(p), p starting at 1 (tau 15.62); reversal strength
-    (1 - cos(pi*e/L))/2 on the 1-based epoch e, constant within an epoch, over L = 10 of 240 epochs (CIFAR;
-    ImageNet: 5 of 120, the same 1/24); p trained by SGD (lr 0.05, momentum 0.9, weight decay 5e-4) following
-    the student's learning-rate schedule.  The earlier variant: init=kd schedule=step ramp=0.2 optimizer=student."""
-
-    tau_min: float = _f(1.0, "lower end of the temperature range (tau = min + (max-min)*sigmoid(p); official t_start 1)")
-    tau_max: float = _f(21.0, "upper end of the temperature range (official t_start + t_end = 1 + 20)")
-    init: str = _f("official", "official: p = 1 (tau = 15.62, the official Global_T's ones(1)); kd: start at kd.tau_t",
-                   ("official", "kd"))
-    lambda_max: float = _f(1.0, "final strength of the gradient reversal (official decay_min -1)")
-    ramp: float = _f(1 / 24, "fraction of training over which lambda rises (cosine) from 0 to lambda_max "
-                             "(official: 10 of 240 epochs on CIFAR, 5 of 120 on ImageNet)")
-    schedule: str = _f("epoch", "epoch: lambda from the 1-based epoch index, constant within an epoch (official); "
-                                "step: a smooth per-step cosine", ("epoch", "step"))
-    optimizer: str = _f("sgd", "sgd: the temperature's own SGD (lr, momentum, weight_decay below), scaled by the "
-                               "student's schedule, as the official code's shared SGD does; student: a parameter "
-                               "of the student's AdamW (whose normalisation leaves only lambda's sign)",
-                        ("sgd", "student"))
-    lr: float = _f(0.05, "SGD learning rate of p at the schedule's peak (official CIFAR 0.05, ImageNet 0.1)")
-    momentum: float = _f(0.9, "SGD momentum of p (official 0.9)")
-    weight_decay: float = _f(5e-4, "SGD weight decay of p (official CIFAR 5e-4, ImageNet 1e-4)")
-
-
-@dataclass
-class MKDConfig:
-    """Meta-learned teacher/student temperatures (MKD, arXiv 2202.07940), as mkd/meta.py implements them."""
-
-    hypergrad: str = _f("fd", "hypergradient: exact (double backward), jvp (forward mode on the logits), fd (two forwards)",
-                        ("exact", "jvp", "fd"))
-    meta_interval: int = _f(8, "update the temperatures every N training steps")
-    meta_lr: float = _f(0.01, "Adam learning rate of log(tau) for meta_interval=1")
-    lr_scaling: str = _f("sqrt", "meta_lr x sqrt(meta_interval), x meta_interval (linear) or x 1 (none): "
-                                 "keeps the trajectory's pace with fewer updates", ("sqrt", "linear", "none"))
-    meta_batch_size: int = _f(0, "global meta batch size (0: half of batch_size)")
-    objective: str = _f("ce", "meta objective on the held-out batch: ce, kd (KL to the teacher at T=1), ce+kd",
-                        ("ce", "kd", "ce+kd"))
-    granularity: str = _f("global", "global: two scalars; per_class: two vectors, indexed by the target class",
-                          ("global", "per_class"))
-    tau_min: float = _f(0.5, "lower clamp of both temperatures")
-    tau_max: float = _f(20.0, "upper clamp of both temperatures")
-    fd_eps: float = _f(0.01, "finite-difference step along v, divided by |v| (DARTS' choice)")
-    lookahead: str = _f("sgd", "look-ahead step theta' = theta - lr*g (sgd) or with AdamW's current per-parameter "
-                               "scaling, theta - lr*g/(sqrt(v_hat)+eps) (adam), as the student's optimizer steps",
-                        ("sgd", "adam"))
-
-
-@dataclass
-class RunConfig:
+class _GeneralConfig:
     """One training run. Field docs double as the reference of ``key=value`` overrides."""
 
     method: str = _f("ce", "distillation method", METHODS)
@@ -154,15 +82,11 @@ class RunConfig:
     num_workers: int = _f(0, "DataLoader worker processes per GPU/process", hashed=False)
     eval_batch_size: int = _f(256, "evaluation batch size", hashed=False)
     log_every: int = _f(25, "steps between loss checks and temperature samples", hashed=False)
-    kd: KDConfig = _f(KDConfig(), "distillation term (kd, ctkd, mkd)")
-    hard: HardConfig = _f(HardConfig(), "hard distillation")
-    ctkd: CTKDConfig = _f(CTKDConfig(), "CTKD options")
-    mkd: MKDConfig = _f(MKDConfig(), "MKD options")
 
     # ------------------------------------------------------------------ helpers
     @property
     def uses_teacher(self) -> bool:
-        return self.method != "ce"
+        return methods.get(self.method).needs_teacher
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -177,34 +101,44 @@ class RunConfig:
         return hashlib.sha256(json.dumps(identity(self), sort_keys=True).encode()).hexdigest()[:12]
 
 
-SECTIONS_OF_METHOD = {"ce": (), "kd": ("kd",), "hard": ("hard",), "ctkd": ("kd", "ctkd"), "mkd": ("kd", "mkd")}
+def _with_method_sections():
+    """RunConfig = the general fields + one nested section per option section the registered methods declare
+    (``kd``, ``hard``, ``ctkd``, ``mkd``, and those of added methods)."""
+    secs = [(name, dc, option(dc(), (dc.__doc__ or name).strip().split("\n")[0])) for name, dc in methods.sections().items()]
+    cls = dataclasses.make_dataclass("RunConfig", secs, bases=(_GeneralConfig,))
+    cls.__module__, cls.__doc__ = __name__, _GeneralConfig.__doc__
+    return cls
+
+
+RunConfig = _with_method_sections()
 TEACHER_KEYS = ("teacher", "teacher_kwargs", "teacher_pretrained")
 
 
 def identity(cfg: RunConfig) -> dict:
     """What the run id hashes: every hashed field that can change this method's result.
 
-    Paths are locations, not identities: a teacher checkpoint counts by its last two path parts
-    (``<teacher run id>/model.pt`` for suite-trained teachers), the data root not at all.
+    Option sections count only for the methods that declare them (``Method.options``), so adding a method and
+    its section changes no existing id.  Paths are locations, not identities: a teacher checkpoint counts by its
+    last two path parts (``<teacher run id>/model.pt`` for suite-trained teachers), the data root not at all.
     """
+    own = methods.get(cfg.method).options
+    sections = methods.sections()
     d = {}
     for f in dataclasses.fields(cfg):
         if not f.metadata.get("hashed", True):
             continue
-        if f.name in ("kd", "hard", "ctkd", "mkd") and f.name not in SECTIONS_OF_METHOD[cfg.method]:
+        if f.name in sections and f.name not in own:
             continue
         if f.name in TEACHER_KEYS and not cfg.uses_teacher:
             continue
         if f.name == "embedded" and cfg.dataset != "embedded":
             continue
         v = getattr(cfg, f.name)
-        d[f.name] = dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v
+        d[f.name] = (v.identity() if hasattr(v, "identity") else dataclasses.asdict(v)) if dataclasses.is_dataclass(v) else v
     if cfg.uses_teacher and cfg.teacher_checkpoint:
         d["teacher_checkpoint"] = "/".join(Path(cfg.teacher_checkpoint).parts[-2:])
     if cfg.init_checkpoint:
         d["init_checkpoint"] = "/".join(Path(cfg.init_checkpoint).parts[-2:])
-    if cfg.kd.tau is not None and "kd" in d:  # tau is shorthand: hash the resolved pair only
-        d["kd"] = {**d["kd"], "tau": None}
     return d
 
 
@@ -288,19 +222,6 @@ def _check(cfg: RunConfig) -> None:
     need(cfg.batch_size > 0, "batch_size", f"is {cfg.batch_size}: it must be > 0")
     need(cfg.lr > 0, "lr", f"is {cfg.lr}: it must be > 0")
     need(cfg.img_size >= 0, "img_size", "must be >= 0 (0: the dataset's size)")
-    need(0 <= cfg.kd.alpha <= 1, "kd.alpha", f"is {cfg.kd.alpha}: it must lie in [0, 1]")
-    need(0 <= cfg.hard.alpha <= 1, "hard.alpha", f"is {cfg.hard.alpha}: it must lie in [0, 1]")
-    for key, v in (("kd.tau", cfg.kd.tau), ("kd.tau_t", cfg.kd.tau_t), ("kd.tau_s", cfg.kd.tau_s)):
-        need(v is None or v > 0, key, f"is {v}: temperatures must be > 0")
-    for sec in ("mkd", "ctkd"):
-        lo, hi = getattr(cfg, sec).tau_min, getattr(cfg, sec).tau_max
-        need(lo > 0, f"{sec}.tau_min", f"is {lo}: temperature bounds must be > 0")
-        need(hi > lo, f"{sec}.tau_max", f"is {hi}: it must exceed {sec}.tau_min={lo}")
-    need(cfg.mkd.meta_interval >= 1, "mkd.meta_interval", "must be >= 1")
-    need(cfg.mkd.meta_lr > 0, "mkd.meta_lr", "must be > 0")
-    need(cfg.mkd.meta_batch_size >= 0, "mkd.meta_batch_size", "must be >= 0 (0: batch_size // 2)")
-    need(cfg.mkd.fd_eps > 0, "mkd.fd_eps", "must be > 0")
-    need(cfg.method != "mkd" or cfg.meta_split > 0, "meta_split", "must be > 0 for method=mkd (it needs held-out data)")
     e = cfg.embedded
     need(2 <= e.num_classes, "embedded.num_classes", "must be >= 2")
     need(1 <= e.superclasses <= e.num_classes, "embedded.superclasses", "must lie in [1, num_classes]")
@@ -309,8 +230,7 @@ def _check(cfg: RunConfig) -> None:
     if cfg.uses_teacher:
         need(bool(cfg.teacher), "teacher", f"is required by method={cfg.method}: set teacher=NAME "
                                            "(and teacher_checkpoint=PATH)")
-    if cfg.kd.tau is not None:  # resolve the shorthand once
-        cfg.kd.tau_t = cfg.kd.tau_s = cfg.kd.tau
+    methods.get(cfg.method).check(cfg, need)
 
 
 def parse_overrides(items: list[str]) -> dict:

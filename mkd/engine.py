@@ -9,16 +9,21 @@ import math
 import sys
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
+from timm.optim import param_groups_weight_decay
+from timm.scheduler import CosineLRScheduler
 from torch import Tensor, nn
 from tqdm import tqdm
 
 from .augment import AugmentPreset
-from .losses import Method, Progress, StepContext, eval_logits
+from .methods import Method, Progress, StepContext
+from .methods.common import eval_logits
 from .meta import capture_rng
+from .models import is_vit
 
 
 class NonFiniteLoss(RuntimeError):
@@ -26,27 +31,99 @@ class NonFiniteLoss(RuntimeError):
 
 
 @dataclass
-class Loop:
-    """What stays fixed across the epochs of one run."""
+class Models:
+    """The networks of a run: what the step calls, the bare student, the teacher and how it is called."""
 
-    model: nn.Module  # what the step calls: DDP wrapper and/or torch.compile of the student
+    model: nn.Module  # DDP wrapper and/or torch.compile of the student
     student: nn.Module  # the bare student (meta computations, checkpoints)
-    teacher: Optional[nn.Module]
-    teacher_fwd: Optional[Callable[[Tensor], Tensor]]  # compiled / channels_last teacher call
-    method: Method
+    teacher: Optional[nn.Module] = None
+    teacher_fwd: Optional[Callable[[Tensor], Tensor]] = None  # compiled / channels_last teacher call
+
+
+@dataclass
+class Optimization:
     optimizer: torch.optim.Optimizer
     scheduler: object  # timm scheduler, stepped per update
-    augment: AugmentPreset
+    scaler: Optional[torch.amp.GradScaler] = None  # fp16 only
+    clip_grad: Optional[float] = None
+
+
+@dataclass
+class Precision:
     device: torch.device
-    autocast: Callable
-    scaler: Optional[torch.amp.GradScaler]
-    clip_grad: Optional[float]
+    amp: str  # off, bf16, fp16
+    autocast: Callable  # context manager factory
+
+
+@dataclass
+class Loop:
+    """What stays fixed across the epochs of one run; built by ``build_loop`` (train.py and perf.py alike)."""
+
+    models: Models
+    method: Method
+    optim: Optimization
+    precision: Precision
+    augment: AugmentPreset
     steps_per_epoch: int
     total_steps: int
     log_every: int
     meta_batches: object = None
     rank: int = 0
     temp_samples: list = field(default_factory=list)
+
+
+def precision_for(amp: str, device: torch.device) -> Precision:
+    """``amp=auto`` is bf16 on GPU and off on CPU."""
+    amp = {"auto": "bf16" if device.type == "cuda" else "off"}.get(amp, amp)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    return Precision(device, amp, partial(torch.autocast, device.type, dtype=dtype or torch.float32,
+                                          enabled=dtype is not None))
+
+
+def build_models(cfg, student: nn.Module, teacher: Optional[nn.Module], method: Method, device: torch.device,
+                 world: int = 1) -> Models:
+    """DDP and ``torch.compile`` (``compile=auto``: on GPU) around the student; channels_last for CNN teachers."""
+    compile_on = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
+    model = student
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
+    if compile_on:
+        if method.replays_forward:  # compiled random ops draw from the eager RNG, so the meta step can replay them
+            torch._inductor.config.fallback_random = True
+        model = torch.compile(model)
+    teacher_fwd = None
+    if teacher is not None:
+        if not is_vit(teacher) and device.type == "cuda":
+            teacher.to(memory_format=torch.channels_last)
+            fwd = torch.compile(teacher) if compile_on else teacher
+            teacher_fwd = lambda x: fwd(x.contiguous(memory_format=torch.channels_last))  # noqa: E731
+        else:
+            teacher_fwd = torch.compile(teacher) if compile_on else teacher
+    return Models(model, student, teacher, teacher_fwd)
+
+
+def build_optimization(cfg, student: nn.Module, method: Method, steps_per_epoch: int, amp: str,
+                       device: torch.device) -> Optimization:
+    """AdamW (fused, no weight decay on norms/biases/tokens) with timm's per-step warmup + cosine."""
+    total = max(1, cfg.epochs * steps_per_epoch)
+    groups = param_groups_weight_decay(student, cfg.weight_decay, getattr(student, "no_weight_decay", lambda: ())())
+    if method.train_parameters():
+        groups.append({"params": method.train_parameters(), "weight_decay": 0.0})
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, fused=True)  # one kernel per group, on GPU and CPU alike
+    sched = CosineLRScheduler(opt, t_initial=total, lr_min=cfg.min_lr, warmup_t=int(cfg.warmup_epochs * steps_per_epoch),
+                              warmup_lr_init=cfg.lr * 1e-3, t_in_epochs=False)
+    scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
+    return Optimization(opt, sched, scaler, cfg.clip_grad)
+
+
+def build_loop(cfg, student: nn.Module, teacher: Optional[nn.Module], method: Method, augment: AugmentPreset,
+               device: torch.device, steps_per_epoch: int, meta_batches=None, rank: int = 0, world: int = 1) -> Loop:
+    """The loop of ``cfg`` from its parts: models, optimization, precision."""
+    prec = precision_for(cfg.amp, device)
+    return Loop(models=build_models(cfg, student, teacher, method, device, world), method=method,
+                optim=build_optimization(cfg, student, method, steps_per_epoch, prec.amp, device), precision=prec,
+                augment=augment, steps_per_epoch=steps_per_epoch, total_steps=max(1, cfg.epochs * steps_per_epoch),
+                log_every=cfg.log_every, meta_batches=meta_batches, rank=rank)
 
 
 def _all_sum(t: Tensor) -> Tensor:
@@ -58,48 +135,49 @@ def _all_sum(t: Tensor) -> Tensor:
 
 def train_one_epoch(loop: Loop, loader, epoch: int, step: int) -> tuple[dict[str, float], int]:
     """Train one epoch from global ``step``; returns (mean of each loss term, next step)."""
-    loop.model.train()
+    M, O, P = loop.models, loop.optim, loop.precision
+    M.model.train()
     m = loop.method
     sums: dict[str, Tensor] = {}
     n = 0
     show = loop.rank == 0 and sys.stderr.isatty()
     bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=not show, dynamic_ncols=True)
     for x, y in bar:
-        x = x.to(loop.device, non_blocking=True)
-        y = y.to(loop.device, non_blocking=True)
+        x = x.to(P.device, non_blocking=True)
+        y = y.to(P.device, non_blocking=True)
         x, targets = loop.augment.batch(x, y)
         m.on_step(Progress(step, loop.steps_per_epoch, loop.total_steps))
         t_logits = None
-        if loop.teacher_fwd is not None:
-            with torch.no_grad(), loop.autocast():
-                t_logits = loop.teacher_fwd(x)
-        rng = capture_rng(loop.device) if m.replays_forward else None  # the meta step replays this forward's masks
-        with loop.autocast():
-            out = loop.model(x)
+        if M.teacher_fwd is not None:
+            with torch.no_grad(), P.autocast():
+                t_logits = M.teacher_fwd(x)
+        rng = capture_rng(P.device) if m.replays_forward else None  # the meta step replays this forward's masks
+        with P.autocast():
+            out = M.model(x)
             terms = m(out, t_logits, targets)
         loss = terms["loss"]
-        loop.optimizer.zero_grad(set_to_none=True)
-        if loop.scaler is not None:
-            loop.scaler.scale(loss).backward()
-            loop.scaler.unscale_(loop.optimizer)
+        O.optimizer.zero_grad(set_to_none=True)
+        if O.scaler is not None:
+            O.scaler.scale(loss).backward()
+            O.scaler.unscale_(O.optimizer)
         else:
             loss.backward()
         if m.has_meta_step:
             m.meta_step(StepContext(
-                student=loop.student, x=x, targets=targets, teacher_logits=t_logits,
+                student=M.student, x=x, targets=targets, teacher_logits=t_logits,
                 student_out=tuple(o.detach() for o in out) if isinstance(out, (tuple, list)) else out.detach(),
-                lr=loop.optimizer.param_groups[0]["lr"], step=step, autocast=loop.autocast,
-                meta_batches=loop.meta_batches, teacher=loop.teacher, rng=rng, optimizer=loop.optimizer,
-                scaler=loop.scaler))
-        if loop.clip_grad:
-            torch.nn.utils.clip_grad_norm_(loop.student.parameters(), loop.clip_grad)
-        if loop.scaler is not None:
-            loop.scaler.step(loop.optimizer)
-            loop.scaler.update()
+                lr=O.optimizer.param_groups[0]["lr"], step=step, autocast=P.autocast,
+                meta_batches=loop.meta_batches, teacher=M.teacher, rng=rng, optimizer=O.optimizer,
+                scaler=O.scaler))
+        if O.clip_grad:
+            torch.nn.utils.clip_grad_norm_(M.student.parameters(), O.clip_grad)
+        if O.scaler is not None:
+            O.scaler.step(O.optimizer)
+            O.scaler.update()
         else:
-            loop.optimizer.step()
+            O.optimizer.step()
         step += 1
-        loop.scheduler.step_update(num_updates=step)
+        O.scheduler.step_update(num_updates=step)
         for k, v in terms.items():
             sums[k] = sums.get(k, 0.0) + v.detach()
         n += 1
@@ -109,7 +187,7 @@ def train_one_epoch(loop: Loop, loader, epoch: int, step: int) -> tuple[dict[str
                 temps = m.temperatures()
                 loop.temp_samples.append([step, round(temps["tau_t"], 5), round(temps["tau_s"], 5)])
             if show:
-                bar.set_postfix(loss=f"{float(sums['loss']) / n:.3f}", lr=f"{loop.optimizer.param_groups[0]['lr']:.2e}")
+                bar.set_postfix(loss=f"{float(sums['loss']) / n:.3f}", lr=f"{O.optimizer.param_groups[0]['lr']:.2e}")
     means = {k: float(_all_sum(v)) / (n * _world()) for k, v in sums.items()}
     _check_finite(torch.tensor(means.get("loss", 0.0)), epoch, step)
     return means, step

@@ -20,23 +20,23 @@ import yaml
 
 from . import atomic
 from .errors import UserError
+from .rundir import ACTIVE_SLURM, RunDir
 from .suites import Plan, Run
 
-RESULT, JOB = "result.json", "job.json"
-ACTIVE_SLURM = ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED",
-                "REQUEUE_HOLD", "REQUEUE_FED")
 PROJECT = Path(__file__).resolve().parent.parent
 
 
 # ---------------------------------------------------------------------------- run directories
 def prepare(plan: Plan) -> None:
     """Write config.yaml and run.json of every planned run (pending runs show up in status and tables)."""
+    from . import methods
+
     for run in plan.runs:
-        run.out.mkdir(parents=True, exist_ok=True)
-        cfg_path = run.out / "config.yaml"
-        if not cfg_path.exists():
-            atomic.write_text(cfg_path, run.config.to_yaml())
-        info = atomic.read_json(run.out / "run.json") or {}
+        d = run.dir
+        d.path.mkdir(parents=True, exist_ok=True)
+        if not d.config.exists():
+            atomic.write_text(d.config, run.config.to_yaml())
+        info = d.read_info()
         rows = info.get("rows", [])
         for r in run.rows:
             if r not in rows:
@@ -44,31 +44,22 @@ def prepare(plan: Plan) -> None:
         suites = sorted(set(info.get("suites", [])) | {plan.suite})
         new = {"run_id": run.run_id, "kind": run.kind, "scale": plan.scale, "suites": suites,
                "suite": plan.suite if run.kind == "student" else None, "rows": rows, "label": run.label,
-               "teacher_run": str(plan_teacher(plan, run).out) if run.teacher else None}
+               "teacher_run": str(plan_teacher(plan, run).out) if run.teacher else None,
+               "method": {"name": run.config.method, **methods.get(run.config.method).declarations()},
+               "table": plan.table}
         if new != info:
-            atomic.write_json(run.out / "run.json", new)
+            atomic.write_json(d.info, new)
 
 
 def plan_teacher(plan: Plan, run: Run) -> Optional[Run]:
     return next((t for t in plan.teachers if t.run_id == run.teacher), None)
 
 
-def result_of(run: Run) -> Optional[dict]:
-    return atomic.read_json(run.out / RESULT)
-
-
-def log_path(run: Run) -> str:
-    job = atomic.read_json(run.out / JOB)
-    if job and job.get("stdout"):
-        return job["stdout"]
-    return str(run.out / "train.log")
-
-
 def slurm_states(runs: list[Run]) -> dict[str, str]:
     """Slurm state of each run that has a job.json, through submitit's sacct watcher."""
     jobs = {}
     for run in runs:
-        info = atomic.read_json(run.out / JOB)
+        info = run.dir.read_job()
         if info and info.get("executor") == "slurm" and shutil.which("sacct"):
             jobs[run.run_id] = submitit.SlurmJob(folder=info["folder"], job_id=info["job_id"])
     states = {}
@@ -81,30 +72,16 @@ def slurm_states(runs: list[Run]) -> dict[str, str]:
 
 
 def state_of(run: Run, slurm: dict[str, str]) -> str:
-    from .train import is_locked
-
-    res = result_of(run)
-    if res is not None and res.get("status") == "done":
-        return "done"
-    if is_locked(run.out):
-        return "running"
-    st = slurm.get(run.run_id, "")
-    if st.split(" ")[0] in ACTIVE_SLURM:
-        return "running" if st.startswith("RUNNING") else "pending"
-    if res is not None:
-        return "failed"
-    if st and st not in ("UNKNOWN", "COMPLETED"):
-        return "failed"
-    return "pending"
+    return run.dir.state(slurm.get(run.run_id, ""))
 
 
 def status_rows(plan: Plan) -> list[dict]:
     slurm = slurm_states(plan.runs)
     rows = []
     for run in plan.runs:
-        res = result_of(run) or {}
+        res = run.dir.read_result() or {}
         rows.append({"state": state_of(run, slurm), "run": run.run_id, "kind": run.kind, "label": run.label,
-                     "top1": res.get("final_top1"), "log": log_path(run), "reason": res.get("reason"),
+                     "top1": res.get("final_top1"), "log": run.dir.log_path(), "reason": res.get("reason"),
                      "slurm": slurm.get(run.run_id)})
     return rows
 
@@ -162,14 +139,14 @@ def local_job(run_dir: str) -> tuple[bool, str]:
     from .train import train
     from .config import load_config
 
-    log = open(Path(run_dir) / "train.log", "ab", buffering=0)
+    log = open(RunDir(run_dir).log, "ab", buffering=0)
     saved = os.dup(1), os.dup(2)
     sys.stdout.flush()
     sys.stderr.flush()
     os.dup2(log.fileno(), 1)
     os.dup2(log.fileno(), 2)
     try:
-        train(load_config(Path(run_dir) / "config.yaml"), run_dir)
+        train(load_config(RunDir(run_dir).config), run_dir)
         return True, ""
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -189,106 +166,147 @@ def local_job(run_dir: str) -> tuple[bool, str]:
         log.close()
 
 
-def run_local(plan: Plan, max_parallel: Optional[int] = None, quiet: bool = False) -> list[Run]:
-    """Run every unfinished run of the plan on this machine (teachers before their students); returns the
-    runs that failed."""
-    import multiprocessing as mp
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-    from concurrent.futures.process import BrokenProcessPool
+class _Pool:
+    """A spawn-context process pool of persistent workers (one GPU each, or a share of the CPU threads) that is
+    rebuilt when a worker dies (killed, out of memory)."""
 
-    from tqdm import tqdm
+    def __init__(self, n: int, threads: int, slots: list[Optional[str]]):
+        import multiprocessing as mp
 
-    n_default, slots = _default_parallel()
-    n = max_parallel or n_default
-    threads = max(1, (os.cpu_count() or 1) // n)
-    todo = [r for r in plan.runs if state_of(r, {}) != "done"]
-    busy_elsewhere = [r for r in todo if state_of(r, {}) == "running"]
-    todo = [r for r in todo if r not in busy_elsewhere]
-    for r in busy_elsewhere:
-        print(f"skip {r.name} ({r.label}): running in another process", file=sys.stderr)
-    if not todo:
-        if not busy_elsewhere:
-            print(f"suite {plan.suite} ({plan.scale}): all {len(plan.runs)} runs finished; nothing to do")
-        return []
-    prepare(plan)
-    by_id = {r.run_id: r for r in plan.runs}
-    failed: list[Run] = []
-    tty = sys.stderr.isatty() and not quiet
-    bar = tqdm(total=len(todo), desc=f"{plan.suite}/{plan.scale}", unit="run", disable=not tty, dynamic_ncols=True)
-    t0 = time.time()
-    count = 0
+        self.n, self.threads, self.ctx = n, threads, mp.get_context("spawn")
+        self.gpu_q = None
+        if slots[0] is not None:
+            self.gpu_q = self.ctx.Manager().Queue()
+            for i in range(n):
+                self.gpu_q.put(slots[i % len(slots)])
+        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT), os.environ.get("PYTHONPATH")]))
+        self.pool = self._new()
 
-    def report(run: Run, ok: bool, secs: float, why: str = "") -> None:
-        nonlocal count
-        count += 1
-        bar.update(1)
-        res = result_of(run) or {}
-        msg = (f"[{count}/{len(todo)}] {'done' if ok else 'FAILED'} {run.name} {run.label}"
+    def _new(self):
+        from concurrent.futures import ProcessPoolExecutor
+
+        return ProcessPoolExecutor(self.n, mp_context=self.ctx, initializer=_worker_init,
+                                   initargs=(self.threads, self.gpu_q))
+
+    def submit(self, run: Run):
+        return self.pool.submit(local_job, str(run.out))
+
+    def restart(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.pool = self._new()
+
+    def kill(self) -> None:
+        for proc in list(getattr(self.pool, "_processes", {}).values()):
+            proc.terminate()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    def close(self) -> None:
+        self.pool.shutdown()
+
+
+class LocalRunner:
+    """Runs a plan's unfinished runs on this machine: teachers before their students, a student whose teacher
+    failed is reported failed, a dead worker's run is retried after the pool is rebuilt."""
+
+    def __init__(self, plan: Plan, max_parallel: Optional[int] = None, quiet: bool = False):
+        from tqdm import tqdm
+
+        n_default, self.slots = _default_parallel()
+        self.plan, self.n = plan, max_parallel or n_default
+        self.by_id = {r.run_id: r for r in plan.runs}
+        self.failed: list[Run] = []
+        self.running: dict = {}  # future -> (run, start)
+        self.queue: list[Run] = []
+        self.count, self.total = 0, 0
+        self.tty = sys.stderr.isatty() and not quiet
+        self.bar = tqdm(total=0, desc=f"{plan.suite}/{plan.scale}", unit="run", disable=not self.tty, dynamic_ncols=True)
+
+    def report(self, run: Run, ok: bool, secs: float, why: str = "") -> None:
+        self.count += 1
+        self.bar.update(1)
+        res = run.dir.read_result() or {}
+        msg = (f"[{self.count}/{self.total}] {'done' if ok else 'FAILED'} {run.name} {run.label}"
                + (f" top1 {res['final_top1']:.2f}" if ok and res.get("final_top1") is not None else "")
                + f" ({secs:.0f}s){' ' + why if why else ''}")
-        if tty:
-            bar.write(msg)
-        else:
-            print(msg, flush=True)
+        self.bar.write(msg) if self.tty else print(msg, flush=True)
 
-    ctx = mp.get_context("spawn")
-    gpu_q = None
-    if slots[0] is not None:
-        gpu_q = ctx.Manager().Queue()
-        for i in range(n):
-            gpu_q.put(slots[i % len(slots)])
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT), os.environ.get("PYTHONPATH")]))
-    pool = ProcessPoolExecutor(n, mp_context=ctx, initializer=_worker_init, initargs=(threads, gpu_q))
-    queue = list(todo)
-    running: dict = {}  # future -> (run, start)
-    try:
-        while queue or running:
-            for run in list(queue):
-                if len(running) >= n:
-                    break
-                ts = "done" if run.teacher is None else state_of(by_id[run.teacher], {})
-                teacher_busy = any(r.run_id == run.teacher for r in queue) or \
-                    any(r.run_id == run.teacher for r, _ in running.values())
-                if ts == "done":
-                    queue.remove(run)
-                    running[pool.submit(local_job, str(run.out))] = (run, time.time())
-                elif not teacher_busy and ts != "running":
-                    queue.remove(run)
-                    failed.append(run)
-                    report(run, False, 0, f"(teacher {run.teacher} failed: see {log_path(by_id[run.teacher])})")
-            if not running:
-                if queue:  # waiting for a teacher another process trains
-                    time.sleep(1.0)
-                continue
-            finished, _ = wait(list(running), timeout=1.0, return_when=FIRST_COMPLETED)
-            for fut in finished:
-                run, start = running.pop(fut)
-                try:
-                    ok, why = fut.result()
-                except BrokenProcessPool:  # the worker died (killed, out of memory): record, restart the pool
-                    ok, why = False, "the worker process died"
-                    pool.shutdown(wait=False, cancel_futures=True)
-                    for f2, (r2, _) in list(running.items()):
-                        queue.insert(0, r2)
-                        running.pop(f2)
-                    pool = ProcessPoolExecutor(n, mp_context=ctx, initializer=_worker_init, initargs=(threads, gpu_q))
-                ok = ok and (result_of(run) or {}).get("status") == "done"
-                if not ok:
-                    failed.append(run)
-                    if result_of(run) is None:
-                        atomic.write_json(run.out / RESULT, {"status": "failed", "run_id": run.run_id, "reason": why})
-                report(run, ok, time.time() - start, "" if ok else f"see {run.out / 'train.log'}")
-    except KeyboardInterrupt:
-        bar.close()
-        for proc in list(getattr(pool, "_processes", {}).values()):
-            proc.terminate()
-        pool.shutdown(wait=False, cancel_futures=True)
-        raise
-    pool.shutdown()
-    bar.close()
-    print(f"suite {plan.suite} ({plan.scale}): {len(todo) - len(failed)}/{len(todo)} runs finished in "
-          f"{time.time() - t0:.0f}s with {n} parallel")
-    return failed
+    def schedule(self, pool: _Pool) -> None:
+        """Start every queued run whose teacher is done; fail those whose teacher failed."""
+        for run in list(self.queue):
+            if len(self.running) >= self.n:
+                break
+            ts = "done" if run.teacher is None else self.by_id[run.teacher].dir.state()
+            teacher_busy = any(r.run_id == run.teacher for r in self.queue) or \
+                any(r.run_id == run.teacher for r, _ in self.running.values())
+            if ts == "done":
+                self.queue.remove(run)
+                self.running[pool.submit(run)] = (run, time.time())
+            elif not teacher_busy and ts != "running":
+                self.queue.remove(run)
+                self.failed.append(run)
+                self.report(run, False, 0, f"(teacher {run.teacher} failed: see {self.by_id[run.teacher].dir.log_path()})")
+
+    def collect(self, pool: _Pool, finished) -> None:
+        """Record finished runs; a dead worker breaks the pool: requeue the others and rebuild it."""
+        from concurrent.futures.process import BrokenProcessPool
+
+        for fut in finished:
+            run, start = self.running.pop(fut)
+            try:
+                ok, why = fut.result()
+            except BrokenProcessPool:
+                ok, why = False, "the worker process died"
+                for f2, (r2, _) in list(self.running.items()):
+                    self.queue.insert(0, r2)
+                    self.running.pop(f2)
+                pool.restart()
+            ok = ok and (run.dir.read_result() or {}).get("status") == "done"
+            if not ok:
+                self.failed.append(run)
+                if run.dir.read_result() is None:
+                    atomic.write_json(run.dir.result, {"status": "failed", "run_id": run.run_id, "reason": why})
+            self.report(run, ok, time.time() - start, "" if ok else f"see {run.dir.log}")
+
+    def run(self) -> list[Run]:
+        from concurrent.futures import FIRST_COMPLETED, wait
+
+        todo = [r for r in self.plan.runs if r.dir.state() != "done"]
+        busy = [r for r in todo if r.dir.state() == "running"]
+        for r in busy:
+            print(f"skip {r.name} ({r.label}): running in another process", file=sys.stderr)
+        todo = [r for r in todo if r not in busy]
+        if not todo:
+            if not busy:
+                print(f"suite {self.plan.suite} ({self.plan.scale}): all {len(self.plan.runs)} runs finished; nothing to do")
+            return []
+        prepare(self.plan)
+        self.queue, self.total = list(todo), len(todo)
+        self.bar.total = len(todo)
+        t0 = time.time()
+        pool = _Pool(self.n, max(1, (os.cpu_count() or 1) // self.n), self.slots)
+        try:
+            while self.queue or self.running:
+                self.schedule(pool)
+                if not self.running:
+                    if self.queue:  # waiting for a teacher another process trains
+                        time.sleep(1.0)
+                    continue
+                finished, _ = wait(list(self.running), timeout=1.0, return_when=FIRST_COMPLETED)
+                self.collect(pool, finished)
+        except KeyboardInterrupt:
+            self.bar.close()
+            pool.kill()
+            raise
+        pool.close()
+        self.bar.close()
+        print(f"suite {self.plan.suite} ({self.plan.scale}): {len(todo) - len(self.failed)}/{len(todo)} runs finished in "
+              f"{time.time() - t0:.0f}s with {self.n} parallel")
+        return self.failed
+
+
+def run_local(plan: Plan, max_parallel: Optional[int] = None, quiet: bool = False) -> list[Run]:
+    """Run every unfinished run of the plan on this machine; returns the runs that failed."""
+    return LocalRunner(plan, max_parallel, quiet).run()
 
 
 # ---------------------------------------------------------------------------- Slurm execution
@@ -303,7 +321,7 @@ class TrainJob(submitit.helpers.Checkpointable):
         env = submitit.JobEnvironment()
         if env.num_tasks > 1:
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-        return train(load_config(Path(run_dir) / "config.yaml"), run_dir)
+        return train(load_config(RunDir(run_dir).config), run_dir)
 
 
 PROFILE_KEYS = {"partition": "slurm_partition", "account": "slurm_account", "qos": "slurm_qos", "nodes": "nodes",
@@ -366,7 +384,7 @@ def make_executor(profile: dict, folder: Path, max_parallel: Optional[int]) -> s
 def _active_job(run: Run, states: dict[str, str]) -> Optional[str]:
     st = states.get(run.run_id, "")
     if st.split(" ")[0] in ACTIVE_SLURM:
-        return atomic.read_json(run.out / JOB)["job_id"]
+        return run.dir.read_job()["job_id"]
     return None
 
 
@@ -395,7 +413,7 @@ def submit_slurm(plan: Plan, profile: dict, max_parallel: Optional[int] = None) 
             jobs = [ex.submit(TrainJob(), str(r.out)) for r in runs]
         for r, j in zip(runs, jobs):
             job_of[r.run_id] = j.job_id
-            atomic.write_json(r.out / JOB, {"executor": "slurm", "job_id": j.job_id, "folder": str(folder / "%j"),
+            atomic.write_json(r.dir.job, {"executor": "slurm", "job_id": j.job_id, "folder": str(folder / "%j"),
                                             "stdout": str(j.paths.stdout), "stderr": str(j.paths.stderr),
                                             "dependency": dependency, "submitted_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
         submitted.extend(jobs)
@@ -410,7 +428,7 @@ def submit_slurm(plan: Plan, profile: dict, max_parallel: Optional[int] = None) 
     for teacher, runs in groups.items():
         dep = None
         if teacher is not None and teacher in job_of and job_of[teacher]:
-            tres = atomic.read_json(Path(next(t.out for t in plan.teachers if t.run_id == teacher)) / RESULT) or {}
+            tres = next(t for t in plan.teachers if t.run_id == teacher).dir.read_result() or {}
             if tres.get("status") != "done":
                 dep = f"afterok:{job_of[teacher]}"
         submit(runs, dep)
@@ -435,4 +453,4 @@ def wait_slurm(plan: Plan, jobs: list[submitit.Job], poll_s: float = 5.0) -> lis
         if pending:
             time.sleep(poll_s)
     bar.close()
-    return [r for r in plan.runs if (result_of(r) or {}).get("status") != "done"]
+    return [r for r in plan.runs if (r.dir.read_result() or {}).get("status") != "done"]

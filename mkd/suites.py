@@ -8,6 +8,8 @@ A suite file (``benchmarks/suites/NAME.yaml``)::
       augment: [weak, strong]
       method: [ce, kd, mkd]
       kd.tau_t: [1, 4]         # any config key, dotted for nested ones
+    table: degradation         # optional: the table it wants (degradation, data_fraction, temperature_grid,
+                               # imagenet_main, generic); without it the analysis picks one from the axes
     include: [{method: mkd, teacher: [small, large]}]   # extra rows; each item is itself a small matrix
     exclude: [{method: ce, augment: strong}]            # drop rows matching every given key
     config: {epochs: 10}       # overrides for every student run
@@ -33,14 +35,16 @@ from typing import Any, Optional
 
 import yaml
 
+from . import methods
 from .config import AUGMENTS, METHODS, RunConfig, from_dict, merge
 from .errors import UserError, suggest
 from .models import resolve
+from .rundir import RunDir
 
 SUITES_DIR = Path(__file__).resolve().parent.parent / "benchmarks" / "suites"
 SCALES = ("tiny", "cifar", "imagenet")
 ABSTRACT_AXES = ("teacher", "student")
-SUITE_KEYS = ("description", "axes", "include", "exclude", "config", "scales")
+SUITE_KEYS = ("description", "axes", "include", "exclude", "config", "scales", "table")
 SCALE_KEYS = ("student", "students", "method_students", "teachers", "config", "description")
 TEACHER_KEYS = ("model", "kwargs", "train", "checkpoint", "pretrained")
 
@@ -61,6 +65,10 @@ class Run:
     def name(self) -> str:
         return f"{self.kind} {self.run_id}"
 
+    @property
+    def dir(self) -> RunDir:
+        return RunDir(self.out)
+
 
 @dataclass
 class Plan:
@@ -72,6 +80,7 @@ class Plan:
     teachers: list[Run]
     students: list[Run]
     root: Path = Path("results")
+    table: Optional[str] = None  # the table the suite asks for (analysis/tables.py), None: chosen from the axes
 
     @property
     def runs(self) -> list[Run]:
@@ -175,25 +184,36 @@ def load_suite(name_or_path: str) -> tuple[Path, dict]:
 
 
 def expand(name_or_path: str, scale: str = "tiny", results: Path | str = "results",
-           filters: Optional[list[str]] = None, overrides: Optional[dict] = None,
-           data_root: Optional[str] = None, axes_override: Optional[list[str]] = None) -> Plan:
+           filters: Optional[dict[str, list[str]]] = None, overrides: Optional[dict] = None,
+           data_root: Optional[str] = None, axes: Optional[dict[str, list]] = None) -> Plan:
     """Validate the suite and expand it into runs for one scale; nothing is written.
 
-    ``axes_override`` items ``AXIS=V1,V2`` replace an axis's values (e.g. ``seed=0,1,2`` for error bars)."""
+    ``axes`` replaces axes' values (e.g. ``{"seed": [0, 1, 2]}``); ``filters`` keeps rows whose axis value
+    (as a string) is listed; ``overrides`` is merged into every student's config."""
     path, spec = load_suite(name_or_path)
-    for item in axes_override or []:
-        if "=" not in item:
-            raise UserError(f"--axis {item!r} is not axis=v1,v2 (e.g. --axis seed=0,1,2)")
-        k, v = item.split("=", 1)
+    for k, vals in (axes or {}).items():
         if k not in spec["axes"]:
-            raise UserError(f"--axis {item}: {path.name} has no axis '{k}'{suggest(k, list(spec['axes']))}; "
+            raise UserError(f"--axis {k}=...: {path.name} has no axis '{k}'{suggest(k, list(spec['axes']))}; "
                             f"axes: {', '.join(spec['axes'])}")
-        spec["axes"][k] = [yaml.safe_load(x) for x in v.split(",")]
-    suite = path.stem
-    results = Path(results)
+        spec["axes"][k] = vals
     if scale not in spec["scales"]:
         raise _fail(path, "scales", f"has no '{scale}' scale; it has: {', '.join(spec['scales'])} (use --scale)")
     sc = spec["scales"][scale]
+    rows = _filtered(_rows(path, spec, sc), filters or {})
+    if not rows:
+        raise _fail(path, "axes", "the matrix is empty after include/exclude/--filter")
+    base = _base_config(spec, sc, scale, overrides, data_root)
+    needs = _teacher_needs(base)
+    teacher_of = _teacher_runs(path, sc, scale, base, Path(results), sorted({r["teacher"] for r in rows if needs(r)}))
+    students = _student_runs(path, sc, scale, base, Path(results) / path.stem / scale, rows, teacher_of, needs)
+    teachers = list({r.run_id: r for r in teacher_of.values()}.values())
+    return Plan(path.stem, scale, path, str(spec.get("description", "")).strip(),
+                {k: _values(path, f"axes.{k}", v) for k, v in spec["axes"].items()}, teachers, students, Path(results),
+                table=spec.get("table"))
+
+
+def _rows(path: Path, spec: dict, sc: dict) -> list[dict]:
+    """The matrix of the axes, plus include rows, minus exclude rows."""
     axes = {k: _values(path, f"axes.{k}", v) for k, v in spec["axes"].items()}
     for k, vals in axes.items():
         _check_axis_values(path, "axes", k, vals, sc)
@@ -209,23 +229,26 @@ def expand(name_or_path: str, scale: str = "tiny", results: Path | str = "result
         if not isinstance(exc, dict):
             raise _fail(path, f"exclude[{i}]", "must be a mapping of axis -> value(s)")
         rows = [r for r in rows if not _matches(r, exc)]
-    for f in filters or []:
-        if "=" not in f:
-            raise UserError(f"--filter {f!r} is not axis=value (e.g. --filter method=mkd)")
-        k, v = f.split("=", 1)
+    return rows
+
+
+def _filtered(rows: list[dict], filters: dict[str, list[str]]) -> list[dict]:
+    for k, wanted in filters.items():
         names = sorted({k2 for r in rows for k2 in r})
         if k not in names:
-            raise UserError(f"--filter {f}: unknown axis '{k}'{suggest(k, names)}; axes: {', '.join(names)}")
+            raise UserError(f"--filter {k}=...: unknown axis '{k}'{suggest(k, names)}; axes: {', '.join(names)}")
         present = sorted({str(r.get(k)) for r in rows})
-        wanted = v.split(",")
         for w in wanted:
             if w not in present:
-                raise UserError(f"--filter {f}: no row has {k}={w}{suggest(w, present)}; values: {', '.join(present)}")
+                raise UserError(f"--filter {k}={','.join(wanted)}: no row has {k}={w}{suggest(w, present)}; "
+                                f"values: {', '.join(present)}")
         rows = [r for r in rows if str(r.get(k)) in wanted]
-    if not rows:
-        raise _fail(path, "axes", "the matrix is empty after include/exclude/--filter")
+    return rows
 
-    base = merge(spec.get("config") or {}, sc.get("config") or {})  # the scale's settings win
+
+def _base_config(spec: dict, sc: dict, scale: str, overrides: Optional[dict], data_root: Optional[str]) -> dict:
+    """Every student's config before its row: suite config, the scale's (which wins), overrides, data root."""
+    base = merge(spec.get("config") or {}, sc.get("config") or {})
     if overrides:
         base = merge(base, overrides)
     if data_root:
@@ -238,28 +261,44 @@ def expand(name_or_path: str, scale: str = "tiny", results: Path | str = "result
     if base.get("data_root") and not Path(os.path.expanduser(str(base["data_root"]))).exists() \
             and not base.get("download"):
         raise UserError(f"dataset root {base['data_root']} does not exist: pass an existing --data-root")
+    return base
 
-    def build(d: dict, where: str) -> RunConfig:
-        try:
-            return from_dict(d)
-        except UserError as e:
-            raise _fail(path, where, str(e)) from None
 
-    def model_ok(name: str, where: str) -> None:
-        try:
-            resolve(name)
-        except UserError as e:
-            raise _fail(path, where, str(e)) from None
+def _teacher_needs(base: dict):
+    def needs(row: dict) -> bool:
+        method = row.get("method", base.get("method", "ce"))
+        return row.get("teacher") is not None and methods.get(method).needs_teacher
+    return needs
 
-    # teachers
-    teacher_runs: dict[str, Run] = {}
-    teacher_of: dict[str, Run] = {}
-    used = sorted({r["teacher"] for r in rows if r.get("teacher") is not None and r.get("method", "ce") != "ce"})
-    for label in used:
+
+def _build(path: Path, d: dict, where: str) -> RunConfig:
+    try:
+        return from_dict(d)
+    except UserError as e:
+        raise _fail(path, where, str(e)) from None
+
+
+def _model_ok(path: Path, name: str, where: str) -> None:
+    try:
+        resolve(name)
+    except UserError as e:
+        raise _fail(path, where, str(e)) from None
+
+
+TEACHER_INHERITS = ("dataset", "data_root", "download", "img_size", "embedded", "meta_split", "split_seed",
+                    "num_workers", "amp", "compile")
+
+
+def _teacher_runs(path: Path, sc: dict, scale: str, base: dict, results: Path, labels: list[str]) -> dict[str, Run]:
+    """One run per teacher label: trained by the suite (``train:``) or validated (checkpoint / pretrained),
+    shared by every suite naming the same teacher config (``results/teachers/<scale>/<run_id>``)."""
+    runs: dict[str, Run] = {}
+    of: dict[str, Run] = {}
+    for label in labels:
         ts = sc["teachers"][label]
-        model_ok(ts["model"], f"scales.{scale}.teachers.{label}.model")
-        tcfg = {k: v for k, v in base.items() if k in ("dataset", "data_root", "download", "img_size", "embedded",
-                                                         "meta_split", "split_seed", "num_workers", "amp", "compile")}
+        where = f"scales.{scale}.teachers.{label}"
+        _model_ok(path, ts["model"], f"{where}.model")
+        tcfg = {k: v for k, v in base.items() if k in TEACHER_INHERITS}
         tcfg.update(method="ce", student=ts["model"], student_kwargs=ts.get("kwargs") or {}, fraction=1.0, seed=0)
         if ts.get("train") is not None:
             tcfg = merge(tcfg, {"augment": "none", **ts["train"]})
@@ -268,21 +307,23 @@ def expand(name_or_path: str, scale: str = "tiny", results: Path | str = "result
             if ts.get("checkpoint"):
                 tcfg["init_checkpoint"] = os.path.expanduser(str(ts["checkpoint"]))
                 if not Path(tcfg["init_checkpoint"]).is_file():
-                    raise _fail(path, f"scales.{scale}.teachers.{label}.checkpoint",
-                                f"{tcfg['init_checkpoint']} not found; give an existing checkpoint file")
+                    raise _fail(path, f"{where}.checkpoint", f"{tcfg['init_checkpoint']} not found; give an existing checkpoint file")
             else:
                 tcfg["pretrained"] = True
-        cfg = build(tcfg, f"scales.{scale}.teachers.{label}")
-        rid = cfg.run_id
-        run = teacher_runs.get(rid) or Run(rid, "teacher", cfg, results / "teachers" / scale / rid,
-                                           label=f"teacher {label}: {ts['model']} ({'trained' if ts.get('train') is not None else 'validated'})")
+        cfg = _build(path, tcfg, where)
+        how = "trained" if ts.get("train") is not None else "validated"
+        run = runs.get(cfg.run_id) or Run(cfg.run_id, "teacher", cfg, results / "teachers" / scale / cfg.run_id,
+                                          label=f"teacher {label}: {ts['model']} ({how})")
         run.rows.append({"teacher": label})
-        teacher_runs[rid] = run
-        teacher_of[label] = run
+        runs[cfg.run_id] = of[label] = run
+    return of
 
-    # students
+
+def _student_runs(path: Path, sc: dict, scale: str, base: dict, out: Path, rows: list[dict],
+                  teacher_of: dict[str, Run], needs) -> list[Run]:
+    """One run per distinct student config; a run that serves several rows (CE ignores the teacher) lists them."""
     students: dict[str, Run] = {}
-    for i, row in enumerate(rows):
+    for row in rows:
         d = merge(base, {})
         own = (sc.get("method_students") or {}).get(row.get("method")) or {}
         if "student" in row and row["student"] in own:  # e.g. hard distillation with the distillation token
@@ -292,23 +333,18 @@ def expand(name_or_path: str, scale: str = "tiny", results: Path | str = "result
         elif "student" in sc:
             d.setdefault("student", sc["student"])
         for k, v in row.items():
-            if k in ABSTRACT_AXES:
-                continue
-            d = merge(d, _dotted({k: v}))
-        trun = None
-        if row.get("teacher") is not None and d.get("method", "ce") != "ce":
-            trun = teacher_of[row["teacher"]]
+            if k not in ABSTRACT_AXES:
+                d = merge(d, _dotted({k: v}))
+        trun = teacher_of[row["teacher"]] if needs(row) else None
+        if trun is not None:
             ts = sc["teachers"][row["teacher"]]
-            d.update(teacher=ts["model"], teacher_kwargs=ts.get("kwargs") or {},
-                     teacher_checkpoint=str(trun.out / "model.pt"))
+            d.update(teacher=ts["model"], teacher_kwargs=ts.get("kwargs") or {}, teacher_checkpoint=str(trun.dir.model))
         where = "row " + ", ".join(f"{k}={v}" for k, v in row.items())
-        cfg = build(d, where)
-        model_ok(cfg.student, f"scales.{scale}.student ({where})")
-        rid = cfg.run_id
-        run = students.get(rid) or Run(rid, "student", cfg, results / suite / scale / rid,
-                                       teacher=trun.run_id if trun else None,
-                                       label=" ".join(f"{k}={v}" for k, v in row.items() if not (k == "teacher" and cfg.method == "ce")))
+        cfg = _build(path, d, where)
+        _model_ok(path, cfg.student, f"scales.{scale}.student ({where})")
+        label = " ".join(f"{k}={v}" for k, v in row.items() if not (k == "teacher" and not cfg.uses_teacher))
+        run = students.get(cfg.run_id) or Run(cfg.run_id, "student", cfg, out / cfg.run_id,
+                                              teacher=trun.run_id if trun else None, label=label)
         run.rows.append(row)
-        students[rid] = run
-    return Plan(suite, scale, path, str(spec.get("description", "")).strip(), axes,
-                list(teacher_runs.values()), list(students.values()), results)
+        students[cfg.run_id] = run
+    return list(students.values())

@@ -16,7 +16,6 @@ with DDP: gloo on CPU, NCCL on GPUs.
 from __future__ import annotations
 
 import argparse
-import fcntl
 import os
 import platform
 import random
@@ -26,29 +25,27 @@ import subprocess
 import sys
 import time
 from contextlib import nullcontext
-from functools import partial
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import timm
 import torch
 import torch.distributed as dist
 import yaml
-from timm.optim import param_groups_weight_decay
-from timm.scheduler import CosineLRScheduler
 
 from . import __version__, atomic
 from .augment import build_augment
 from .config import RunConfig, describe, load_config
 from .data import MetaBatches, Transformed, load_base, load_or_make_split, materialize, train_loader
-from .engine import Loop, NonFiniteLoss, Timer, evaluate, tensor_batches, train_one_epoch
+from .engine import (Loop, NonFiniteLoss, Timer, build_loop, evaluate, precision_for, tensor_batches,
+                     train_one_epoch)
 from .errors import UserError, cli
-from .losses import build_method
-from .models import build_teacher, create_model, is_vit, load_weights, num_params, teacher_eval_cache
+from .methods import build_method
+from .models import build_teacher, create_model, load_weights, num_params, teacher_eval_cache
+from .rundir import RunDir
 
-CHECKPOINT, RESULT, METRICS, CONFIG, MODEL, SPLIT = ("checkpoint.pt", "result.json", "metrics.jsonl", "config.yaml",
-                                                     "model.pt", "split.npz")
 
 
 # ---------------------------------------------------------------------------- process setup
@@ -103,70 +100,25 @@ def environment(device: torch.device, world: int) -> dict:
             "host": socket.gethostname(), "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
 
 
-class RunLocked(UserError):
-    """Another process holds the run's lock."""
-
-
-class RunLock:
-    """An exclusive lock on a run directory: two processes never train the same run."""
-
-    def __init__(self, out: Path):
-        self.path = out / ".lock"
-        self.f = None
-
-    def __enter__(self):
-        self.f = open(self.path, "a+")
-        try:
-            fcntl.flock(self.f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.f.close()
-            raise RunLocked(f"{self.path.parent} is being trained by another process (lock held): "
-                            "wait for it, or check with benchmarks/run.py --status") from None
-        self.f.seek(0)
-        self.f.truncate()
-        self.f.write(f"{socket.gethostname()} {os.getpid()}\n")
-        self.f.flush()
-        return self
-
-    def __exit__(self, *exc):
-        fcntl.flock(self.f, fcntl.LOCK_UN)
-        self.f.close()
-
-
-def is_locked(out: Path) -> bool:
-    """True while some process trains ``out``."""
-    p = Path(out) / ".lock"
-    if not p.exists():
-        return False
-    with open(p, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        fcntl.flock(f, fcntl.LOCK_UN)
-    return False
-
-
 # ---------------------------------------------------------------------------- the run
-def prepare_dir(cfg: RunConfig, out: Path) -> Optional[dict]:
+def prepare_dir(cfg: RunConfig, run: RunDir) -> Optional[dict]:
     """Create/check the run directory; returns the finished result when there is nothing to do."""
-    out.mkdir(parents=True, exist_ok=True)
-    res = atomic.read_json(out / RESULT)
-    old = out / CONFIG
-    if old.exists():
-        text = old.read_text()
+    run.path.mkdir(parents=True, exist_ok=True)
+    res = run.read_result()
+    if run.config.exists():
+        text = run.config.read_text()
         m = re.match(r"# run_id: (\w+)", text)
         try:
             prev_id = m.group(1) if m else load_config(overrides=yaml.safe_load(text) or {}).run_id
         except UserError:  # written by another version with other keys
             prev_id = "unknown"
         if prev_id != cfg.run_id:
-            raise UserError(f"{out} holds another run ({prev_id}, this config is {cfg.run_id}): use a new --out")
+            raise UserError(f"{run.path} holds another run ({prev_id}, this config is {cfg.run_id}): use a new --out")
     if res and res.get("status") == "done":
         return res
     if res:  # failed before: keep the record, retry from the last checkpoint
-        os.replace(out / RESULT, out / f"result.failed.{int(time.time())}.json")
-    atomic.write_text(old, cfg.to_yaml())
+        os.replace(run.result, run.failed_result(int(time.time())))
+    atomic.write_text(run.config, cfg.to_yaml())
     return None
 
 
@@ -185,57 +137,74 @@ def _teacher_top1(cfg: RunConfig, teacher, val_batches, device, autocast, info) 
 
 def train(cfg: RunConfig, out: str | Path, quiet: bool = False) -> dict:
     """Train (or resume, or skip) the run ``cfg`` in ``out``; returns the result dict."""
-    out = Path(out)
+    run = RunDir(out)
     rank, world, device = init_distributed()
     say = (lambda *a: None) if (quiet or rank) else (lambda *a: print(*a, flush=True))
     if cfg.batch_size % world:
         raise UserError(f"batch_size={cfg.batch_size} does not split over {world} processes: use a multiple of {world}")
-    done = prepare_dir(cfg, out) if rank == 0 else None
+    done = prepare_dir(cfg, run) if rank == 0 else None
     if world > 1:
         box = [done]
         dist.broadcast_object_list(box)
         done = box[0]
     if done is not None:
-        say(f"{out}: already finished (top1 {done.get('final_top1')}); nothing to do")
+        say(f"{run.path}: already finished (top1 {done.get('final_top1')}); nothing to do")
         return done
-    lock = RunLock(out) if rank == 0 else nullcontext()
-    with lock:  # a RunLocked error leaves the other process's run alone
+    with run.lock() if rank == 0 else nullcontext():  # a RunLocked error leaves the other process's run alone
         try:
-            return _run(cfg, out, rank, world, device, say)
+            return _run(cfg, run, rank, world, device, say)
         except NonFiniteLoss as e:
             if rank == 0:
-                _write_failure(out, cfg, str(e))
-            raise UserError(f"{out}: {e}") from None
+                _write_failure(run, cfg, str(e))
+            raise UserError(f"{run.path}: {e}") from None
         except UserError as e:  # bad input found while setting up: the run is failed, the message says why
             if rank == 0:
-                _write_failure(out, cfg, str(e))
+                _write_failure(run, cfg, str(e))
             raise
         except Exception as e:  # a bug: record it, keep the traceback
             if rank == 0:
-                _write_failure(out, cfg, f"{type(e).__name__}: {e}")
+                _write_failure(run, cfg, f"{type(e).__name__}: {e}")
             raise
 
 
-def _write_failure(out: Path, cfg: RunConfig, reason: str) -> None:
-    atomic.write_json(out / RESULT, {"status": "failed", "reason": reason, "run_id": cfg.run_id, "method": cfg.method,
-                                     "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+def _write_failure(run: RunDir, cfg: RunConfig, reason: str) -> None:
+    atomic.write_json(run.result, {"status": "failed", "reason": reason, "run_id": cfg.run_id, "method": cfg.method,
+                                   "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
 
 
-def _run(cfg: RunConfig, out: Path, rank: int, world: int, device: torch.device, say) -> dict:
-    t_start = time.time()
-    amp = {"auto": "bf16" if device.type == "cuda" else "off"}.get(cfg.amp, cfg.amp)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
-    autocast = partial(torch.autocast, device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
-    compile_on = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
+@dataclass
+class Built:
+    """A run's pieces once built: data, the loop and what the result reports about them."""
 
-    # data
+    loop: Loop
+    train_ds: object
+    split: dict
+    val_len: int
+    val_batches: Callable
+    teacher_top1: Optional[float]
+
+
+@dataclass
+class Progress:
+    """Where a run stands: what a checkpoint saves and resuming restores."""
+
+    epoch: int = 0
+    step: int = 0
+    records: list = field(default_factory=list)
+    wall: float = 0.0
+    best: dict = field(default_factory=lambda: {"top1": -1.0})
+
+
+def _build(cfg: RunConfig, run: RunDir, rank: int, world: int, device: torch.device, say) -> Built:
+    """Data (split, transforms, evaluation batches), student, teacher, method and the loop around them."""
+    prec = precision_for(cfg.amp, device)
     train_base, val_base, info = load_base(cfg)
     if rank == 0:
-        split = load_or_make_split(out / SPLIT, train_base.targets, cfg)
+        split = load_or_make_split(run.split, train_base.targets, cfg)
     if world > 1:
         dist.barrier()
     if rank:
-        split = load_or_make_split(out / SPLIT, train_base.targets, cfg)
+        split = load_or_make_split(run.split, train_base.targets, cfg)
     aug = build_augment(cfg.augment, info.img_size, info.mean, info.std, info.num_classes, info.crop_pct,
                         info.crop_scale)
     train_ds = Transformed(train_base, split["train"], aug.train_transform)
@@ -250,7 +219,6 @@ def _run(cfg: RunConfig, out: Path, rank: int, world: int, device: torch.device,
         return torch.utils.data.DataLoader(torch.utils.data.Subset(val_ds, idx), batch_size=local_eval_bs,
                                            num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
 
-    # models and method
     seed_everything(cfg.seed, 0)
     student = create_model(cfg.student, info.num_classes, info.img_size, pretrained=cfg.pretrained,
                            drop_path=cfg.drop_path, **cfg.student_kwargs)
@@ -258,130 +226,136 @@ def _run(cfg: RunConfig, out: Path, rank: int, world: int, device: torch.device,
         load_weights(student, cfg.init_checkpoint, "student")
     student.to(device)
     method = build_method(cfg, info.num_classes).to(device)
-    teacher = teacher_fwd = None
-    teacher_top1 = None
+    teacher = teacher_top1 = None
     if method.needs_teacher:
         teacher = build_teacher(cfg.teacher, info.num_classes, info.img_size, cfg.teacher_checkpoint,
                                 cfg.teacher_pretrained, **cfg.teacher_kwargs).to(device)
-        teacher_top1 = _teacher_top1(cfg, teacher, val_batches, device, autocast, info)
-        if not is_vit(teacher) and device.type == "cuda":
-            teacher.to(memory_format=torch.channels_last)
-            fwd = torch.compile(teacher) if compile_on else teacher
-            teacher_fwd = lambda x: fwd(x.contiguous(memory_format=torch.channels_last))  # noqa: E731
-        else:
-            teacher_fwd = torch.compile(teacher) if compile_on else teacher
+        teacher_top1 = _teacher_top1(cfg, teacher, val_batches, device, prec.autocast, info)
         say(f"teacher {cfg.teacher}: {num_params(teacher) / 1e6:.2f}M params, val top1 {teacher_top1:.2f}")
     meta_batches = None
-    if cfg.method == "mkd":
+    if method.needs_meta_split:
         meta_ds = Transformed(train_base, split["meta"], aug.eval_transform)
         meta_batches = MetaBatches(meta_ds, materialize(meta_ds, num_workers=cfg.num_workers),
-                                   method.learner.meta_batch_size, cfg.seed, rank, world, device, cfg.num_workers)
-
-    model = student
-    if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
-    if compile_on:
-        if method.replays_forward:  # compiled random ops draw from the eager RNG, so the meta step can replay them
-            torch._inductor.config.fallback_random = True
-        model = torch.compile(model)
-
+                                   method.meta_batch_size, cfg.seed, rank, world, device, cfg.num_workers)
     steps_per_epoch = len(split["train"]) // cfg.batch_size
-    total = max(1, cfg.epochs * steps_per_epoch)
-    groups = param_groups_weight_decay(student, cfg.weight_decay, getattr(student, "no_weight_decay", lambda: ())())
-    if method.train_parameters():
-        groups.append({"params": method.train_parameters(), "weight_decay": 0.0})
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, fused=True)  # one kernel per group, on GPU and CPU alike
-    sched = CosineLRScheduler(opt, t_initial=total, lr_min=cfg.min_lr, warmup_t=int(cfg.warmup_epochs * steps_per_epoch),
-                              warmup_lr_init=cfg.lr * 1e-3, t_in_epochs=False)
-    scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
-    loop = Loop(model, student, teacher, teacher_fwd, method, opt, sched, aug, device, autocast, scaler, cfg.clip_grad,
-                steps_per_epoch, total, cfg.log_every, meta_batches, rank)
+    loop = build_loop(cfg, student, teacher, method, aug, device, steps_per_epoch, meta_batches, rank, world)
+    return Built(loop, train_ds, split, len(val_ds), val_batches, teacher_top1)
 
-    # resume
-    start_epoch, step, records, wall, best = 0, 0, [], 0.0, {"top1": -1.0}
-    ck = out / CHECKPOINT
-    if ck.exists():
-        state = torch.load(ck, map_location="cpu", weights_only=False)
-        student.load_state_dict(state["model"])
-        method.load_state_dict(state["method"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        rngs = state["rng"]
-        if len(rngs) == world:
-            set_rng_state(rngs[rank])
-        start_epoch, step, records, wall, best = (state["epoch"], state["step"], state["records"], state["wall_time"],
-                                                  state["best"])
+
+def _resume(run: RunDir, b: Built, rank: int, world: int, say) -> Progress:
+    """From the last checkpoint when there is one (weights, optimizers, scheduler, scaler, RNG, records)."""
+    L = b.loop
+    if not run.checkpoint.exists():
         if rank == 0:
-            atomic.write_jsonl(out / METRICS, records)
-        say(f"{out}: resuming after epoch {start_epoch}/{cfg.epochs}")
-    elif rank == 0:
-        atomic.write_jsonl(out / METRICS, [])
+            atomic.write_jsonl(run.metrics, [])
+        return Progress()
+    state = torch.load(run.checkpoint, map_location="cpu", weights_only=False)
+    L.models.student.load_state_dict(state["model"])
+    L.method.load_state_dict(state["method"])
+    L.optim.optimizer.load_state_dict(state["optimizer"])
+    L.optim.scheduler.load_state_dict(state["scheduler"])
+    if L.optim.scaler is not None and state.get("scaler"):
+        L.optim.scaler.load_state_dict(state["scaler"])
+    if len(state["rng"]) == world:
+        set_rng_state(state["rng"][rank])
+    p = Progress(state["epoch"], state["step"], state["records"], state["wall_time"], state["best"])
+    if rank == 0:
+        atomic.write_jsonl(run.metrics, p.records)
+    say(f"{run.path}: resuming after epoch {p.epoch}/{L.total_steps // max(1, L.steps_per_epoch)}")
+    return p
 
-    say(f"run {cfg.run_id}: {cfg.method} student {cfg.student} ({num_params(student) / 1e6:.2f}M) on {cfg.dataset} "
-        f"[{len(split['train'])} train / {len(split['meta'])} meta / {len(val_ds)} val], augment {cfg.augment}, "
-        f"{cfg.epochs} epochs x {steps_per_epoch} steps, {device.type}, world {world}, amp {amp}")
-    timer = Timer(device)
-    for epoch in range(start_epoch, cfg.epochs):
-        t0 = timer.now()
-        seed_everything(cfg.seed, epoch + 1, rank)
-        if meta_batches is not None:
-            meta_batches.set_epoch(epoch)
-        loader = train_loader(train_ds, cfg.batch_size, cfg.seed, epoch, rank, world, cfg.num_workers,
-                              device.type == "cuda")
-        loop.temp_samples = []
-        terms, step = train_one_epoch(loop, loader, epoch + 1, step)
-        ev = evaluate(student, val_batches(), device, autocast)
-        secs = timer.now() - t0
-        wall += secs
-        rec = {"epoch": epoch + 1, "step": step, "lr": opt.param_groups[0]["lr"], "train_loss": terms.pop("loss"),
-               **terms, **ev, **{k: v for k, v in method.temperatures().items() if not k.endswith("per_class")},
-               "seconds": round(secs, 3)}
-        if loop.temp_samples:
-            rec["temps"] = loop.temp_samples
-        records.append(rec)
-        if ev["top1"] > best["top1"]:
-            best = {**ev, "epoch": epoch + 1}
-        rngs = [rng_state()]
-        if world > 1:
-            rngs = [None] * world
-            dist.all_gather_object(rngs, rng_state())
-        if rank == 0:
-            atomic.torch_save(ck, {"model": student.state_dict(), "method": method.state_dict(),
-                                   "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                                   "scaler": scaler.state_dict() if scaler else None, "rng": rngs,
-                                   "epoch": epoch + 1, "step": step, "records": records, "wall_time": wall,
-                                   "best": best, "run_id": cfg.run_id})
-            atomic.write_jsonl(out / METRICS, records)
-        tt = method.temperatures()
-        temp = f" tau_t {tt['tau_t']:.3f} tau_s {tt['tau_s']:.3f}" if tt else ""
-        say(f"epoch {epoch + 1}/{cfg.epochs} loss {rec['train_loss']:.4f} top1 {ev['top1']:.2f} top5 {ev['top5']:.2f}"
-            f"{temp} {secs:.1f}s")
 
-    final = records[-1] if records else evaluate(student, val_batches(), device, autocast)
-    if not records:
-        best = {"top1": final["top1"], "top5": final["top5"], "epoch": 0}
-    temps = method.temperatures()
+def _one_epoch(cfg: RunConfig, b: Built, p: Progress, rank: int, world: int, timer: Timer) -> dict:
+    """Train and evaluate epoch ``p.epoch``; updates ``p`` and returns the epoch's metrics record."""
+    L, epoch = b.loop, p.epoch
+    t0 = timer.now()
+    seed_everything(cfg.seed, epoch + 1, rank)
+    if L.meta_batches is not None:
+        L.meta_batches.set_epoch(epoch)
+    loader = train_loader(b.train_ds, cfg.batch_size, cfg.seed, epoch, rank, world, cfg.num_workers,
+                          L.precision.device.type == "cuda")
+    L.temp_samples = []
+    terms, p.step = train_one_epoch(L, loader, epoch + 1, p.step)
+    ev = evaluate(L.models.student, b.val_batches(), L.precision.device, L.precision.autocast)
+    secs = timer.now() - t0
+    p.wall += secs
+    rec = {"epoch": epoch + 1, "step": p.step, "lr": L.optim.optimizer.param_groups[0]["lr"],
+           "train_loss": terms.pop("loss"), **terms, **ev,
+           **{k: v for k, v in L.method.temperatures().items() if not k.endswith("per_class")}, "seconds": round(secs, 3)}
+    if L.temp_samples:
+        rec["temps"] = L.temp_samples
+    p.records.append(rec)
+    if ev["top1"] > p.best["top1"]:
+        p.best = {**ev, "epoch": epoch + 1}
+    p.epoch = epoch + 1
+    return rec
+
+
+def _checkpoint(cfg: RunConfig, run: RunDir, b: Built, p: Progress, rank: int, world: int) -> None:
+    """Everything resuming needs, every process's RNG included; then the metrics so far."""
+    rngs = [rng_state()]
+    if world > 1:
+        rngs = [None] * world
+        dist.all_gather_object(rngs, rng_state())
+    if rank:
+        return
+    L = b.loop
+    atomic.torch_save(run.checkpoint, {
+        "model": L.models.student.state_dict(), "method": L.method.state_dict(),
+        "optimizer": L.optim.optimizer.state_dict(), "scheduler": L.optim.scheduler.state_dict(),
+        "scaler": L.optim.scaler.state_dict() if L.optim.scaler else None, "rng": rngs, "epoch": p.epoch,
+        "step": p.step, "records": p.records, "wall_time": p.wall, "best": p.best, "run_id": cfg.run_id})
+    atomic.write_jsonl(run.metrics, p.records)
+
+
+def _finish(cfg: RunConfig, run: RunDir, b: Built, p: Progress, rank: int, world: int, t_start: float) -> dict:
+    """result.json (last: its presence means done) and model.pt; the checkpoint goes."""
+    L = b.loop
+    student, teacher = L.models.student, L.models.teacher
+    final = p.records[-1] if p.records else evaluate(student, b.val_batches(), L.precision.device, L.precision.autocast)
+    best = p.best if p.records else {"top1": final["top1"], "top5": final["top5"], "epoch": 0}
+    temps = L.method.temperatures()
     result = {
         "status": "done", "run_id": cfg.run_id, "method": cfg.method, "student": cfg.student, "teacher": cfg.teacher,
         "dataset": cfg.dataset, "augment": cfg.augment, "fraction": cfg.fraction, "seed": cfg.seed,
         "epochs": cfg.epochs, "final_top1": final["top1"], "final_top5": final["top5"],
         "best_top1": best["top1"], "best_top5": best["top5"], "best_epoch": best["epoch"],
-        "tau_t": temps.get("tau_t"), "tau_s": temps.get("tau_s"), "teacher_top1": teacher_top1,
+        "tau_t": temps.get("tau_t"), "tau_s": temps.get("tau_s"), "teacher_top1": b.teacher_top1,
         "student_params": num_params(student), "teacher_params": num_params(teacher) if teacher is not None else None,
-        "train_images": int(len(split["train"])), "meta_images": int(len(split["meta"])),
-        "wall_time_s": round(wall, 2), "total_time_s": round(time.time() - t_start, 2),
-        "environment": environment(device, world), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "train_images": int(len(b.split["train"])), "meta_images": int(len(b.split["meta"])),
+        "wall_time_s": round(p.wall, 2), "total_time_s": round(time.time() - t_start, 2),
+        "environment": environment(L.precision.device, world), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     for k in ("tau_t_per_class", "tau_s_per_class"):
         if k in temps:
             result[k] = temps[k]
     if rank == 0:
-        atomic.torch_save(out / MODEL, {"model": student.state_dict(), "run_id": cfg.run_id})
-        atomic.write_json(out / RESULT, result)  # last: its presence means the run is done
-        ck.unlink(missing_ok=True)
-    say(f"done: top1 {result['final_top1']:.2f} (best {result['best_top1']:.2f}) in {wall:.1f}s -> {out}")
+        atomic.torch_save(run.model, {"model": student.state_dict(), "run_id": cfg.run_id})
+        atomic.write_json(run.result, result)  # last: its presence means the run is done
+        run.checkpoint.unlink(missing_ok=True)
+    return result
+
+
+def _run(cfg: RunConfig, run: RunDir, rank: int, world: int, device: torch.device, say) -> dict:
+    """Build, resume, train epoch after epoch (each followed by a checkpoint), finish."""
+    t_start = time.time()
+    b = _build(cfg, run, rank, world, device, say)
+    p = _resume(run, b, rank, world, say)
+    L = b.loop
+    say(f"run {cfg.run_id}: {cfg.method} student {cfg.student} ({num_params(L.models.student) / 1e6:.2f}M) on "
+        f"{cfg.dataset} [{len(b.split['train'])} train / {len(b.split['meta'])} meta / {b.val_len} val], augment "
+        f"{cfg.augment}, {cfg.epochs} epochs x {L.steps_per_epoch} steps, {device.type}, world {world}, "
+        f"amp {L.precision.amp}")
+    timer = Timer(device)
+    while p.epoch < cfg.epochs:
+        rec = _one_epoch(cfg, b, p, rank, world, timer)
+        _checkpoint(cfg, run, b, p, rank, world)
+        tt = L.method.temperatures()
+        temp = f" tau_t {tt['tau_t']:.3f} tau_s {tt['tau_s']:.3f}" if tt else ""
+        say(f"epoch {p.epoch}/{cfg.epochs} loss {rec['train_loss']:.4f} top1 {rec['top1']:.2f} top5 {rec['top5']:.2f}"
+            f"{temp} {rec['seconds']:.1f}s")
+    result = _finish(cfg, run, b, p, rank, world, t_start)
+    say(f"done: top1 {result['final_top1']:.2f} (best {result['best_top1']:.2f}) in {p.wall:.1f}s -> {run.path}")
     if world > 1:
         dist.barrier()
     return result

@@ -31,6 +31,15 @@ def private_cache(tmp_path_factory):
         os.environ["MKD_CACHE"] = old
 
 
+def free_port() -> int:
+    """A TCP port nothing listens on now (for torchrun's rendezvous)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def env() -> dict:
     e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), PYTHONWARNINGS="ignore")
     return e

@@ -39,7 +39,7 @@ def done(top1, tau=None, t_top1=None, t_params=None):
 @pytest.fixture
 def degradation_fixture(tmp_path):
     """teachers small/large x augment weak x {ce, kd, mkd} x 3 seeds, with one failed, one running, one pending."""
-    from mkd.train import RunLock
+    from mkd.rundir import RunDir
 
     res = tmp_path / "results"
     values = {}
@@ -67,7 +67,7 @@ def degradation_fixture(tmp_path):
                                                         "seed": 0}], "ctkd", None, "emb_vit_m")
     fake_run(res, "degradation", "ctkdpend", [{"teacher": "small", "augment": "weak", "method": "ctkd", "seed": 0}],
              "ctkd", None, "emb_vit_m")
-    with RunLock(running):
+    with RunDir(running).lock():
         yield res, values, tmp_path / "tables"
 
 
@@ -173,4 +173,5 @@ def test_tables_from_real_tiny_runs(small_suite_results, tmp_path):
         assert len(xs) == 2
         assert f"{statistics.mean(xs):.2f} ± {statistics.stdev(xs):.2f}" in md, (m, xs, md)
     assert (out / "small_tiny_temperatures.png").stat().st_size > 1000
-    assert "index.html" in p.stdout or (out / "index.html").exists()
+    index = (out / "index.html").read_text()
+    assert "small_tiny.md" in index and "small_tiny_temperatures.png" in index and str(out / "index.html") in p.stdout

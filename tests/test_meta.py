@@ -9,8 +9,10 @@ import torch.nn.functional as F
 
 from conftest import run_cli
 from mkd.config import RunConfig
-from mkd.losses import MKD, StepContext
-from mkd.meta import TOLERANCES, fused_attention_off, selfcheck
+from mkd.methods import StepContext
+from mkd.methods.mkd import MKD
+from mkd.meta import fused_attention_off
+from mkd.selfcheck import TOLERANCES, selfcheck
 
 
 @pytest.mark.parametrize("granularity,student,drop_path,dropout,lookahead", [

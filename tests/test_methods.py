@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from conftest import TINY
 from mkd.config import load_config
-from mkd.losses import METHODS, build_method, kd_term, ce_loss
+from mkd.methods import build_method, names
+from mkd.methods.common import ce_loss, kd_term
 
 
 def test_kd_term_reduces_to_hinton_and_is_batchmean():
@@ -46,7 +47,8 @@ def _official_ctkd_strength(epoch: int, decay_loops: float) -> float:
 
 @pytest.mark.parametrize("epochs,loops", [(240, 10), (120, 5), (10, 10 / 24)])
 def test_ctkd_reversal_strength_follows_the_official_per_epoch_schedule(epochs, loops):
-    from mkd.losses import Progress, ctkd_lambda
+    from mkd.methods import Progress
+    from mkd.methods.ctkd import ctkd_lambda
 
     spe = 7
     for e in range(epochs):  # every step of 1-based epoch e+1 has the official value of that epoch
@@ -69,7 +71,7 @@ def test_ctkd_starts_at_the_official_temperature_and_keeps_the_earlier_variant()
 
 
 def test_ctkd_reverses_the_gradient_and_its_sgd_step_scales_with_lambda():
-    from mkd.losses import Progress, StepContext
+    from mkd.methods import Progress, StepContext
 
     cfg = load_config(overrides=["method=ctkd", "teacher=t", "lr=0.01"])
     zs, zt = torch.randn(6, 5), torch.randn(6, 5) * 3
@@ -87,7 +89,7 @@ def test_ctkd_reverses_the_gradient_and_its_sgd_step_scales_with_lambda():
         m.p.grad = g
         p0 = float(m.p.detach())
         m.meta_step(StepContext(None, zs, y, zt, zs, 0.005, 0, None))  # student at half its peak lr
-        moved[lam] = float(m.p) - p0 + 0.025 * 5e-4 * p0  # the part the loss moved (weight decay removed)
+        moved[lam] = float(m.p.detach()) - p0 + 0.025 * 5e-4 * p0  # the part the loss moved (weight decay removed)
         assert m.p.grad is None
         # SGD with the official lr at the student's schedule: half of 0.05, weight decay 5e-4
         assert moved[lam] == pytest.approx(-0.025 * float(g), rel=2e-2)  # float32 p
@@ -96,7 +98,7 @@ def test_ctkd_reverses_the_gradient_and_its_sgd_step_scales_with_lambda():
     assert m.lam == pytest.approx(1.0)  # 10 epochs, ramp 10/24 of an epoch: full strength from epoch 1
 
 
-@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("method", list(names()))
 def test_every_method_trains_on_embedded_data_and_its_loss_falls(method, tmp_path, teacher_ckpt):
     from mkd.train import train
 

@@ -142,7 +142,7 @@ def test_status_lists_every_run(small_suite_results):
 
 
 def test_failed_runs_are_retried_and_locked_runs_skipped(small_suite_results, tmp_path):
-    from mkd.train import RunLock
+    from mkd.rundir import RunDir
 
     d, suite, _ = small_suite_results
     res = tmp_path / "results"
@@ -153,7 +153,7 @@ def test_failed_runs_are_retried_and_locked_runs_skipped(small_suite_results, tm
     locked_dir.joinpath("result.json").unlink()
     p = run_cli(RUN, "--suite", str(suite), "--results", str(res), "--status")
     assert p.returncode == 1 and "failed" in p.stdout and "pending" in p.stdout
-    with RunLock(locked_dir):
+    with RunDir(locked_dir).lock():
         p = run_cli(RUN, "--suite", str(suite), "--results", str(res))
         status = run_cli(RUN, "--suite", str(suite), "--results", str(res), "--status").stdout
     assert p.returncode == 0, p.stdout + p.stderr
@@ -171,3 +171,46 @@ def test_failed_teacher_blocks_its_students_and_exit_is_nonzero(tmp_path):
                 "--filter", "method=kd,mkd")
     assert p.returncode == 1
     assert "3 run(s) failed" in p.stderr and "teacher" in p.stdout and "non-finite" in p.stderr
+
+
+@pytest.mark.slow
+def test_a_method_added_as_one_file_runs_through_a_suite_and_the_tables_without_changing_other_run_ids(tmp_path):
+    import os
+
+    from conftest import ROOT
+
+    suite = write_suite(tmp_path / "toy.yaml", **{"axes/method": ["ce", "kd", "toy"], "axes/seed": [0],
+                                                  "table": "degradation"})
+    res = tmp_path / "r"
+    plain = run_cli(RUN, "--suite", str(suite), "--results", str(res), "--dry-run")
+    assert plain.returncode == 2 and "method" in plain.stderr and "toy" in plain.stderr  # unknown without the plugin
+    e = dict(env(), MKD_METHODS="toy_method", PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
+    import subprocess
+    import sys
+
+    def cli(*args):
+        return subprocess.run([sys.executable, *args], cwd=ROOT, env=e, capture_output=True, text=True, timeout=600)
+
+    dry = cli(RUN, "--suite", str(suite), "--results", str(res), "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    without = run_cli(RUN, "--suite", str(write_suite(tmp_path / "toy.yaml", **{"axes/method": ["ce", "kd"],
+                                                                                "axes/seed": [0]})),
+                      "--results", str(res), "--dry-run")
+    ids = lambda out: {l.split()[1] for l in out.splitlines() if l.startswith(("student", "teacher"))}  # noqa: E731
+    assert ids(without.stdout) < ids(dry.stdout), "adding the toy method and its section changes no other run id"
+    suite = write_suite(tmp_path / "toy.yaml", **{"axes/method": ["ce", "kd", "toy"], "axes/seed": [0],
+                                                  "table": "degradation"})
+    p = cli(RUN, "--suite", str(suite), "--results", str(res))
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    p = cli(str(ROOT / "analysis" / "make_tables.py"), "--results", str(res), "--out", str(tmp_path / "t"))
+    assert p.returncode == 0, p.stderr
+    md = (tmp_path / "t" / "toy_tiny.md").read_text()
+    header = next(l for l in md.splitlines() if l.startswith("| teacher"))
+    row = next(l for l in md.splitlines() if l.startswith("| small"))
+    assert "augment=none: toy" in header and len(row.split("|")) == len(header.split("|"))
+    toy = json.loads(next(f for f in (res / "toy" / "tiny").glob("*/result.json")
+                          if json.loads(f.read_text())["method"] == "toy").read_text())
+    assert f"{toy['final_top1']:.2f}" in row
+    info = json.loads(next((res / "toy" / "tiny").glob("*/run.json")).read_text())
+    assert info["table"] == "degradation" and "label" in info["method"]
+

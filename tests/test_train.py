@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, TINY, assert_user_error, cli_error, env, run_cli
+from conftest import ROOT, TINY, assert_user_error, cli_error, env, free_port, run_cli
 from mkd.config import load_config
 
 
@@ -85,7 +85,7 @@ def test_ddp_two_processes_match_one_process(tmp_path, teacher_ckpt):
     one, two = tmp_path / "one", tmp_path / "two"
     p = run_cli("-m", "mkd.train", "--out", str(one), *args)
     assert p.returncode == 0, p.stderr[-3000:]
-    p = run_cli("-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533", "-m", "mkd.train",
+    p = run_cli("-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}", "-m", "mkd.train",
                 "--out", str(two), *args)
     assert p.returncode == 0, p.stderr[-3000:]
     a, b = _weights(one), _weights(two)

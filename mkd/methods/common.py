@@ -1,0 +1,96 @@
+"""Functional pieces every method shares: heads of two-headed students, precision, CE, the KD term, and the
+distillation term's options (``kd.*``, used by kd, ctkd and mkd)."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..options import option
+
+
+@dataclass
+class KDConfig:
+    """The distillation term shared by kd, ctkd and mkd:
+    L = (1-alpha)*CE(z_s, y) + alpha * w(tau) * KL(softmax(z_t/tau_t) || softmax(z_s/tau_s)), batchmean."""
+
+    tau: Optional[float] = option(None, "shorthand: one temperature for teacher and student (overrides tau_t, tau_s)")
+    tau_t: float = option(4.0, "teacher temperature (kd: fixed; ctkd/mkd: initial value)")
+    tau_s: float = option(4.0, "student temperature (kd: fixed; mkd: initial value)")
+    alpha: float = option(0.5, "weight of the distillation term; CE on labels gets 1-alpha")
+    weight: str = option("tau_prod", "w(tau): tau_prod = tau_t*tau_s (Hinton's tau^2), none = 1", ("tau_prod", "none"))
+
+    def check(self, need) -> None:
+        need(0 <= self.alpha <= 1, "kd.alpha", f"is {self.alpha}: it must lie in [0, 1]")
+        for key, v in (("kd.tau", self.tau), ("kd.tau_t", self.tau_t), ("kd.tau_s", self.tau_s)):
+            need(v is None or v > 0, key, f"is {v}: temperatures must be > 0")
+        if self.tau is not None:  # resolve the shorthand once
+            self.tau_t = self.tau_s = self.tau
+
+    def identity(self) -> dict:
+        """What the run id hashes: the resolved pair, not the shorthand."""
+        return {**dataclasses.asdict(self), "tau": None}
+
+
+def heads(out: Tensor | tuple) -> tuple[Tensor, Tensor]:
+    """(class-head logits, distillation-head logits); the same tensor twice for single-head students."""
+    if isinstance(out, (tuple, list)):
+        return out[0], out[1]
+    return out, out
+
+
+def eval_logits(out: Tensor | tuple) -> Tensor:
+    """The prediction of a possibly two-headed student (DeiT averages the heads)."""
+    if isinstance(out, (tuple, list)):
+        return (out[0] + out[1]) / 2
+    return out
+
+
+def fp32(t: Tensor) -> Tensor:
+    """Upcast half precision (autocast outputs) for the softmax; float64 stays float64."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def mean_over_ranks(tensors: list[Tensor]) -> list[Tensor]:
+    """The mean of each tensor over DDP processes (one all-reduce); unchanged in a single process."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensors
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    out, i = [], 0
+    for t in tensors:
+        out.append(flat[i: i + t.numel()].view_as(t))
+        i += t.numel()
+    return out
+
+
+def ce_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """Cross-entropy against class indices or class distributions, mean over the batch."""
+    return F.cross_entropy(fp32(logits), targets)
+
+
+def _col(t: Tensor | float) -> Tensor | float:
+    return t.unsqueeze(-1) if isinstance(t, Tensor) and t.dim() == 1 else t
+
+
+def kd_term(z_s: Tensor, z_t: Tensor, tau_t: Tensor | float, tau_s: Tensor | float,
+            weight: str = "tau_prod") -> Tensor:
+    """``w(tau) * KL(softmax(z_t/tau_t) || softmax(z_s/tau_s))`` per sample, then the batch mean (batchmean).
+
+    ``tau_*`` are scalars or per-sample vectors; ``w = tau_t*tau_s`` (Hinton's tau^2 when equal) or 1.
+    DeiT's soft distillation averages over all elements instead; ours is the per-sample sum.
+    """
+    tt, ts = _col(tau_t), _col(tau_s)
+    log_pt = F.log_softmax(fp32(z_t) / tt, dim=-1)
+    log_ps = F.log_softmax(fp32(z_s) / ts, dim=-1)
+    kl = torch.sum(log_pt.exp() * (log_pt - log_ps), dim=-1)
+    if weight == "tau_prod":
+        w = tau_t * tau_s
+        kl = kl * w
+    return kl.mean()

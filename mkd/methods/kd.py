@@ -1,0 +1,24 @@
+"""KD (Hinton et al., 2015) with fixed temperatures: one T, or separate tau_t / tau_s (``kd.*``)."""
+from __future__ import annotations
+
+from . import register
+from .base import Method
+from .common import KDConfig, ce_loss, heads, kd_term
+
+
+@register(sections={"kd": KDConfig})
+class KD(Method):
+    name, label, order = "kd", "KD", 1
+    options = ("kd",)
+
+    @classmethod
+    def check(cls, cfg, need):
+        cfg.kd.check(need)
+
+    def forward(self, out, teacher_logits, targets):
+        cls, dist = heads(out)
+        k = self.cfg.kd
+        return self._mix(ce_loss(cls, targets), kd_term(dist, teacher_logits, k.tau_t, k.tau_s, k.weight), k.alpha, "kd")
+
+    def temperatures(self):
+        return {"tau_t": self.cfg.kd.tau_t, "tau_s": self.cfg.kd.tau_s}

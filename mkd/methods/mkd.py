@@ -1,0 +1,97 @@
+"""MKD (Liu et al., arXiv 2202.07940): KD whose teacher and student temperatures are meta-learned on a
+held-out split (the meta machinery and its hypergradients are in mkd/meta.py)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from ..meta import LearnedTemperatures, MetaLearner
+from ..options import option
+from . import register
+from .base import Method
+from .common import ce_loss, heads, kd_term
+
+
+@dataclass
+class MKDConfig:
+    """Meta-learned teacher/student temperatures (MKD, arXiv 2202.07940), as mkd/meta.py implements them."""
+
+    hypergrad: str = option("fd", "hypergradient: exact (double backward), jvp (forward mode on the logits), fd (two forwards)",
+                             ("exact", "jvp", "fd"))
+    meta_interval: int = option(8, "update the temperatures every N training steps")
+    meta_lr: float = option(0.01, "Adam learning rate of log(tau) for meta_interval=1")
+    lr_scaling: str = option("sqrt", "meta_lr x sqrt(meta_interval), x meta_interval (linear) or x 1 (none): "
+                                      "keeps the trajectory's pace with fewer updates", ("sqrt", "linear", "none"))
+    meta_batch_size: int = option(0, "global meta batch size (0: half of batch_size)")
+    objective: str = option("ce", "meta objective on the held-out batch: ce, kd (KL to the teacher at T=1), ce+kd",
+                             ("ce", "kd", "ce+kd"))
+    granularity: str = option("global", "global: two scalars; per_class: two vectors, indexed by the target class",
+                               ("global", "per_class"))
+    tau_min: float = option(0.5, "lower clamp of both temperatures")
+    tau_max: float = option(20.0, "upper clamp of both temperatures")
+    fd_eps: float = option(0.01, "finite-difference step along v, divided by |v| (DARTS' choice)")
+    lookahead: str = option("sgd", "look-ahead step theta' = theta - lr*g (sgd) or with AdamW's current per-parameter "
+                                    "scaling, theta - lr*g/(sqrt(v_hat)+eps) (adam), as the student's optimizer steps",
+                             ("sgd", "adam"))
+
+
+@register(sections={"mkd": MKDConfig})
+class MKD(Method):
+    """Meta knowledge distillation: KD whose tau_t, tau_s are meta-learned on the held-out split.
+
+    The training loss uses the temperatures as constants; ``meta_step`` (mkd/meta.py) updates them from
+    the hypergradient of the meta objective after a one-step look-ahead of the student.
+    """
+
+    name, label, order = "mkd", "MKD", 4
+    options = ("kd", "mkd")
+    needs_meta_split = True
+    learns_temperature = True
+    replays_forward = True
+
+    @classmethod
+    def check(cls, cfg, need):
+        cfg.kd.check(need)
+        m = cfg.mkd
+        need(m.tau_min > 0, "mkd.tau_min", f"is {m.tau_min}: temperature bounds must be > 0")
+        need(m.tau_max > m.tau_min, "mkd.tau_max", f"is {m.tau_max}: it must exceed mkd.tau_min={m.tau_min}")
+        need(m.meta_interval >= 1, "mkd.meta_interval", "must be >= 1")
+        need(m.meta_lr > 0, "mkd.meta_lr", "must be > 0")
+        need(m.meta_batch_size >= 0, "mkd.meta_batch_size", "must be >= 0 (0: batch_size // 2)")
+        need(m.fd_eps > 0, "mkd.fd_eps", "must be > 0")
+        need(cfg.meta_split > 0, "meta_split", "must be > 0 for method=mkd (it needs held-out data)")
+
+    def __init__(self, cfg, num_classes):
+        super().__init__(cfg, num_classes)
+        m = cfg.mkd
+        self.temps = LearnedTemperatures(cfg.kd.tau_t, cfg.kd.tau_s, num_classes, m.granularity, m.tau_min, m.tau_max)
+        self.learner = MetaLearner(self.temps, m, cfg.batch_size, self.loss_with)
+
+    def loss_with(self, out, teacher_logits, targets, tau_t, tau_s) -> dict[str, Tensor]:
+        cls, dist = heads(out)
+        k = self.cfg.kd
+        return self._mix(ce_loss(cls, targets), kd_term(dist, teacher_logits, tau_t, tau_s, k.weight), k.alpha, "kd")
+
+    def forward(self, out, teacher_logits, targets):
+        tau_t, tau_s = self.temps(targets)
+        return self.loss_with(out, teacher_logits, targets, tau_t.detach(), tau_s.detach())
+
+    @property
+    def meta_batch_size(self):
+        return self.learner.meta_batch_size
+
+    def meta_step(self, ctx):
+        self.learner.step(ctx)
+
+    def temperatures(self):
+        return self.temps.values()
+
+    def train_parameters(self):
+        return []
+
+    def get_extra_state(self):
+        return self.learner.state_dict()
+
+    def set_extra_state(self, state):
+        self.learner.load_state_dict(state)

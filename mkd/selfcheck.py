@@ -1,0 +1,173 @@
+"""The hypergradient self-check: ``python -m mkd.meta --selfcheck [--drop-path P] [--dropout P] [--student NAME]``.
+
+Compares the three hypergradients (mkd/meta.py) against each other and ``exact`` against a finite difference of
+the real meta loss in log tau, on the embedded data with a tiny student (stochastic layers, BatchNorm and the Adam
+look-ahead included), and checks that no meta computation changed a buffer.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from .augment import build_augment
+from .config import RunConfig
+from .data import Transformed, load_base
+from .meta import (adam_preconditioner, batchnorm_stats_frozen, capture_rng, eval_mode, hypergradient, meta_objective,
+                   replayed_rng)
+from .methods.common import eval_logits
+from .methods.mkd import MKD
+from .models import create_model, is_vit
+
+
+def real_meta_loss(student, x, targets, teacher_logits, temps, loss_fn, lr, xm, ym, objective="ce",
+                   teacher_m=None, rng=None, precond: Optional[list[Tensor]] = None) -> Tensor:
+    """``L_meta(theta - lr * P*grad_theta L(theta, tau))`` for the temperatures' current values: the training
+    forward replays ``rng`` with BatchNorm's running statistics frozen, the meta forward is in eval mode."""
+    named = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
+    names, params = [n for n, _ in named], [p for _, p in named]
+    with torch.no_grad():
+        tau_t, tau_s = temps(targets)
+    with replayed_rng(rng, next(student.parameters()).device), batchnorm_stats_frozen(student):
+        z = student(x)
+    g = torch.autograd.grad(loss_fn(z, teacher_logits, targets, tau_t, tau_s)["loss"], params)
+    if precond is not None:
+        g = [gi * pi for gi, pi in zip(g, precond)]
+    with torch.no_grad(), eval_mode(student):
+        out = functional_call(student, {n: p - lr * gi for n, p, gi in zip(names, params, g)}, (xm,))
+        return meta_objective(eval_logits(out), ym, objective, teacher_m)
+
+
+def _rel(a: Tensor, b: Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def _buffers(model: nn.Module) -> list[Tensor]:
+    return [b.detach().clone() for b in model.buffers()]
+
+
+def selfcheck(device: str = "cpu", dtype: str = "float64", lr: Optional[float] = None, seed: int = 0,
+              granularity: str = "global", student_name: str = "emb_vit_s", drop_path: float = 0.0,
+              dropout: float = 0.0, lookahead: str = "sgd") -> dict[str, float]:
+    """Relative errors of jvp and fd against exact, and of exact against a finite difference of the real
+    meta loss in log tau, on embedded data with a tiny student (stochastic layers and BatchNorm included) and
+    teacher; also whether any meta computation changed a buffer."""
+    torch.manual_seed(seed)
+    dt = getattr(torch, dtype)
+    lr = lr or (0.5 if lookahead == "sgd" else 0.01)  # a step of the size each look-ahead takes in training
+    cfg = RunConfig(method="mkd", teacher="emb_vit_m")
+    cfg.mkd.granularity = granularity
+    train, _, info = load_base(cfg)
+    aug = build_augment("none", info.img_size, info.mean, info.std, info.num_classes)
+    ds = Transformed(train, None, aug.eval_transform)
+    xs = torch.stack([ds[i][0] for i in range(96)]).to(device, dt)
+    ys = torch.tensor([ds[i][1] for i in range(96)], device=device)
+    x, y, xm, ym = xs[:64], ys[:64], xs[64:], ys[64:]
+    kw = {"drop_rate": dropout}
+    student = create_model(student_name, info.num_classes, info.img_size, drop_path=drop_path, **kw)
+    if dropout and is_vit(student):  # ViTs take dropout in three places; attention dropout stays 0 (see README)
+        student = create_model(student_name, info.num_classes, info.img_size, drop_path=drop_path,
+                               proj_drop_rate=dropout, pos_drop_rate=dropout, **kw)
+    student = student.to(device, dt).train()
+    teacher = create_model("emb_vit_m", info.num_classes, info.img_size).to(device, dt).eval()
+    with torch.no_grad():
+        tl = 3 * teacher(x)  # sharpen the untrained teacher so the KD term matters
+    targets = F.one_hot(y, info.num_classes).to(dt)
+    method = MKD(cfg, info.num_classes).to(device, dt)
+    with torch.no_grad():  # start away from tau_t == tau_s, where symmetric cancellations can hide bugs
+        method.temps.log_tau_t.fill_(math.log(3.0))
+        method.temps.log_tau_s.fill_(math.log(5.0))
+    temps, loss_fn = method.temps, method.loss_with
+    params = [p for p in student.parameters() if p.requires_grad]
+    P = None
+    if lookahead == "adam":  # one earlier AdamW step on the meta batch gives the optimizer a second moment
+        opt = torch.optim.AdamW(params, lr=1e-3)
+        F.cross_entropy(eval_logits(student(xm)), ym).backward()
+        opt.step()
+        opt.zero_grad()
+
+    # the real training step: fused attention on, its RNG state recorded, gradients in .grad
+    rng = capture_rng(device)
+    out = student(x)
+    tau_t, tau_s = temps(targets)
+    loss_fn(out, tl, targets, tau_t.detach(), tau_s.detach())["loss"].backward()
+    grads = [p.grad.clone() for p in params]
+    if lookahead == "adam":
+        P = adam_preconditioner(opt, params, grads)
+    before = _buffers(student)
+    hg = {}
+    for mode in ("exact", "jvp", "fd"):
+        torch.manual_seed(seed + 1000 + len(hg))  # a different current RNG state for each: replay must not care
+        h, _ = hypergradient(mode, student, x, targets, tl, temps, loss_fn, lr, xm, ym,
+                             out=tuple(o.detach() for o in out) if isinstance(out, tuple) else out.detach(),
+                             grads=grads, fd_eps=1e-6 if dtype == "float64" else 1e-2, rng=rng,
+                             precond=(lambda g: P) if P is not None else None)
+        hg[mode] = torch.cat([t.reshape(-1) for t in h])
+    buffers_changed = any(not torch.equal(a, b) for a, b in zip(before, _buffers(student)))
+    # finite difference of the real meta loss in each log-tau coordinate
+    delta = 1e-5 if dtype == "float64" else 1e-2
+    fd_real = []
+    for p in temps.parameters():
+        for i in range(p.numel()):
+            vals = []
+            for sgn in (1, -1):
+                with torch.no_grad():
+                    p.view(-1)[i] += sgn * delta
+                vals.append(real_meta_loss(student, x, targets, tl, temps, loss_fn, lr, xm, ym, rng=rng, precond=P))
+                with torch.no_grad():
+                    p.view(-1)[i] -= sgn * delta
+            fd_real.append((vals[0] - vals[1]) / (2 * delta))
+    fd_real = torch.stack(fd_real)
+    return {"jvp_vs_exact": _rel(hg["jvp"], hg["exact"]), "fd_vs_exact": _rel(hg["fd"], hg["exact"]),
+            "exact_vs_fd_of_meta_loss": _rel(hg["exact"], fd_real), "hypergrad_exact": hg["exact"].tolist(),
+            "fd_of_meta_loss": fd_real.tolist(), "buffers_changed": buffers_changed}
+
+
+TOLERANCES = {"float64": {"jvp_vs_exact": 1e-6, "fd_vs_exact": 1e-4, "exact_vs_fd_of_meta_loss": 1e-4},
+              "float32": {"jvp_vs_exact": 1e-3, "fd_vs_exact": 5e-2, "exact_vs_fd_of_meta_loss": 5e-2}}
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m mkd.meta", description=__doc__.split("\n")[0])
+    ap.add_argument("--selfcheck", action="store_true", help="check the hypergradients (exit 1 above tolerance)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float64", choices=["float64", "float32"])
+    ap.add_argument("--granularity", default="global", choices=["global", "per_class"])
+    ap.add_argument("--student", default="emb_vit_s",
+                    help="student preset or timm name (16 px input), e.g. emb_resnet (a BatchNorm CNN)")
+    ap.add_argument("--drop-path", type=float, default=0.0, help="stochastic depth rate of the student")
+    ap.add_argument("--dropout", type=float, default=0.0, help="dropout rate of the student (not attention dropout)")
+    ap.add_argument("--lookahead", default="sgd", choices=["sgd", "adam"], help="look-ahead step (mkd.lookahead)")
+    args = ap.parse_args(argv)
+    if not args.selfcheck:
+        ap.print_help()
+        return 0
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("error: --device cuda but no GPU is visible: use --device cpu", file=sys.stderr)
+        return 2
+    res = selfcheck(args.device, args.dtype, granularity=args.granularity, student_name=args.student,
+                    drop_path=args.drop_path, dropout=args.dropout, lookahead=args.lookahead)
+    tol = TOLERANCES[args.dtype]
+    ok = not res["buffers_changed"]
+    print(f"MKD hypergradient self-check ({args.device}, {args.dtype}, granularity={args.granularity}, "
+          f"student={args.student}, drop_path={args.drop_path}, dropout={args.dropout}, lookahead={args.lookahead})")
+    print(f"  {'buffers untouched':<28} {'ok' if ok else 'FAIL: a meta computation changed a buffer'}")
+    for k, t in tol.items():
+        good = res[k] <= t
+        ok &= good
+        print(f"  {k:<28} rel. error {res[k]:.2e}  (tolerance {t:.0e})  {'ok' if good else 'FAIL'}")
+    if not args.granularity == "per_class":
+        print(f"  d L_meta / d(log tau_t, log tau_s): exact {['%.4e' % v for v in res['hypergrad_exact']]}, "
+              f"finite difference {['%.4e' % v for v in res['fd_of_meta_loss']]}")
+    print("PASS" if ok else "FAIL")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

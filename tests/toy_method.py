@@ -1,0 +1,33 @@
+"""A method added the documented way, as a test: one file with its options section and a registration.
+
+``MKD_METHODS=toy_method`` (with tests/ on PYTHONPATH) makes every process of a suite import it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mkd.methods import register
+from mkd.methods.base import Method
+from mkd.methods.common import ce_loss, heads, kd_term
+from mkd.options import option
+
+
+@dataclass
+class ToyConfig:
+    """Options of the toy method."""
+
+    tau: float = option(2.0, "the one temperature of its KD term")
+    beta: float = option(0.3, "weight of its KD term")
+
+
+@register(sections={"toy": ToyConfig})
+class Toy(Method):
+    """CE plus beta times KD at one temperature."""
+
+    name, label, order = "toy", "Toy KD", 5
+    options = ("toy",)
+
+    def forward(self, out, teacher_logits, targets):
+        cls, dist = heads(out)
+        t = self.cfg.toy
+        return self._mix(ce_loss(cls, targets), kd_term(dist, teacher_logits, t.tau, t.tau), t.beta, "kd")
