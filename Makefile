@@ -22,11 +22,11 @@ demo: $(STAMP)            ## run the embedded degradation study on this machine,
 tables: $(STAMP)
 	$(PY) analysis/make_tables.py
 
-test: $(STAMP)            ## every test (the Slurm ones need root + slurm/local_cluster.sh install)
-	$(PY) -m pytest -q
+test: $(STAMP)            ## every test, two workers (the Slurm ones need root + slurm/local_cluster.sh install)
+	$(PY) -m pytest -q -n 2 --dist loadgroup
 
-test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slurm"
+test-fast: $(STAMP)       ## the tests not marked slow or slurm (under a minute)
+	$(PY) -m pytest -q -m "not slurm and not slow"
 
 perf: $(STAMP)
 	$(PY) benchmarks/perf.py --json perf.json

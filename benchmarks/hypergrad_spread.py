@@ -16,7 +16,6 @@ temperatures.  fp32, CPU; a few seconds per setting.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 

@@ -116,12 +116,8 @@ def _default_parallel() -> tuple[int, list[Optional[str]]]:
     return n, [None] * n
 
 
-_GPU_SLOTS = None
-
-
 def _worker_init(threads: int, gpu_slots) -> None:
     """Pool worker set-up: its GPU (one per worker) and thread count, before torch is imported."""
-    global _GPU_SLOTS
     if gpu_slots is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu_slots.get()
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)

@@ -31,14 +31,12 @@ difference of the real meta loss in log tau.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import math
 import sys
 from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
@@ -232,73 +230,94 @@ def hypergradient(mode: str, student: nn.Module, x: Tensor, targets: Tensor, tea
     them with a differentiable graph.  ``precond(grads) -> P`` makes the look-ahead ``theta - lr * P*g``
     (``lookahead=adam``); None is plain SGD.
     """
-    named = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
-    names, params = [n for n, _ in named], [p for _, p in named]
-    tparams = list(temps.parameters())
-    device = _device_of(student)
+    if mode not in ("exact", "jvp", "fd"):
+        raise ValueError(f"unknown hypergradient mode {mode!r}")
+    s = _Step(student, x, targets, teacher_logits, temps, loss_fn, lr, rng, autocast)
+    meta = (xm, ym, objective, teacher_m)
+    if mode == "exact":
+        return _exact(s, meta, precond)
+    return _first_order(s, mode, meta, out, grads, fd_eps, precond)
 
-    def train_forward(fn, *args):  # the real step's forward: same masks, batch statistics, no buffer update
-        with replayed_rng(rng, device), batchnorm_stats_frozen(student):
+
+class _Step:
+    """The training step whose hypergradient is computed: its batch, loss, parameters and RNG state."""
+
+    def __init__(self, student, x, targets, teacher_logits, temps, loss_fn, lr, rng, autocast):
+        self.student, self.x, self.targets, self.teacher_logits = student, x, targets, teacher_logits
+        self.temps, self.loss_fn, self.lr, self.rng, self.autocast = temps, loss_fn, lr, rng, autocast
+        named = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
+        self.names, self.params = [n for n, _ in named], [p for _, p in named]
+        self.tparams = list(temps.parameters())
+        self.device = _device_of(student)
+
+    def forward(self, fn, *args):
+        """The real step's forward: the same masks, batch statistics, no buffer update."""
+        with replayed_rng(self.rng, self.device), batchnorm_stats_frozen(self.student):
             return fn(*args)
 
-    if mode == "exact":
-        with fused_attention_off(student), autocast():
-            z = train_forward(student, x)
-            tau_t, tau_s = temps(targets)
-            loss = loss_fn(z, teacher_logits, targets, tau_t, tau_s)["loss"]
-            g = _zeros_for_none(torch.autograd.grad(loss, params, create_graph=True, allow_unused=True), params)
-        P = precond([gi.detach() for gi in g]) if precond else None
-        step = [gi * pi for gi, pi in zip(g, P)] if P else g
-        v, meta_loss = lookahead_meta_grad(student, names, params, step, lr, xm, ym, objective, teacher_m, autocast)
-        v = mean_over_ranks(v)
-        if P:
-            v = [vi * pi for vi, pi in zip(v, P)]
-        with fused_attention_off(student):
-            dot = sum((gi * vi).sum() for gi, vi in zip(g, v))
-            hyper = torch.autograd.grad(-lr * dot, tparams, allow_unused=True)
-        return _zeros_for_none(hyper, tparams), meta_loss
+    def loss(self, z, detach_tau: bool) -> Tensor:
+        tau_t, tau_s = self.temps(self.targets)
+        if detach_tau:
+            tau_t, tau_s = tau_t.detach(), tau_s.detach()
+        return self.loss_fn(z, self.teacher_logits, self.targets, tau_t, tau_s)["loss"]
 
+    def lookahead(self, g: list[Tensor], P: Optional[list[Tensor]], meta) -> tuple[list[Tensor], Tensor]:
+        """``v`` (``P*v`` with a preconditioner) at ``theta - lr * P*g``, averaged over DDP processes."""
+        step = [gi * pi for gi, pi in zip(g, P)] if P else g
+        v, meta_loss = lookahead_meta_grad(self.student, self.names, self.params, step, self.lr, *meta[:2],
+                                           meta[2], meta[3], self.autocast)
+        v = mean_over_ranks(v)
+        return ([vi * pi for vi, pi in zip(v, P)] if P else v), meta_loss
+
+    def d_tau(self, quantity: Tensor) -> list[Tensor]:
+        return _zeros_for_none(torch.autograd.grad(quantity, self.tparams, allow_unused=True), self.tparams)
+
+
+def _exact(s: _Step, meta, precond) -> tuple[list[Tensor], Tensor]:
+    """Double backward: ``-lr * d/dtau <g(theta, tau), v>`` through the network."""
+    with fused_attention_off(s.student), s.autocast():
+        z = s.forward(s.student, s.x)
+        g = torch.autograd.grad(s.loss(z, detach_tau=False), s.params, create_graph=True, allow_unused=True)
+        g = _zeros_for_none(g, s.params)
+    P = precond([gi.detach() for gi in g]) if precond else None
+    v, meta_loss = s.lookahead(g, P, meta)
+    with fused_attention_off(s.student):
+        hyper = s.d_tau(-s.lr * sum((gi * vi).sum() for gi, vi in zip(g, v)))
+    return hyper, meta_loss
+
+
+def _first_order(s: _Step, mode: str, meta, out, grads, fd_eps: float, precond) -> tuple[list[Tensor], Tensor]:
+    """``dz = J v`` by forward mode (jvp) or two forwards at ``theta +- eps v`` (fd), then
+    ``-lr * d/dtau <dL/dz (z, tau), dz>`` on the logits alone."""
     if grads is None:
-        with autocast():
-            out = train_forward(student, x)
-            tau_t, tau_s = temps(targets)
-            loss = loss_fn(out, teacher_logits, targets, tau_t.detach(), tau_s.detach())["loss"]
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
-    g = _zeros_for_none(grads, params)
-    P = precond(g) if precond else None
-    step = [gi * pi for gi, pi in zip(g, P)] if P else g
-    v, meta_loss = lookahead_meta_grad(student, names, params, step, lr, xm, ym, objective, teacher_m, autocast)
-    v = mean_over_ranks(v)
-    if P:
-        v = [vi * pi for vi, pi in zip(v, P)]
-    primals = tuple(p.detach() for p in params)
+        with s.autocast():
+            out = s.forward(s.student, s.x)
+            loss = s.loss(out, detach_tau=True)
+        grads = torch.autograd.grad(loss, s.params, allow_unused=True)
+    g = _zeros_for_none(grads, s.params)
+    v, meta_loss = s.lookahead(g, precond(g) if precond else None, meta)
+    primals = tuple(p.detach() for p in s.params)
 
     def logits_at(*ps):
-        return _as_tuple(functional_call(student, dict(zip(names, ps)), (x,)))
+        return _as_tuple(functional_call(s.student, dict(zip(s.names, ps)), (s.x,)))
 
     if mode == "jvp":
-        with fused_attention_off(student), autocast():
-            z, dz = train_forward(torch.func.jvp, logits_at, primals, tuple(v))
-    elif mode == "fd":
+        with fused_attention_off(s.student), s.autocast():
+            z, dz = s.forward(torch.func.jvp, logits_at, primals, tuple(v))
+    else:
         eps = fd_eps / (torch.sqrt(sum((fp32(vi) ** 2).sum() for vi in v)) + 1e-12)
         with torch.no_grad():
-            zp = train_forward(logits_at, *[p + eps * vi for p, vi in zip(primals, v)])
-            zm = train_forward(logits_at, *[p - eps * vi for p, vi in zip(primals, v)])
+            zp = s.forward(logits_at, *[p + eps * vi for p, vi in zip(primals, v)])
+            zm = s.forward(logits_at, *[p - eps * vi for p, vi in zip(primals, v)])
         dz = tuple((fp32(a) - fp32(b)) / (2 * eps) for a, b in zip(zp, zm))
         z = _as_tuple(out) if out is not None else None
         if z is None:
-            with torch.no_grad(), autocast():
-                z = train_forward(logits_at, *primals)
-    else:
-        raise ValueError(f"unknown hypergradient mode {mode!r}")
-
+            with torch.no_grad(), s.autocast():
+                z = s.forward(logits_at, *primals)
     zs = [fp32(t.detach()).requires_grad_(True) for t in z]
-    tau_t, tau_s = temps(targets)
-    loss = loss_fn(_untuple(zs), teacher_logits, targets, tau_t, tau_s)["loss"]
-    gz = torch.autograd.grad(loss, zs, create_graph=True)
+    gz = torch.autograd.grad(s.loss(_untuple(zs), detach_tau=False), zs, create_graph=True)
     inner = sum((a * fp32(b.detach())).sum() for a, b in zip(gz, dz))
-    hyper = torch.autograd.grad(-lr * inner, tparams, allow_unused=True)
-    return _zeros_for_none(hyper, tparams), meta_loss
+    return s.d_tau(-s.lr * inner), meta_loss
 
 
 class MetaLearner:

@@ -161,6 +161,8 @@ def test_empty_or_missing_results_is_one_clear_line(tmp_path):
     assert_user_error(run_cli(MAKE, "--results", str(tmp_path / "empty")), "no runs under")
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("small_suite")  # one worker runs the shared suite
 def test_tables_from_real_tiny_runs(small_suite_results, tmp_path):
     d, _, _ = small_suite_results
     out = tmp_path / "tables"

@@ -174,6 +174,7 @@ def test_bad_data_input_is_one_clear_line(tmp_path, args, fragments, capsys):
     cli_error(main, ["--out", str(tmp_path / "run"), "epochs=1", *args], capsys, *fragments)
 
 
+@pytest.mark.slow
 def test_bad_data_input_in_a_real_process_has_no_traceback(tmp_path):
     assert_user_error(run_cli("-m", "mkd.train", "--out", str(tmp_path / "run"), "dataset=imagenet",
                               f"data_root={tmp_path / 'nope'}"), "not found", "train/ and val/")

@@ -32,6 +32,7 @@ def test_hypergradients_agree_with_each_other_and_a_finite_difference_of_the_met
     assert max(abs(v) for v in res["hypergrad_exact"]) > 1e-6, "a vanishing hypergradient would make this vacuous"
 
 
+@pytest.mark.slow
 def test_selfcheck_cli_passes_in_float32():
     p = run_cli("-m", "mkd.meta", "--selfcheck", "--dtype", "float32")
     assert p.returncode == 0, p.stdout + p.stderr

@@ -16,7 +16,7 @@ import torch
 
 from conftest import ROOT, RUN, run_cli, write_suite
 
-pytestmark = pytest.mark.slurm
+pytestmark = [pytest.mark.slurm, pytest.mark.xdist_group("slurm")]  # one worker owns the cluster fixture
 SCRIPT = ROOT / "slurm" / "local_cluster.sh"
 PROFILE = ROOT / "slurm" / "local.yaml"
 

@@ -50,17 +50,17 @@ def test_other_suites_expand_as_described():
     assert sorted({r.config.fraction for r in frac.students}) == [0.1, 0.25, 0.5, 1.0] and len(frac.students) == 12
 
 
-def test_dry_run_prints_one_line_per_run_and_filters(tmp_path):
-    p = run_cli(RUN, "--suite", "degradation", "--dry-run", "--results", str(tmp_path))
-    assert p.returncode == 0, p.stderr
-    lines = p.stdout.strip().splitlines()
-    assert len(lines) == 1 + 29 and not any(tmp_path.iterdir()), "a dry run writes nothing"
-    p = run_cli(RUN, "--suite", "degradation", "--dry-run", "--filter", "method=mkd", "--filter", "teacher=large",
-                "--results", str(tmp_path))
-    assert len(p.stdout.strip().splitlines()) == 1 + 1 + 2, p.stdout
-    p = run_cli(RUN, "--suite", "degradation", "--dry-run", "--axis", "seed=0,1,2", "--filter", "method=ce",
-                "--results", str(tmp_path))
-    assert len(p.stdout.strip().splitlines()) == 1 + 2 * 3, p.stdout
+def test_dry_run_prints_one_line_per_run_and_filters(tmp_path, capsys):
+    main = load_script(Path(RUN)).main
+
+    def dry(*args):
+        capsys.readouterr()
+        assert main(["--suite", "degradation", "--dry-run", "--results", str(tmp_path), *args]) == 0
+        return capsys.readouterr().out.strip().splitlines()
+
+    assert len(dry()) == 1 + 29 and not any(tmp_path.iterdir()), "a dry run writes nothing"
+    assert len(dry("--filter", "method=mkd", "--filter", "teacher=large")) == 1 + 1 + 2
+    assert len(dry("--axis", "seed=0,1,2", "--filter", "method=ce")) == 1 + 2 * 3
 
 
 @pytest.mark.parametrize("args,fragments", [
@@ -77,6 +77,7 @@ def test_runner_bad_input_is_one_clear_line(tmp_path, args, fragments, capsys):
     assert not any(tmp_path.iterdir()), "nothing launched"
 
 
+@pytest.mark.slow
 def test_runner_error_in_a_real_process_has_no_traceback(tmp_path):
     assert_user_error(run_cli(RUN, "--suite", "degradation", "--filter", "augment=strnog", "--results", str(tmp_path)),
                       "augment=strnog", "strong")
@@ -100,6 +101,7 @@ def test_suite_validation_names_file_key_and_allowed_values(tmp_path, change, fr
     assert not (tmp_path / "results").exists()
 
 
+@pytest.mark.slow
 def test_slurm_unreachable_is_one_clear_line(tmp_path):
     import subprocess
     import sys
@@ -112,6 +114,8 @@ def test_slurm_unreachable_is_one_clear_line(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("small_suite")  # one worker runs the shared suite
 def test_local_suite_runs_teacher_first_and_finishes(small_suite_results):
     d, suite, p = small_suite_results
     res = d / "results"
@@ -126,12 +130,16 @@ def test_local_suite_runs_teacher_first_and_finishes(small_suite_results):
     assert "7/7 runs finished" in p.stdout
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("small_suite")  # one worker runs the shared suite
 def test_second_invocation_of_a_finished_suite_does_nothing(small_suite_results):
     d, suite, _ = small_suite_results
     p = run_cli(RUN, "--suite", str(suite), "--results", str(d / "results"))
     assert p.returncode == 0 and "nothing to do" in p.stdout, p.stdout
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("small_suite")  # one worker runs the shared suite
 def test_status_lists_every_run(small_suite_results):
     d, suite, _ = small_suite_results
     p = run_cli(RUN, "--suite", str(suite), "--results", str(d / "results"), "--status")
@@ -141,6 +149,8 @@ def test_status_lists_every_run(small_suite_results):
     assert all(l.startswith("done") for l in lines[2:]) and "train.log" in lines[2]
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("small_suite")  # one worker runs the shared suite
 def test_failed_runs_are_retried_and_locked_runs_skipped(small_suite_results, tmp_path):
     from mkd.rundir import RunDir
 
@@ -164,6 +174,7 @@ def test_failed_runs_are_retried_and_locked_runs_skipped(small_suite_results, tm
     assert "running" in status
 
 
+@pytest.mark.slow
 def test_failed_teacher_blocks_its_students_and_exit_is_nonzero(tmp_path):
     suite = write_suite(tmp_path / "fails.yaml", **{"scales/tiny/teachers/small/train": {"epochs": 2, "lr": 1e30,
                                                                                         "warmup_epochs": 0, "log_every": 1}})
@@ -176,34 +187,30 @@ def test_failed_teacher_blocks_its_students_and_exit_is_nonzero(tmp_path):
 @pytest.mark.slow
 def test_a_method_added_as_one_file_runs_through_a_suite_and_the_tables_without_changing_other_run_ids(tmp_path):
     import os
+    import subprocess
+    import sys
 
-    from conftest import ROOT
+    from mkd.errors import UserError
 
     suite = write_suite(tmp_path / "toy.yaml", **{"axes/method": ["ce", "kd", "toy"], "axes/seed": [0],
                                                   "table": "degradation"})
     res = tmp_path / "r"
-    plain = run_cli(RUN, "--suite", str(suite), "--results", str(res), "--dry-run")
-    assert plain.returncode == 2 and "method" in plain.stderr and "toy" in plain.stderr  # unknown without the plugin
+    with pytest.raises(UserError, match="toy"):  # this process has not imported it: an unknown method
+        expand(str(suite), "tiny", res)
     e = dict(env(), MKD_METHODS="toy_method", PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
-    import subprocess
-    import sys
 
     def cli(*args):
         return subprocess.run([sys.executable, *args], cwd=ROOT, env=e, capture_output=True, text=True, timeout=600)
 
-    dry = cli(RUN, "--suite", str(suite), "--results", str(res), "--dry-run")
-    assert dry.returncode == 0, dry.stderr
-    without = run_cli(RUN, "--suite", str(write_suite(tmp_path / "toy.yaml", **{"axes/method": ["ce", "kd"],
-                                                                                "axes/seed": [0]})),
-                      "--results", str(res), "--dry-run")
-    ids = lambda out: {l.split()[1] for l in out.splitlines() if l.startswith(("student", "teacher"))}  # noqa: E731
-    assert ids(without.stdout) < ids(dry.stdout), "adding the toy method and its section changes no other run id"
-    suite = write_suite(tmp_path / "toy.yaml", **{"axes/method": ["ce", "kd", "toy"], "axes/seed": [0],
-                                                  "table": "degradation"})
     p = cli(RUN, "--suite", str(suite), "--results", str(res))
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     p = cli(str(ROOT / "analysis" / "make_tables.py"), "--results", str(res), "--out", str(tmp_path / "t"))
     assert p.returncode == 0, p.stderr
+    # the runs of the other methods have the ids they have without the toy method and its option section
+    without = expand(str(write_suite(tmp_path / "toy.yaml", **{"axes/method": ["ce", "kd"], "axes/seed": [0]})),
+                     "tiny", res)
+    trained = {d.name for d in (res / "toy" / "tiny").iterdir() if d.is_dir()}
+    assert {r.run_id for r in without.students} < trained and len(trained) == len(without.students) + 1
     md = (tmp_path / "t" / "toy_tiny.md").read_text()
     header = next(l for l in md.splitlines() if l.startswith("| teacher"))
     row = next(l for l in md.splitlines() if l.startswith("| small"))
@@ -213,4 +220,3 @@ def test_a_method_added_as_one_file_runs_through_a_suite_and_the_tables_without_
     assert f"{toy['final_top1']:.2f}" in row
     info = json.loads(next((res / "toy" / "tiny").glob("*/run.json")).read_text())
     assert info["table"] == "degradation" and "label" in info["method"]
-

@@ -24,11 +24,12 @@ def _weights(d: Path) -> dict:
     return torch.load(d / "model.pt", map_location="cpu")["model"]
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_and_matches_an_uninterrupted_one(tmp_path, teacher_ckpt):
     args = ["method=mkd", "teacher=emb_vit_m", f"teacher_checkpoint={teacher_ckpt}", "epochs=4", "batch_size=64",
             "augment=strong", "mkd.meta_interval=2", "log_every=5", *TINY]
     full, killed = tmp_path / "full", tmp_path / "killed"
-    p = run_cli("-m", "mkd.train", "--out", str(full), *args)
+    p = run_cli("-m", "mkd.train", "--out", str(full), *args)  # all three in processes with the same thread count
     assert p.returncode == 0, p.stderr[-3000:]
 
     proc = subprocess.Popen([sys.executable, "-m", "mkd.train", "--out", str(killed), *args], cwd=ROOT, env=env(),
@@ -54,15 +55,16 @@ def test_killed_run_resumes_and_matches_an_uninterrupted_one(tmp_path, teacher_c
     assert not (killed / "checkpoint.pt").exists(), "the checkpoint is removed once model.pt and result.json exist"
 
 
-def test_rerun_on_a_finished_dir_does_nothing(tmp_path):
-    args = ["epochs=1", "batch_size=64", *TINY]
-    assert run_cli("-m", "mkd.train", "--out", str(tmp_path), *args).returncode == 0
+def test_rerun_on_a_finished_dir_does_nothing(tmp_path, capsys):
+    from mkd.train import main
+
+    args = ["--out", str(tmp_path), "epochs=1", "batch_size=64", *TINY]
+    assert main(args) == 0
     mtime = (tmp_path / "result.json").stat().st_mtime_ns
-    p = run_cli("-m", "mkd.train", "--out", str(tmp_path), *args)
-    assert p.returncode == 0 and "already finished" in p.stdout
+    capsys.readouterr()
+    assert main(args) == 0 and "already finished" in capsys.readouterr().out
     assert (tmp_path / "result.json").stat().st_mtime_ns == mtime
-    p = run_cli("-m", "mkd.train", "--out", str(tmp_path), "epochs=2", "batch_size=64", *TINY)
-    assert_user_error(p, "holds another run")
+    cli_error(main, ["--out", str(tmp_path), "epochs=2", "batch_size=64", *TINY], capsys, "holds another run")
 
 
 def test_result_records_teacher_top1_environment_and_is_cached(tmp_path, teacher_ckpt, private_cache):
@@ -79,6 +81,7 @@ def test_result_records_teacher_top1_environment_and_is_cached(tmp_path, teacher
         assert res[k] is not None, k
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_match_one_process(tmp_path, teacher_ckpt):
     args = ["method=mkd", "teacher=emb_vit_m", f"teacher_checkpoint={teacher_ckpt}", "epochs=2", "batch_size=64",
             "augment=none", "mkd.meta_interval=2", "mkd.hypergrad=jvp", *TINY]
@@ -97,6 +100,7 @@ def test_ddp_two_processes_match_one_process(tmp_path, teacher_ckpt):
     assert ra["tau_t"] == pytest.approx(rb["tau_t"], rel=1e-4) and ra["tau_s"] == pytest.approx(rb["tau_s"], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_non_finite_loss_marks_the_run_failed(tmp_path):
     p = run_cli("-m", "mkd.train", "--out", str(tmp_path), "lr=1e30", "warmup_epochs=0", "epochs=2",
                 "batch_size=64", "log_every=2", *TINY)
@@ -121,6 +125,7 @@ def test_bad_configs_give_one_clean_line(tmp_path, args, fragments, capsys):
     cli_error(main, ["--out", str(tmp_path / "r"), *args, *TINY], capsys, *fragments)
 
 
+@pytest.mark.slow
 def test_teacher_with_other_classes_is_rejected(tmp_path, teacher_ckpt):
     p = run_cli("-m", "mkd.train", "--out", str(tmp_path / "r"), "method=kd", "teacher=emb_vit_m",
                 f"teacher_checkpoint={teacher_ckpt}", "embedded.num_classes=10", "embedded.superclasses=5", *TINY)
@@ -141,6 +146,7 @@ def test_checkpoint_formats_deit_and_raw_state_dict(tmp_path, teacher_ckpt):
         assert torch.equal(t.state_dict()["head.weight"], sd["head.weight"])
 
 
+@pytest.mark.slow
 def test_pretrained_teacher_offline_is_a_clear_error(tmp_path):
     e = dict(env(), HF_HUB_OFFLINE="1")
     p = subprocess.run([sys.executable, "-m", "mkd.train", "--out", str(tmp_path / "r"), "method=kd",
