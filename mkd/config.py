@@ -151,14 +151,17 @@ def _field_types(cls) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check/convert a YAML value against a field type; error names the key and the expected type."""
+def _coerce(value: Any, tp: Any, key: str, choices: tuple | None = None) -> Any:
+    """Check/convert a YAML value against a field type; error names the key and the expected type.
+
+    YAML reads ``on``/``off``/``yes``/``no`` as booleans; a string key whose allowed values include such a word
+    takes the boolean back as that word (``compile=on``, ``amp=off``)."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None or (isinstance(value, str) and value.lower() in ("null", "none")):
             return None
-        return _coerce(value, args[0], key)
+        return _coerce(value, args[0], key, choices)
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -178,7 +181,14 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             except ValueError:
                 pass
     elif tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        if isinstance(value, bool):
+            words = [w for w in (("on", "true", "yes") if value else ("off", "false", "no")) if w in (choices or ())]
+            if words:
+                return words[0]
+            allowed = f"; allowed: {', '.join(choices)}" if choices else ""
+            raise UserError(f"config key '{key}' must be a string, got the boolean {value} (YAML reads on/off/yes/no "
+                            f"as booleans: quote the value){allowed}")
+        if isinstance(value, (str, int, float)):
             return str(value)
     elif tp is dict or origin is dict:
         if isinstance(value, dict):
@@ -200,7 +210,8 @@ def _build(cls, data: dict, prefix: str = ""):
         if _is_dataclass_type(tp):
             kwargs[k] = _build(tp, v if v is not None else {}, f"{key}.")
         else:
-            kwargs[k] = _coerce(v, tp, key)
+            f = next(f for f in dataclasses.fields(cls) if f.name == k)
+            kwargs[k] = _coerce(v, tp, key, f.metadata.get("choices"))
     obj = cls(**kwargs)
     for f in dataclasses.fields(cls):
         choices = f.metadata.get("choices")

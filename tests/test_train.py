@@ -118,11 +118,22 @@ def test_non_finite_loss_marks_the_run_failed(tmp_path):
     (["method=kd", "teacher=emb_vit_m", "teacher_checkpoint=/nonexistent/t.pt"], ["not found"]),
     (["epochs=-1"], ["epochs"]),
     (["batch_size=big"], ["batch_size", "int"]),
+    (["student=no"], ["config key 'student' must be a string", "quote the value"]),
+    (["method=yes"], ["method", "boolean", "allowed: ce, kd"]),
 ])
 def test_bad_configs_give_one_clean_line(tmp_path, args, fragments, capsys):
     from mkd.train import main
 
     cli_error(main, ["--out", str(tmp_path / "r"), *args, *TINY], capsys, *fragments)
+
+
+def test_yaml_booleans_in_string_keys_are_read_as_the_documented_words(tmp_path):
+    cfg = load_config(overrides=["compile=on", "amp=off", "method=ce"])
+    assert (cfg.compile, cfg.amp, cfg.method) == ("on", "off", "ce")
+    f = tmp_path / "c.yaml"
+    f.write_text("compile: off\namp: off\nkd: {weight: none}\n")
+    cfg = load_config(f)
+    assert (cfg.compile, cfg.amp, cfg.kd.weight) == ("off", "off", "none")
 
 
 @pytest.mark.slow
