@@ -3,15 +3,17 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+# exact versions the README's numbers were made with; LOCK=requirements.txt installs from the ranges instead
+LOCK   ?= requirements-lock.txt
 
 .PHONY: setup demo tables test test-fast perf selfcheck slurm-up slurm-down clean
 
 setup: $(STAMP)
 
-$(STAMP): requirements.txt pyproject.toml
+$(STAMP): requirements.txt requirements-lock.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q -r $(LOCK)
 	$(PY) -m pip install -q --no-deps -e .
 	touch $(STAMP)
 

@@ -20,6 +20,7 @@ import pandas as pd  # noqa: E402
 
 from mkd import atomic  # noqa: E402
 from mkd.errors import UserError, cli  # noqa: E402
+from mkd.rundir import mixed_environments  # noqa: E402
 
 FORMATS = ("md", "tex", "html", "csv")
 REFERENCE = HERE.parent / "tables" / "paper_reference.csv"
@@ -69,7 +70,12 @@ def build(results: Path, out: Path, suites: list[str] | None = None, formats: tu
         run_ids = set(df["run_id"])
         c = curves[curves["run_id"].isin(run_ids)] if len(curves) else curves
         st = steps[steps["run_id"].isin(run_ids)] if len(steps) else steps
+        mixed = mixed_environments(list(df.drop_duplicates("run_id")["environment"])) if "environment" in df else None
+        if mixed:
+            print(f"warning: {suite} ({scale}): {mixed}", file=sys.stderr)
         for table in T.tables_for(df, suite, scale, ref):
+            if mixed:
+                table.notes.append(f"Warning: {mixed}.")
             files = []
             for fmt in formats:
                 p = out / f"{table.name}.{fmt}"

@@ -131,8 +131,9 @@ def teacher_info(df: pd.DataFrame, label) -> tuple[str, str, str]:
 def degradation(df: pd.DataFrame, suite: str, scale: str) -> list[Table]:
     """Rows = teacher (model, size, top-1); columns = methods per augmentation, then each method minus KD."""
     teachers = _sorted(df["teacher"].dropna(), None) if "teacher" in df else []
-    teachers = sorted(teachers, key=lambda t: float(df[df["teacher"] == t]["teacher_params"].dropna().iloc[0])
-                      if len(df[df["teacher"] == t]["teacher_params"].dropna()) else math.inf)
+    sizes = df["teacher_params"] if "teacher_params" in df else pd.Series(math.nan, index=df.index)
+    teachers = sorted(teachers, key=lambda t: float(sizes[df["teacher"] == t].dropna().iloc[0])
+                      if len(sizes[df["teacher"] == t].dropna()) else math.inf)
     augs = _sorted(df["augment"], ["none", "weak", "medium", "strong"]) if "augment" in df else [None]
     methods = methods_in(df)
     h1 = ["teacher", "model", "params", "teacher top-1"]

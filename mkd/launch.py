@@ -20,7 +20,7 @@ import yaml
 
 from . import atomic
 from .errors import UserError
-from .rundir import ACTIVE_SLURM, RunDir
+from .rundir import ACTIVE_SLURM, RunDir, environment_of, mixed_environments
 from .suites import Plan, Run
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -99,6 +99,9 @@ def print_status(plan: Plan) -> int:
         top1 = f"{r['top1']:.2f}" if r["top1"] is not None else "-"
         extra = f"  ({r['reason']})" if r["state"] == "failed" and r["reason"] else ""
         print(f"{r['state']:<8} {r['run']:<12} {r['kind']:<7} {r['label']:<{w}} {top1:>6}  {r['log']}{extra}")
+    mixed = mixed_environments([environment_of(r.dir.read_result()) for r in plan.students])
+    if mixed:
+        print(f"warning: {mixed}")
     return 1 if counts["failed"] else 0
 
 

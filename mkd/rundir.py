@@ -127,3 +127,26 @@ class RunLock:
     def __exit__(self, *exc):
         fcntl.flock(self.f, fcntl.LOCK_UN)
         self.f.close()
+
+
+def environment_of(result: dict) -> Optional[str]:
+    """'torch X, timm Y, DEVICE' of a finished run (the CPU's thread count does not count as another device)."""
+    env = (result or {}).get("environment") or {}
+    if not env:
+        return None
+    device = str(env.get("device", "?"))
+    device = device.split(" (")[0] if device.startswith("cpu") else device
+    return f"torch {env.get('torch', '?')}, timm {env.get('timm', '?')}, {device}"
+
+
+def mixed_environments(environments: list[Optional[str]]) -> Optional[str]:
+    """A warning when runs that are compared were made with other package versions or devices
+    (``environments``: ``environment_of`` of each run, None for unfinished ones)."""
+    from collections import Counter
+
+    envs = Counter(e for e in environments if e)
+    if len(envs) < 2:
+        return None
+    return "runs made with different environments (their numbers may differ for that reason alone): " + \
+        "; ".join(f"{e} ({n} run{'s' if n > 1 else ''})" for e, n in envs.most_common())
+

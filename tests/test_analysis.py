@@ -177,3 +177,23 @@ def test_tables_from_real_tiny_runs(small_suite_results, tmp_path):
     assert (out / "small_tiny_temperatures.png").stat().st_size > 1000
     index = (out / "index.html").read_text()
     assert "small_tiny.md" in index and "small_tiny_temperatures.png" in index and str(out / "index.html") in p.stdout
+
+
+def test_a_table_mixing_package_versions_or_devices_says_so(tmp_path, capsys):
+    import make_tables
+
+    res = tmp_path / "results"
+    for i, (torch_v, device) in enumerate([("2.14.1", "cpu (x86_64, 2 cores, 1 threads)"),
+                                           ("2.14.1", "cpu (x86_64, 16 cores, 8 threads)"),
+                                           ("2.4.0", "NVIDIA H100 80GB HBM3")]):
+        r = {**done(40.0 + i, 4.0, 70.0, 1e5), "environment": {"torch": torch_v, "timm": "1.0.31", "device": device}}
+        fake_run(res, "degradation", f"r{i}", [{"teacher": "small", "augment": "weak", "method": "kd", "seed": i}],
+                 "kd", r, "emb_vit_m")
+    make_tables.build(res, tmp_path / "t")
+    md = (tmp_path / "t" / "degradation_tiny.md").read_text()
+    assert "different environments" in md and "torch 2.14.1, timm 1.0.31, cpu (2 runs)" in md
+    assert "torch 2.4.0, timm 1.0.31, NVIDIA H100 80GB HBM3 (1 run)" in md
+    assert "different environments" in capsys.readouterr().err
+    (res / "degradation" / "tiny" / "r2").rename(tmp_path / "gone")  # one environment left: no warning
+    make_tables.build(res, tmp_path / "t2")
+    assert "different environments" not in (tmp_path / "t2" / "degradation_tiny.md").read_text()
