@@ -26,15 +26,25 @@ RESULT_FIELDS = ("final_top1", "final_top5", "best_top1", "best_top5", "tau_t", 
 def _json(path: Path):
     try:
         return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
         return None
 
 
-def _jsonl(path: Path) -> list[dict]:
+def _jsonl(path: Path) -> tuple[list[dict], int]:
+    """Every readable line, and how many were not (a line cut short by a copy or a full disk)."""
+    rows, bad = [], 0
     try:
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        lines = path.read_text(errors="replace").splitlines()
     except FileNotFoundError:
-        return []
+        return [], 0
+    for line in lines:
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            bad += 1
+    return rows, bad
 
 
 def collect(results: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
@@ -44,7 +54,7 @@ def collect(results: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
         run = RunDir(info_path.parent)
         run_dir = run.path
         info = _json(run.info) or {}
-        res = _json(run.result)
+        res = run.read_result()  # a damaged one reads as failed, with the reason
         cfg = yaml.safe_load(run.config.read_text()) if run.config.exists() else {}
         status = run.state()
         base = {"suite": info.get("suite") or run_dir.parent.parent.name, "scale": info.get("scale", run_dir.parent.name),
@@ -54,11 +64,12 @@ def collect(results: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
                 "kd_tau_t": (cfg.get("kd") or {}).get("tau_t"), "kd_tau_s": (cfg.get("kd") or {}).get("tau_s")}
         for k in RESULT_FIELDS:
             base[k] = (res or {}).get(k)
-        records = _jsonl(run.metrics)
+        records, bad = _jsonl(run.metrics)
         decl = info.get("method") or {}  # the method's declarations, written by the launcher (no import here)
         base.update(method_label=decl.get("label", base["method"]), method_order=decl.get("order"),
                     learns_temperature=decl.get("learns_temperature", any("temps" in r for r in records)),
-                    table=info.get("table"), environment=environment_of(res) if status == "done" else None)
+                    table=info.get("table"), environment=environment_of(res) if status == "done" else None,
+                    unreadable_lines=bad)
         for r in info.get("rows") or [{}]:
             rows.append({**base, **{f"axis:{k}": v for k, v in r.items()}})
         for rec in records:

@@ -53,6 +53,11 @@ def build(results: Path, out: Path, suites: list[str] | None = None, formats: tu
     if not len(runs) or not len(runs[runs["kind"] == "student"]):
         raise UserError(f"no runs under {results}: run python benchmarks/run.py --suite NAME first or pass --results DIR")
     ref = load_reference(reference)
+    cut = runs.drop_duplicates("run_id")
+    cut = cut[cut["unreadable_lines"] > 0] if "unreadable_lines" in cut else cut.iloc[0:0]
+    for _, r in cut.iterrows():
+        print(f"warning: skipped {int(r['unreadable_lines'])} unreadable line(s) of {r['path']}/metrics.jsonl "
+              "(cut short by a copy?); its other lines are used", file=sys.stderr)
     students = runs[runs["kind"] == "student"]
     known = sorted(students["suite"].unique())
     for s in suites or []:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 
-def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+def write_bytes(path: str | os.PathLike, data: bytes, keep_previous: str | os.PathLike | None = None) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -21,6 +21,8 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        if keep_previous is not None and path.exists():
+            os.replace(path, keep_previous)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -40,17 +42,35 @@ def write_jsonl(path: str | os.PathLike, rows: list[dict]) -> None:
     write_text(path, "".join(json.dumps(r, default=str) + "\n" for r in rows))
 
 
-def torch_save(path: str | os.PathLike, obj: Any) -> None:
+def torch_save(path: str | os.PathLike, obj: Any, keep_previous: str | os.PathLike | None = None) -> None:
+    """``torch.save`` atomically; with ``keep_previous`` the file it replaces stays there until the new one is
+    whole (a damaged newest checkpoint then falls back to it)."""
     import torch
 
     buf = io.BytesIO()
     torch.save(obj, buf)
-    write_bytes(path, buf.getvalue())
+    write_bytes(path, buf.getvalue(), keep_previous)
+
+
+class Damaged(ValueError):
+    """A file exists but cannot be read whole (cut short by a crash of another tool, a copy, a full disk)."""
 
 
 def read_json(path: str | os.PathLike) -> Any | None:
-    """The parsed file, or None when it is missing (a finished write is always whole)."""
+    """The parsed file, or None when it is missing; ``Damaged`` when it cannot be parsed."""
     try:
         return json.loads(Path(path).read_text())
     except FileNotFoundError:
         return None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise Damaged(f"{path} is damaged ({type(e).__name__})") from None
+
+
+def move_aside(path: str | os.PathLike) -> Path:
+    """Keep a damaged file for inspection under ``NAME.damaged.<time>`` instead of deleting it."""
+    import time
+
+    path = Path(path)
+    dest = path.with_name(f"{path.name}.damaged.{time.strftime('%Y%m%d-%H%M%S')}.{os.getpid()}")
+    os.replace(path, dest)
+    return dest

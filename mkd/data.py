@@ -241,9 +241,19 @@ def make_split(labels: Sequence[int], fraction: float, meta_split: float, seed: 
 
 def load_or_make_split(path: Path, labels: Sequence[int], cfg: RunConfig) -> dict[str, np.ndarray]:
     """The run's split file if present (so reruns and other machines use the same subset), else a new one."""
+    split = None
     if path.exists():
-        with np.load(path) as z:
-            split = {k: z[k] for k in z.files}
+        try:
+            with np.load(path) as z:
+                split = {k: z[k] for k in z.files}
+            split["num_examples"], split["train"], split["meta"]  # noqa: B018  (all three present)
+        except Exception as e:  # truncated or foreign: keep it aside, make it again (a pure function of the seed)
+            from .atomic import move_aside
+
+            print(f"{path} is damaged ({type(e).__name__}): moved aside to {move_aside(path).name}; "
+                  "making the split again", flush=True)
+            split = None
+    if split is not None:
         if int(split["num_examples"]) != len(labels):
             raise UserError(f"{path} was made for {int(split['num_examples'])} training images but the dataset has "
                             f"{len(labels)}: point data_root at the same data or use a new --out")

@@ -46,6 +46,7 @@ class RunDir:
     split = property(lambda self: self.path / "split.npz")
     metrics = property(lambda self: self.path / "metrics.jsonl")
     checkpoint = property(lambda self: self.path / "checkpoint.pt")
+    previous_checkpoint = property(lambda self: self.path / "checkpoint.prev.pt")  # kept until the next is whole
     model = property(lambda self: self.path / "model.pt")
     result = property(lambda self: self.path / "result.json")
     log = property(lambda self: self.path / "train.log")
@@ -58,13 +59,24 @@ class RunDir:
 
     # ------------------------------------------------------------------ reading
     def read_result(self) -> Optional[dict]:
-        return atomic.read_json(self.result)
+        """The result, None when there is none yet; a damaged one reads as a failure that says so (rerunning
+        moves it aside and resumes)."""
+        try:
+            return atomic.read_json(self.result)
+        except atomic.Damaged:
+            return {"status": "failed", "reason": f"{self.result.name} is damaged: rerun to resume the run"}
 
     def read_info(self) -> dict:
-        return atomic.read_json(self.info) or {}
+        try:
+            return atomic.read_json(self.info) or {}
+        except atomic.Damaged:
+            return {}
 
     def read_job(self) -> Optional[dict]:
-        return atomic.read_json(self.job)
+        try:
+            return atomic.read_json(self.job)
+        except atomic.Damaged:
+            return None
 
     def log_path(self) -> str:
         """The log a user should open: the Slurm job's stdout when there is one, else train.log."""

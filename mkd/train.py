@@ -16,6 +16,7 @@ with DDP: gloo on CPU, NCCL on GPUs.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import platform
 import random
@@ -101,17 +102,27 @@ def environment(device: torch.device, world: int) -> dict:
 
 
 # ---------------------------------------------------------------------------- the run
-def prepare_dir(cfg: RunConfig, run: RunDir) -> Optional[dict]:
-    """Create/check the run directory; returns the finished result when there is nothing to do."""
+def prepare_dir(cfg: RunConfig, run: RunDir, say=print) -> Optional[dict]:
+    """Create/check the run directory; returns the finished result when there is nothing to do.
+
+    A damaged result.json or config.yaml is moved aside (``NAME.damaged.<time>``) and the run resumes; a config
+    of another run is refused."""
     run.path.mkdir(parents=True, exist_ok=True)
-    res = run.read_result()
+    try:
+        res = atomic.read_json(run.result)
+    except atomic.Damaged:
+        say(f"{run.result} is damaged: moved aside to {atomic.move_aside(run.result).name}; resuming the run")
+        res = None
     if run.config.exists():
-        text = run.config.read_text()
-        m = re.match(r"# run_id: (\w+)", text)
+        text = run.config.read_text(errors="replace")
+        m = re.match(r"# run_id: (\w+)\n", text)
         try:
             prev_id = m.group(1) if m else load_config(overrides=yaml.safe_load(text) or {}).run_id
         except UserError:  # written by another version with other keys
             prev_id = "unknown"
+        except yaml.YAMLError:
+            say(f"{run.config} is damaged: moved aside to {atomic.move_aside(run.config).name}; rewriting it")
+            prev_id = cfg.run_id  # the checkpoint's run id is checked on resume
         if prev_id != cfg.run_id:
             raise UserError(f"{run.path} holds another run ({prev_id}, this config is {cfg.run_id}): use a new --out")
     if res and res.get("status") == "done":
@@ -142,7 +153,7 @@ def train(cfg: RunConfig, out: str | Path, quiet: bool = False) -> dict:
     say = (lambda *a: None) if (quiet or rank) else (lambda *a: print(*a, flush=True))
     if cfg.batch_size % world:
         raise UserError(f"batch_size={cfg.batch_size} does not split over {world} processes: use a multiple of {world}")
-    done = prepare_dir(cfg, run) if rank == 0 else None
+    done = prepare_dir(cfg, run, say) if rank == 0 else None
     if world > 1:
         box = [done]
         dist.broadcast_object_list(box)
@@ -161,15 +172,29 @@ def train(cfg: RunConfig, out: str | Path, quiet: bool = False) -> dict:
             if rank == 0:
                 _write_failure(run, cfg, str(e))
             raise
+        except OSError as e:
+            if e.errno not in RESOURCE_ERRORS:
+                raise
+            what = Path(e.filename).name.lstrip(".").split(".tmp")[0] if e.filename else "a file"
+            raise UserError(f"{run.path}: could not write {what} ({e.strerror}): {RESOURCE_ERRORS[e.errno]}; "
+                            "then rerun the same command: the run resumes from its last checkpoint, and nothing "
+                            "half-written is read as a result") from None
         except Exception as e:  # a bug: record it, keep the traceback
             if rank == 0:
                 _write_failure(run, cfg, f"{type(e).__name__}: {e}")
             raise
 
 
+RESOURCE_ERRORS = {errno.ENOSPC: "free disk space", errno.EDQUOT: "free quota", errno.EROFS: "make it writable",
+                   errno.EACCES: "make it writable", errno.ENOENT: "restore the results directory"}
+
+
 def _write_failure(run: RunDir, cfg: RunConfig, reason: str) -> None:
-    atomic.write_json(run.result, {"status": "failed", "reason": reason, "run_id": cfg.run_id, "method": cfg.method,
-                                   "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    try:
+        atomic.write_json(run.result, {"status": "failed", "reason": reason, "run_id": cfg.run_id,
+                                       "method": cfg.method, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    except OSError:  # the disk that failed the run may fail this too: the error message still reaches the user
+        pass
 
 
 @dataclass
@@ -242,14 +267,34 @@ def _build(cfg: RunConfig, run: RunDir, rank: int, world: int, device: torch.dev
     return Built(loop, train_ds, split, len(val_ds), val_batches, teacher_top1)
 
 
-def _resume(run: RunDir, b: Built, rank: int, world: int, say) -> Progress:
-    """From the last checkpoint when there is one (weights, optimizers, scheduler, scaler, RNG, records)."""
+def _load_checkpoint(run: RunDir, cfg: RunConfig, say) -> Optional[dict]:
+    """The newest whole checkpoint of this run: ``checkpoint.pt``, else the one before it; a damaged file is moved
+    aside (never deleted), and with none left the run starts over."""
+    for path in (run.checkpoint, run.previous_checkpoint):
+        if not path.exists():
+            continue
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+            if not isinstance(state, dict) or state.get("run_id") != cfg.run_id or "model" not in state:
+                raise ValueError("not a checkpoint of this run")
+            return state
+        except Exception as e:  # truncated zip, unpickling error, foreign file: keep it, fall back
+            say(f"{path} is damaged ({type(e).__name__}): moved aside to {atomic.move_aside(path).name}")
+    return None
+
+
+def _resume(cfg: RunConfig, run: RunDir, b: Built, rank: int, world: int, say) -> Progress:
+    """From the last whole checkpoint when there is one (weights, optimizers, scheduler, scaler, RNG, records)."""
     L = b.loop
-    if not run.checkpoint.exists():
+    state = _load_checkpoint(run, cfg, say) if rank == 0 or world == 1 else None
+    if world > 1:
+        box = [state]
+        dist.broadcast_object_list(box)
+        state = box[0]
+    if state is None:
         if rank == 0:
             atomic.write_jsonl(run.metrics, [])
         return Progress()
-    state = torch.load(run.checkpoint, map_location="cpu", weights_only=False)
     L.models.student.load_state_dict(state["model"])
     L.method.load_state_dict(state["method"])
     L.optim.optimizer.load_state_dict(state["optimizer"])
@@ -300,7 +345,7 @@ def _checkpoint(cfg: RunConfig, run: RunDir, b: Built, p: Progress, rank: int, w
     if rank:
         return
     L = b.loop
-    atomic.torch_save(run.checkpoint, {
+    atomic.torch_save(run.checkpoint, keep_previous=run.previous_checkpoint, obj={
         "model": L.models.student.state_dict(), "method": L.method.state_dict(),
         "optimizer": L.optim.optimizer.state_dict(), "scheduler": L.optim.scheduler.state_dict(),
         "scaler": L.optim.scaler.state_dict() if L.optim.scaler else None, "rng": rngs, "epoch": p.epoch,
@@ -333,6 +378,7 @@ def _finish(cfg: RunConfig, run: RunDir, b: Built, p: Progress, rank: int, world
         atomic.torch_save(run.model, {"model": student.state_dict(), "run_id": cfg.run_id})
         atomic.write_json(run.result, result)  # last: its presence means the run is done
         run.checkpoint.unlink(missing_ok=True)
+        run.previous_checkpoint.unlink(missing_ok=True)
     return result
 
 
@@ -340,7 +386,7 @@ def _run(cfg: RunConfig, run: RunDir, rank: int, world: int, device: torch.devic
     """Build, resume, train epoch after epoch (each followed by a checkpoint), finish."""
     t_start = time.time()
     b = _build(cfg, run, rank, world, device, say)
-    p = _resume(run, b, rank, world, say)
+    p = _resume(cfg, run, b, rank, world, say)
     L = b.loop
     say(f"run {cfg.run_id}: {cfg.method} student {cfg.student} ({num_params(L.models.student) / 1e6:.2f}M) on "
         f"{cfg.dataset} [{len(b.split['train'])} train / {len(b.split['meta'])} meta / {b.val_len} val], augment "
