@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, TINY, cli_error, run_cli
+from conftest import TINY, cli_error, run_cli
 from mkd.config import load_config
 
 ARGS = ["method=mkd", "teacher=emb_vit_m", "epochs=3", "batch_size=64", "augment=weak", "mkd.meta_interval=2",
