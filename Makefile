@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # exact versions the README's numbers were made with; LOCK=requirements.txt installs from the ranges instead
 LOCK   ?= requirements-lock.txt
 
-.PHONY: setup demo tables test test-fast perf selfcheck slurm-up slurm-down clean
+.PHONY: setup demo tables test test-fast perf selfcheck gpu-check slurm-up slurm-down clean
 
 setup: $(STAMP)
 
@@ -35,6 +35,9 @@ perf: $(STAMP)
 
 selfcheck: $(STAMP)
 	$(PY) -m mkd.meta --selfcheck
+
+gpu-check: $(STAMP)       ## GPU acceptance check (selfcheck on CUDA, perf b128/b256, compile+bf16 MKD, DDP); CPU-sized on a CPU
+	$(PY) benchmarks/gpu_check.py
 
 slurm-up:
 	slurm/local_cluster.sh start && slurm/local_cluster.sh env

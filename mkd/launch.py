@@ -76,12 +76,18 @@ def state_of(run: Run, slurm: dict[str, str]) -> str:
 
 
 def status_rows(plan: Plan) -> list[dict]:
+    """One row per run; a student whose teacher failed is ``blocked`` and says why."""
     slurm = slurm_states(plan.runs)
     rows = []
     for run in plan.runs:
         res = run.dir.read_result() or {}
-        rows.append({"state": state_of(run, slurm), "run": run.run_id, "kind": run.kind, "label": run.label,
-                     "top1": res.get("final_top1"), "log": run.dir.log_path(), "reason": res.get("reason"),
+        state, reason = state_of(run, slurm), res.get("reason")
+        teacher = plan_teacher(plan, run) if run.teacher else None
+        if teacher is not None and state in ("pending", "failed") and state_of(teacher, slurm) == "failed":
+            why = (teacher.dir.read_result() or {}).get("reason") or slurm.get(teacher.run_id) or "see its log"
+            state, reason = "blocked", f"teacher {teacher.run_id} failed ({why})"
+        rows.append({"state": state, "run": run.run_id, "kind": run.kind, "label": run.label,
+                     "top1": res.get("final_top1"), "log": run.dir.log_path(), "reason": reason,
                      "slurm": slurm.get(run.run_id)})
     return rows
 
@@ -91,18 +97,20 @@ def print_status(plan: Plan) -> int:
     counts = defaultdict(int)
     for r in rows:
         counts[r["state"]] += 1
-    summary = ", ".join(f"{counts[s]} {s}" for s in ("done", "running", "pending", "failed") if counts[s])
+    summary = ", ".join(f"{counts[s]} {s}" for s in ("done", "running", "pending", "failed", "blocked") if counts[s])
     print(f"suite {plan.suite} ({plan.scale}): {len(rows)} runs: {summary}")
     w = max(len(r["label"]) for r in rows)
     print(f"{'STATE':<8} {'RUN':<12} {'KIND':<7} {'WHAT':<{w}} {'TOP1':>6}  LOG")
     for r in rows:
         top1 = f"{r['top1']:.2f}" if r["top1"] is not None else "-"
         extra = f"  ({r['reason']})" if r["state"] == "failed" and r["reason"] else ""
+        if r["state"] == "blocked":
+            extra = f"  (blocked: {r['reason']}; fix the teacher and rerun: they are submitted again)"
         print(f"{r['state']:<8} {r['run']:<12} {r['kind']:<7} {r['label']:<{w}} {top1:>6}  {r['log']}{extra}")
     mixed = mixed_environments([environment_of(r.dir.read_result()) for r in plan.students])
     if mixed:
         print(f"warning: {mixed}")
-    return 1 if counts["failed"] else 0
+    return 1 if counts["failed"] or counts["blocked"] else 0
 
 
 # ---------------------------------------------------------------------------- local execution
@@ -376,6 +384,8 @@ def make_executor(profile: dict, folder: Path, max_parallel: Optional[int]) -> s
         params["slurm_array_parallelism"] = max_parallel
     params.setdefault("timeout_min", 60)
     params.setdefault("slurm_job_name", "mkd")
+    # a student whose teacher failed can never start (afterok): let Slurm cancel it instead of leaving it pending
+    params["slurm_additional_parameters"] = {"kill-on-invalid-dep": "yes", **(params.get("slurm_additional_parameters") or {})}
     ex.update_parameters(**params)
     return ex
 

@@ -144,3 +144,23 @@ def test_two_task_job_trains_with_ddp_from_the_submitit_environment(slurm_cluste
     wa = torch.load(one.students[0].out / "model.pt")["model"]
     wb = torch.load(two.students[0].out / "model.pt")["model"]
     assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-4
+
+
+def test_students_of_a_failed_teacher_are_cancelled_reported_blocked_and_resubmitted(slurm_cluster, tmp_path):
+    suite = write_suite(tmp_path / "fails.yaml", **{"scales/tiny/teachers/small/train": {
+        "epochs": 2, "lr": 1e30, "warmup_epochs": 0, "log_every": 1}})
+    res = tmp_path / "results"
+    args = ["--suite", str(suite), "--results", str(res), "--profile", str(PROFILE), "--filter", "seed=0",
+            "--filter", "method=kd,mkd"]
+    p = run_cli(RUN, *args, "--wait", timeout=600)  # returns: Slurm cancels the students (kill-on-invalid-dep)
+    assert p.returncode == 1, p.stdout[-2000:] + p.stderr[-2000:]
+    status = run_cli(RUN, *args, "--status")
+    assert status.returncode == 1
+    teacher = next((res / "teachers" / "tiny").iterdir()).name
+    blocked = [l for l in status.stdout.splitlines() if l.startswith("blocked")]
+    assert len(blocked) == 2 and all(f"teacher {teacher} failed (" in l and "non-finite" in l for l in blocked), \
+        status.stdout
+    p = run_cli(RUN, *args)  # rerun: the teacher and its students go out again
+    assert "submitted 3 jobs (1 teachers, 2 students)" in p.stdout, p.stdout + p.stderr
+    jobs = [json.loads(f.read_text())["job_id"] for f in res.glob("*/tiny/*/job.json")]
+    subprocess.run(["scancel", *[j.split("_")[0] for j in jobs]], check=False)
