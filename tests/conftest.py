@@ -23,7 +23,8 @@ def private_cache(tmp_path_factory):
     d = tmp_path_factory.mktemp("mkd-cache")
     old = os.environ.get("MKD_CACHE")
     os.environ["MKD_CACHE"] = str(d)
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))  # make test: one core per xdist worker
+    torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // workers)))
     yield d
     if old is None:
         os.environ.pop("MKD_CACHE", None)

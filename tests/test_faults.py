@@ -17,7 +17,7 @@ import torch
 from conftest import TINY, cli_error, run_cli
 from mkd.config import load_config
 
-ARGS = ["method=mkd", "teacher=emb_vit_m", "epochs=3", "batch_size=64", "augment=weak", "mkd.meta_interval=2",
+ARGS = ["method=mkd", "teacher=emb_vit_m", "epochs=2", "batch_size=64", "augment=weak", "mkd.meta_interval=2",
         "log_every=5", *TINY]
 
 
@@ -45,7 +45,7 @@ def clean_run(tmp_path_factory, teacher_ckpt):
 
 
 def _crash_before_finishing(monkeypatch, cfg, out):
-    """Train every epoch, then die where result.json would be written: checkpoints of epochs 3 and 2 remain."""
+    """Train every epoch, then die where result.json would be written: checkpoints of epochs 2 and 1 remain."""
     import mkd.train as T
 
     def boom(*a, **k):
