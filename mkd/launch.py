@@ -262,7 +262,8 @@ class LocalRunner:
             try:
                 ok, why = fut.result()
             except BrokenProcessPool:
-                ok, why = False, "the worker process died"
+                ok, why = False, ("the worker process died (killed, or out of memory): rerun the suite to resume "
+                                  "this run from its last checkpoint")
                 for f2, (r2, _) in list(self.running.items()):
                     self.queue.insert(0, r2)
                     self.running.pop(f2)
