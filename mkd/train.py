@@ -210,7 +210,7 @@ class Built:
 
 
 @dataclass
-class Progress:
+class RunState:
     """Where a run stands: what a checkpoint saves and resuming restores."""
 
     epoch: int = 0
@@ -283,7 +283,7 @@ def _load_checkpoint(run: RunDir, cfg: RunConfig, say) -> Optional[dict]:
     return None
 
 
-def _resume(cfg: RunConfig, run: RunDir, b: Built, rank: int, world: int, say) -> Progress:
+def _resume(cfg: RunConfig, run: RunDir, b: Built, rank: int, world: int, say) -> RunState:
     """From the last whole checkpoint when there is one (weights, optimizers, scheduler, scaler, RNG, records)."""
     L = b.loop
     state = _load_checkpoint(run, cfg, say) if rank == 0 or world == 1 else None
@@ -294,7 +294,7 @@ def _resume(cfg: RunConfig, run: RunDir, b: Built, rank: int, world: int, say) -
     if state is None:
         if rank == 0:
             atomic.write_jsonl(run.metrics, [])
-        return Progress()
+        return RunState()
     L.models.student.load_state_dict(state["model"])
     L.method.load_state_dict(state["method"])
     L.optim.optimizer.load_state_dict(state["optimizer"])
@@ -303,14 +303,14 @@ def _resume(cfg: RunConfig, run: RunDir, b: Built, rank: int, world: int, say) -
         L.optim.scaler.load_state_dict(state["scaler"])
     if len(state["rng"]) == world:
         set_rng_state(state["rng"][rank])
-    p = Progress(state["epoch"], state["step"], state["records"], state["wall_time"], state["best"])
+    p = RunState(state["epoch"], state["step"], state["records"], state["wall_time"], state["best"])
     if rank == 0:
         atomic.write_jsonl(run.metrics, p.records)
     say(f"{run.path}: resuming after epoch {p.epoch}/{L.total_steps // max(1, L.steps_per_epoch)}")
     return p
 
 
-def _one_epoch(cfg: RunConfig, b: Built, p: Progress, rank: int, world: int, timer: Timer) -> dict:
+def _one_epoch(cfg: RunConfig, b: Built, p: RunState, rank: int, world: int, timer: Timer) -> dict:
     """Train and evaluate epoch ``p.epoch``; updates ``p`` and returns the epoch's metrics record."""
     L, epoch = b.loop, p.epoch
     t0 = timer.now()
@@ -336,7 +336,7 @@ def _one_epoch(cfg: RunConfig, b: Built, p: Progress, rank: int, world: int, tim
     return rec
 
 
-def _checkpoint(cfg: RunConfig, run: RunDir, b: Built, p: Progress, rank: int, world: int) -> None:
+def _checkpoint(cfg: RunConfig, run: RunDir, b: Built, p: RunState, rank: int, world: int) -> None:
     """Everything resuming needs, every process's RNG included; then the metrics so far."""
     rngs = [rng_state()]
     if world > 1:
@@ -353,7 +353,7 @@ def _checkpoint(cfg: RunConfig, run: RunDir, b: Built, p: Progress, rank: int, w
     atomic.write_jsonl(run.metrics, p.records)
 
 
-def _finish(cfg: RunConfig, run: RunDir, b: Built, p: Progress, rank: int, world: int, t_start: float) -> dict:
+def _finish(cfg: RunConfig, run: RunDir, b: Built, p: RunState, rank: int, world: int, t_start: float) -> dict:
     """result.json (last: its presence means done) and model.pt; the checkpoint goes."""
     L = b.loop
     student, teacher = L.models.student, L.models.teacher
