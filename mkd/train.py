@@ -267,9 +267,9 @@ def _build(cfg: RunConfig, run: RunDir, rank: int, world: int, device: torch.dev
     return Built(loop, train_ds, split, len(val_ds), val_batches, teacher_top1)
 
 
-def _load_checkpoint(run: RunDir, cfg: RunConfig, say) -> Optional[dict]:
+def _load_checkpoint(run: RunDir, cfg: RunConfig, say) -> tuple[Optional[Path], Optional[dict]]:
     """The newest whole checkpoint of this run: ``checkpoint.pt``, else the one before it; a damaged file is moved
-    aside (never deleted), and with none left the run starts over."""
+    aside (never deleted), and with none left the run starts over.  Returns (its path, its state)."""
     for path in (run.checkpoint, run.previous_checkpoint):
         if not path.exists():
             continue
@@ -277,20 +277,22 @@ def _load_checkpoint(run: RunDir, cfg: RunConfig, say) -> Optional[dict]:
             state = torch.load(path, map_location="cpu", weights_only=False)
             if not isinstance(state, dict) or state.get("run_id") != cfg.run_id or "model" not in state:
                 raise ValueError("not a checkpoint of this run")
-            return state
+            return path, state
         except Exception as e:  # truncated zip, unpickling error, foreign file: keep it, fall back
             say(f"{path} is damaged ({type(e).__name__}): moved aside to {atomic.move_aside(path).name}")
-    return None
+    return None, None
 
 
 def _resume(cfg: RunConfig, run: RunDir, b: Built, rank: int, world: int, say) -> RunState:
-    """From the last whole checkpoint when there is one (weights, optimizers, scheduler, scaler, RNG, records)."""
+    """From the last whole checkpoint when there is one (weights, optimizers, scheduler, scaler, RNG, records).
+    Rank 0 picks it (and moves damaged files aside); the other ranks load the file it picked."""
     L = b.loop
-    state = _load_checkpoint(run, cfg, say) if rank == 0 or world == 1 else None
+    path, state = _load_checkpoint(run, cfg, say) if rank == 0 else (None, None)
     if world > 1:
-        box = [state]
+        box = [str(path) if path else None]
         dist.broadcast_object_list(box)
-        state = box[0]
+        if rank and box[0]:
+            state = torch.load(box[0], map_location="cpu", weights_only=False)
     if state is None:
         if rank == 0:
             atomic.write_jsonl(run.metrics, [])
