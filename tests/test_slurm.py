@@ -107,12 +107,15 @@ def test_requeue_resumes_from_checkpoint_and_matches_an_uninterrupted_run(slurm_
     jb._interrupt()  # USR2 as at a time limit: checkpoint -> requeue
     end = time.time() + 400
     saw_requeue = False
-    while not (ja.done() and jb.done()) and time.time() < end:
+    done = lambda run: (run.dir.read_result() or {}).get("status") == "done"  # noqa: E731
+    # wait on the runs' results, not on job.done(): right after a requeue sacct may briefly report the first
+    # attempt as FAILED, which submitit would take for the job's end
+    while not all(done(p.students[0]) for p in plans) and time.time() < end:
         st = subprocess.run(["squeue", "-h", "-j", jb.job_id, "-o", "%r"], capture_output=True, text=True).stdout
         saw_requeue |= "BeginTime" in st
         release_requeued(jb.job_id)
         time.sleep(0.5)
-    ra, rb = ja.result(), jb.result()
+    ra, rb = (json.loads(p.students[0].dir.result.read_text()) for p in plans)
     log = "".join(p.read_text() for p in (tmp_path / "b").rglob("*_log.out"))
     assert saw_requeue and "resuming after epoch" in log, log[-3000:]
     print("requeued job", jb.job_id, "log:", *[l for l in log.splitlines() if "resuming" in l or l.startswith("epoch")],
