@@ -23,13 +23,6 @@ RESULT_FIELDS = ("final_top1", "final_top5", "best_top1", "best_top5", "tau_t", 
                  "teacher_params", "student_params", "wall_time_s", "reason")
 
 
-def _json(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
-        return None
-
-
 def _jsonl(path: Path) -> tuple[list[dict], int]:
     """Every readable line, and how many were not (a line cut short by a copy or a full disk)."""
     rows, bad = [], 0
@@ -53,7 +46,7 @@ def collect(results: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     for info_path in sorted(results.glob("*/*/*/run.json")):
         run = RunDir(info_path.parent)
         run_dir = run.path
-        info = _json(run.info) or {}
+        info = run.read_info()
         res = run.read_result()  # a damaged one reads as failed, with the reason
         cfg = yaml.safe_load(run.config.read_text()) if run.config.exists() else {}
         status = run.state()
@@ -90,7 +83,7 @@ def _fill_teacher_info(runs: pd.DataFrame) -> None:
     """Teacher size and top-1 for rows whose own result lacks them (running / failed students)."""
     for i, r in runs[runs["teacher_run"].notna()].iterrows():
         if pd.isna(r.get("teacher_top1")) or pd.isna(r.get("teacher_params")):
-            tres = _json(RunDir(r["teacher_run"]).result) or {}
+            tres = RunDir(r["teacher_run"]).read_result() or {}
             if pd.isna(r.get("teacher_top1")):
                 runs.at[i, "teacher_top1"] = tres.get("final_top1")
             if pd.isna(r.get("teacher_params")):

@@ -37,6 +37,12 @@ class KDConfig:
         return {**dataclasses.asdict(self), "tau": None}
 
 
+def check_temperature_range(section: str, lo: float, hi: float, need) -> None:
+    """A learnable temperature's bounds: both positive, upper above lower (``need(cond, key, message)``)."""
+    need(lo > 0, f"{section}.tau_min", f"is {lo}: temperature bounds must be > 0")
+    need(hi > lo, f"{section}.tau_max", f"is {hi}: it must exceed {section}.tau_min={lo}")
+
+
 def heads(out: Tensor | tuple) -> tuple[Tensor, Tensor]:
     """(class-head logits, distillation-head logits); the same tensor twice for single-head students."""
     if isinstance(out, (tuple, list)):

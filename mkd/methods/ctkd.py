@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from ..options import option
 from . import register
 from .base import Method, Progress
-from .common import ce_loss, heads, kd_term, mean_over_ranks
+from .common import ce_loss, check_temperature_range, heads, kd_term, mean_over_ranks
 
 
 @dataclass
@@ -82,8 +82,7 @@ class CTKD(Method):
     def check(cls, cfg, need):
         cfg.kd.check(need)
         c = cfg.ctkd
-        need(c.tau_min > 0, "ctkd.tau_min", f"is {c.tau_min}: temperature bounds must be > 0")
-        need(c.tau_max > c.tau_min, "ctkd.tau_max", f"is {c.tau_max}: it must exceed ctkd.tau_min={c.tau_min}")
+        check_temperature_range("ctkd", c.tau_min, c.tau_max, need)
         need(c.lr > 0 and 0 <= c.momentum < 1, "ctkd.lr", "needs lr > 0 and 0 <= momentum < 1")
 
     def __init__(self, cfg, num_classes):

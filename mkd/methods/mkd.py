@@ -10,7 +10,7 @@ from ..meta import LearnedTemperatures, MetaLearner
 from ..options import option
 from . import register
 from .base import Method
-from .common import ce_loss, heads, kd_term
+from .common import ce_loss, check_temperature_range, heads, kd_term
 
 
 @dataclass
@@ -54,8 +54,7 @@ class MKD(Method):
     def check(cls, cfg, need):
         cfg.kd.check(need)
         m = cfg.mkd
-        need(m.tau_min > 0, "mkd.tau_min", f"is {m.tau_min}: temperature bounds must be > 0")
-        need(m.tau_max > m.tau_min, "mkd.tau_max", f"is {m.tau_max}: it must exceed mkd.tau_min={m.tau_min}")
+        check_temperature_range("mkd", m.tau_min, m.tau_max, need)
         need(m.meta_interval >= 1, "mkd.meta_interval", "must be >= 1")
         need(m.meta_lr > 0, "mkd.meta_lr", "must be > 0")
         need(m.meta_batch_size >= 0, "mkd.meta_batch_size", "must be >= 0 (0: batch_size // 2)")
