@@ -23,6 +23,7 @@ from timm.data import auto_augment as _aa
 
 from .config import AUGMENTS
 from .errors import UserError, suggest
+from .stream import isolated_rng, seed_globals
 
 RAND_AUGMENT = "rand-m9-mstd0.5-inc1"
 
@@ -50,13 +51,20 @@ class AugmentPreset:
     label_smoothing: float
     num_classes: int
 
-    def batch(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Batch-level augmentation: (images, int labels) -> (images, targets: indices or distributions)."""
+    def batch(self, x: torch.Tensor, y: torch.Tensor, seed: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch-level augmentation: (images, int labels) -> (images, targets: indices or distributions).
+
+        With ``seed`` the Mixup/CutMix draw (timm's, from the global NumPy generator) is that seed's, and the
+        caller's generator states are left as they were (``mkd/stream.py``)."""
         if self.mixup is not None:
             if x.shape[0] % 2:
                 raise UserError(f"augment={self.name} mixes pairs and needs an even batch per process, got "
                                 f"{x.shape[0]}: pick an even batch_size")
-            return self.mixup(x, y)
+            if seed is None:
+                return self.mixup(x, y)
+            with isolated_rng():
+                seed_globals(seed)
+                return self.mixup(x, y)
         if self.label_smoothing:
             return x, soft_targets(y, self.num_classes, self.label_smoothing)
         return x, y

@@ -25,6 +25,8 @@ from .options import option
 METHODS = methods.names()  # built-ins, then those of MKD_METHODS
 DATASETS = ("embedded", "cifar100", "imagenet")
 AUGMENTS = ("none", "weak", "medium", "strong")
+# the data stream's definition (mkd/stream.py); bump when it changes, so results of the old stream get new run ids
+STREAM_VERSION = 2
 
 
 _f = option
@@ -79,6 +81,15 @@ class _GeneralConfig:
     amp: str = _f("auto", "autocast: auto (bf16 on GPU, off on CPU), bf16, fp16, off", ("auto", "bf16", "fp16", "off"))
     compile: str = _f("auto", "torch.compile the student and teacher: auto (on GPU), on, off", ("auto", "on", "off"),
                       hashed=False)
+    teacher_cache: bool = _f(True, "reuse the teacher's logits on this run's data stream (computed once, by the first "
+                                   "run of the stream, stored next to the teacher run); off: run the teacher every step",
+                             hashed=False)
+    teacher_cache_topk: int = _f(0, "0: the teacher's full logits; k > 0: keep its k largest logits per image and "
+                                    "spread the rest (smaller cache for many classes; approximate when k < classes)")
+    input_cache: str = _f("auto", "store the student's augmented input batches of the stream for the other methods: "
+                                  "auto (on for the embedded data, ~17 MB an epoch; off for CIFAR/ImageNet), on, off",
+                          ("auto", "on", "off"),
+                          hashed=False)
     num_workers: int = _f(0, "DataLoader worker processes per GPU/process", hashed=False)
     eval_batch_size: int = _f(256, "evaluation batch size", hashed=False)
     log_every: int = _f(25, "steps between loss checks and temperature samples", hashed=False)
@@ -87,6 +98,25 @@ class _GeneralConfig:
     @property
     def uses_teacher(self) -> bool:
         return methods.get(self.method).needs_teacher
+
+    @property
+    def caches_inputs(self) -> bool:
+        return self.input_cache == "on" or (self.input_cache == "auto" and self.dataset == "embedded")
+
+    def stream_key(self) -> str:
+        """What fixes this run's data stream (mkd/stream.py): runs with equal keys see bit-identical batches."""
+        keys = ("dataset", "embedded", "data_root", "img_size", "augment", "fraction", "meta_split", "split_seed",
+                "batch_size", "seed")
+        d = {k: getattr(self, k) for k in keys}
+        d["embedded"] = dataclasses.asdict(self.embedded) if self.dataset == "embedded" else None
+        return json.dumps(d, sort_keys=True, default=str)
+
+    def teacher_stream_key(self) -> Optional[str]:
+        """The stream plus the teacher: runs with equal keys can share the teacher-output cache."""
+        if not (self.uses_teacher and self.teacher_cache):
+            return None
+        return json.dumps([self.stream_key(), self.teacher, self.teacher_kwargs, self.teacher_checkpoint,
+                           self.teacher_pretrained, self.teacher_cache_topk, self.amp, self.compile], default=str)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -135,6 +165,9 @@ def identity(cfg: RunConfig) -> dict:
             continue
         v = getattr(cfg, f.name)
         d[f.name] = (v.identity() if hasattr(v, "identity") else dataclasses.asdict(v)) if dataclasses.is_dataclass(v) else v
+    if not cfg.uses_teacher:
+        d.pop("teacher_cache_topk", None)
+    d["data_stream"] = STREAM_VERSION  # results of another stream definition are other runs
     if cfg.uses_teacher and cfg.teacher_checkpoint:
         d["teacher_checkpoint"] = "/".join(Path(cfg.teacher_checkpoint).parts[-2:])
     if cfg.init_checkpoint:

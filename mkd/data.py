@@ -306,16 +306,32 @@ def epoch_order(n: int, global_batch: int, seed: int, epoch: int, rank: int, wor
     return perm[rank::world].tolist()
 
 
-def train_loader(ds: Dataset, global_batch: int, seed: int, epoch: int, rank: int, world: int,
-                 num_workers: int, pin: bool) -> DataLoader:
-    """A fresh loader per epoch: data order and worker RNG depend on (seed, epoch) only, so resuming at an
-    epoch boundary replays exactly."""
-    if len(ds) < global_batch:
-        raise UserError(f"the training subset has {len(ds)} images, fewer than batch_size={global_batch}: "
+@dataclass
+class TrainSource:
+    """The student's training images before augmentation: the base set, the subset's indices, the transform."""
+
+    base: Dataset
+    indices: np.ndarray
+    transform: Callable
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def train_loader(src: TrainSource, global_batch: int, seed: int, epoch: int, rank: int, world: int,
+                 num_workers: int, pin: bool, first_step: int = 0) -> DataLoader:
+    """A fresh loader per epoch from step ``first_step`` on: the order is ``epoch_order`` of (seed, epoch), each
+    image's augmentation a function of (seed, epoch, its position) (``mkd/stream.EpochStream``), whatever the
+    workers, the method, or where the epoch was resumed."""
+    from .stream import EpochStream
+
+    if len(src) < global_batch:
+        raise UserError(f"the training subset has {len(src)} images, fewer than batch_size={global_batch}: "
                         "lower batch_size or raise fraction")
-    order = epoch_order(len(ds), global_batch, seed, epoch, rank, world)
-    g = torch.Generator().manual_seed(seed * 7919 + epoch * 104_729 + rank)
-    return DataLoader(ds, batch_size=global_batch // world, sampler=order, num_workers=num_workers,
+    order = epoch_order(len(src), global_batch, seed, epoch, rank, world)[first_step * (global_batch // world):]
+    ds = EpochStream(src.base, src.indices, src.transform, seed, epoch)
+    g = torch.Generator().manual_seed(seed * 7919 + epoch * 104_729 + rank)  # else the loader draws its base seed
+    return DataLoader(ds, batch_size=global_batch // world, sampler=order, num_workers=num_workers,  # from the global
                       pin_memory=pin, drop_last=True, generator=g, persistent_workers=False)
 
 

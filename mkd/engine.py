@@ -133,24 +133,19 @@ def _all_sum(t: Tensor) -> Tensor:
     return t
 
 
-def train_one_epoch(loop: Loop, loader, epoch: int, step: int) -> tuple[dict[str, float], int]:
-    """Train one epoch from global ``step``; returns (mean of each loss term, next step)."""
+def train_one_epoch(loop: Loop, feed, epoch: int, step: int) -> tuple[dict[str, float], int]:
+    """Train one epoch from global ``step`` on ``feed``'s (images, targets, teacher logits or None), which the
+    stream (``mkd/stream_cache.Feed``) gives after batch augmentation; returns (mean of each loss term, next step)."""
     M, O, P = loop.models, loop.optim, loop.precision
     M.model.train()
     m = loop.method
     sums: dict[str, Tensor] = {}
     n = 0
     show = loop.rank == 0 and sys.stderr.isatty()
-    bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=not show, dynamic_ncols=True)
-    for x, y in bar:
-        x = x.to(P.device, non_blocking=True)
-        y = y.to(P.device, non_blocking=True)
-        x, targets = loop.augment.batch(x, y)
+    bar = tqdm(feed, desc=f"epoch {epoch}", leave=False, disable=not show, dynamic_ncols=True,
+               total=loop.steps_per_epoch)
+    for x, targets, t_logits in bar:
         m.on_step(Progress(step, loop.steps_per_epoch, loop.total_steps))
-        t_logits = None
-        if M.teacher_fwd is not None:
-            with torch.no_grad(), P.autocast():
-                t_logits = M.teacher_fwd(x)
         rng = capture_rng(P.device) if m.replays_forward else None  # the meta step replays this forward's masks
         with P.autocast():
             out = M.model(x)

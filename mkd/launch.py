@@ -238,17 +238,23 @@ class LocalRunner:
         self.bar.write(msg) if self.tty else print(msg, flush=True)
 
     def schedule(self, pool: _Pool) -> None:
-        """Start every queued run whose teacher is done; fail those whose teacher failed."""
+        """Start every queued run whose teacher is done and whose cache producer has ended (a failed producer
+        only means the run computes the stream itself); fail those whose teacher failed."""
+        def busy(run_id: Optional[str]) -> bool:
+            return run_id is not None and (any(r.run_id == run_id for r in self.queue) or
+                                           any(r.run_id == run_id for r, _ in self.running.values()))
+
         for run in list(self.queue):
             if len(self.running) >= self.n:
                 break
             ts = "done" if run.teacher is None else self.by_id[run.teacher].dir.state()
-            teacher_busy = any(r.run_id == run.teacher for r in self.queue) or \
-                any(r.run_id == run.teacher for r, _ in self.running.values())
+            producer = self.by_id.get(run.after) if run.after else None
+            if producer is not None and (busy(run.after) or producer.dir.state() == "running"):
+                continue
             if ts == "done":
                 self.queue.remove(run)
                 self.running[pool.submit(run)] = (run, time.time())
-            elif not teacher_busy and ts != "running":
+            elif not busy(run.teacher) and ts != "running":
                 self.queue.remove(run)
                 self.failed.append(run)
                 self.report(run, False, 0, f"(teacher {run.teacher} failed: see {self.by_id[run.teacher].dir.log_path()})")
@@ -431,17 +437,27 @@ def submit_slurm(plan: Plan, profile: dict, max_parallel: Optional[int] = None) 
     teachers = [r for r in todo if r.kind == "teacher"]
     if teachers:
         submit(teachers, None)
-    groups: dict[Optional[str], list[Run]] = defaultdict(list)
-    for r in todo:
-        if r.kind == "student":
-            groups[r.teacher].append(r)
-    for teacher, runs in groups.items():
-        dep = None
-        if teacher is not None and teacher in job_of and job_of[teacher]:
-            tres = next(t for t in plan.teachers if t.run_id == teacher).dir.read_result() or {}
-            if tres.get("status") != "done":
-                dep = f"afterok:{job_of[teacher]}"
-        submit(runs, dep)
+    by_id = {r.run_id: r for r in plan.runs}
+
+    def dependency(r: Run) -> Optional[str]:
+        """afterok on an unfinished teacher; afterany on the unfinished run that fills the caches it reads
+        (if that one fails, this run computes the stream itself)."""
+        deps = []
+        if r.teacher and job_of.get(r.teacher) and (by_id[r.teacher].dir.read_result() or {}).get("status") != "done":
+            deps.append(f"afterok:{job_of[r.teacher]}")
+        if r.after and job_of.get(r.after) and (by_id[r.after].dir.read_result() or {}).get("status") != "done":
+            deps.append(f"afterany:{job_of[r.after]}")
+        return ",".join(deps) or None
+
+    students = [r for r in todo if r.kind == "student"]
+    while students:  # waves: a run is submitted once the run it waits for has a job id
+        wave = [r for r in students if not (r.after and r.after in {s.run_id for s in students})] or students
+        groups: dict[Optional[str], list[Run]] = defaultdict(list)
+        for r in wave:
+            groups[dependency(r)].append(r)
+        for dep, runs in groups.items():
+            submit(runs, dep)
+        students = [r for r in students if r not in wave]
     print(f"suite {plan.suite} ({plan.scale}): submitted {len(submitted)} jobs "
           f"({len(teachers)} teachers, {len(submitted) - len(teachers)} students); "
           f"logs in {folder}; follow with --status")

@@ -59,6 +59,7 @@ class Run:
     out: Path
     rows: list[dict] = field(default_factory=list)  # axis assignments this run stands for
     teacher: Optional[str] = None  # run_id of the teacher run it waits for
+    after: Optional[str] = None  # run_id of the run that fills the stream caches it reads (it starts after it ends)
     label: str = ""  # one-line description for plans and status
 
     @property
@@ -347,4 +348,32 @@ def _student_runs(path: Path, sc: dict, scale: str, base: dict, out: Path, rows:
                                               teacher=trun.run_id if trun else None, label=label)
         run.rows.append(row)
         students[cfg.run_id] = run
-    return list(students.values())
+    return _order_producers(list(students.values()))
+
+
+def _order_producers(runs: list[Run]) -> list[Run]:
+    """Name, per data stream and per (teacher, stream), the run that fills its caches first; the others wait for it.
+
+    The first run of a data stream with a teacher (a ``kd`` one when there is one: the cheapest) computes the
+    stream's input batches and its teacher's logits; the first run of each other teacher on that stream waits
+    for it and computes only its teacher's logits; every other run waits for the run that filled what it reads.
+    Producers go first in the returned order, so the local runner starts them first."""
+    def rank(r: Run) -> tuple:
+        return (r.config.teacher_stream_key() is None, r.config.method != "kd")
+
+    by_stream: dict[str, Run] = {}
+    by_teacher: dict[str, Run] = {}
+    for r in sorted(runs, key=rank):  # stable: plan order within each group
+        tkey, skey = r.config.teacher_stream_key(), r.config.stream_key()
+        data_producer = by_stream.get(skey) if r.config.caches_inputs else None
+        if tkey is not None and tkey not in by_teacher:
+            by_teacher[tkey] = r
+            r.after = data_producer.run_id if data_producer else None
+        elif tkey is not None:
+            r.after = by_teacher[tkey].run_id
+        else:
+            r.after = data_producer.run_id if data_producer else None
+        if r.config.caches_inputs:
+            by_stream.setdefault(skey, r)
+    producers = {r.after for r in runs if r.after}
+    return [r for r in runs if r.run_id in producers] + [r for r in runs if r.run_id not in producers]

@@ -16,7 +16,9 @@ with DDP: gloo on CPU, NCCL on GPUs.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
+import hashlib
 import os
 import platform
 import random
@@ -38,14 +40,15 @@ import yaml
 
 from . import __version__, atomic
 from .augment import build_augment
-from .config import RunConfig, describe, load_config
-from .data import MetaBatches, Transformed, load_base, load_or_make_split, materialize, train_loader
+from .config import STREAM_VERSION, RunConfig, describe, load_config
+from .data import MetaBatches, TrainSource, Transformed, load_base, load_or_make_split, materialize, train_loader
 from .engine import (Loop, NonFiniteLoss, Timer, build_loop, evaluate, precision_for, tensor_batches,
                      train_one_epoch)
 from .errors import UserError, cli
 from .methods import build_method
 from .models import build_teacher, create_model, load_weights, num_params, teacher_eval_cache
 from .rundir import RunDir
+from .stream_cache import CACHE_VERSION, EpochFiles, Feed, weights_sha
 
 
 
@@ -202,7 +205,7 @@ class Built:
     """A run's pieces once built: data, the loop and what the result reports about them."""
 
     loop: Loop
-    train_ds: object
+    feed: Feed
     split: dict
     val_len: int
     val_batches: Callable
@@ -232,7 +235,7 @@ def _build(cfg: RunConfig, run: RunDir, rank: int, world: int, device: torch.dev
         split = load_or_make_split(run.split, train_base.targets, cfg)
     aug = build_augment(cfg.augment, info.img_size, info.mean, info.std, info.num_classes, info.crop_pct,
                         info.crop_scale)
-    train_ds = Transformed(train_base, split["train"], aug.train_transform)
+    train_src = TrainSource(train_base, split["train"], aug.train_transform)
     val_ds = Transformed(val_base, None, aug.eval_transform)
     val_t = materialize(val_ds, num_workers=cfg.num_workers)
     local_eval_bs = max(1, cfg.eval_batch_size // world)
@@ -264,7 +267,44 @@ def _build(cfg: RunConfig, run: RunDir, rank: int, world: int, device: torch.dev
                                    method.meta_batch_size, cfg.seed, rank, world, device, cfg.num_workers)
     steps_per_epoch = len(split["train"]) // cfg.batch_size
     loop = build_loop(cfg, student, teacher, method, aug, device, steps_per_epoch, meta_batches, rank, world)
-    return Built(loop, train_ds, split, len(val_ds), val_batches, teacher_top1)
+    feed = _feed(cfg, run, loop, train_src, split, info, rank, world, say)
+    return Built(loop, feed, split, len(val_ds), val_batches, teacher_top1)
+
+
+def _feed(cfg: RunConfig, run: RunDir, loop: Loop, src: TrainSource, split: dict, info, rank: int, world: int,
+          say) -> Feed:
+    """Where the epoch's batches and teacher logits come from: the stream's caches (``mkd/stream_cache.py``),
+    keyed by everything they depend on, else computed (and then stored for the next run of the stream)."""
+    import PIL
+    import torchvision
+
+    device = loop.precision.device
+    stream = {"stream": STREAM_VERSION, "cache": CACHE_VERSION, "dataset": cfg.dataset,
+              "embedded": dataclasses.asdict(cfg.embedded) if cfg.dataset == "embedded" else None,
+              "num_examples": int(split["num_examples"]),
+              "train_sha": hashlib.sha256(np.asarray(split["train"], np.int64).tobytes()).hexdigest()[:16],
+              "augment": cfg.augment, "img_size": info.img_size, "batch_size": cfg.batch_size, "world": world,
+              "seed": cfg.seed, "device": device.type,
+              "packages": {"torch": torch.__version__, "torchvision": torchvision.__version__, "timm": timm.__version__,
+                           "pillow": PIL.__version__, "numpy": np.__version__}}
+
+    def loader(epoch: int, first_step: int):
+        return train_loader(src, cfg.batch_size, cfg.seed, epoch, rank, world, cfg.num_workers,
+                            device.type == "cuda", first_step)
+
+    inputs = teacher = None
+    if cfg.caches_inputs:
+        inputs = EpochFiles(run.path.parent / ".streams", {"kind": "inputs", **stream}, rank, say)
+    M = loop.models
+    if M.teacher is not None and cfg.teacher_cache:
+        where = Path(cfg.teacher_checkpoint).parent if cfg.teacher_checkpoint else run.path.parent
+        compiled = M.teacher_fwd is not M.teacher
+        teacher = EpochFiles(where / "teacher_cache", {
+            "kind": "teacher_logits", **stream, "teacher": cfg.teacher, "teacher_kwargs": cfg.teacher_kwargs,
+            "teacher_weights": weights_sha(M.teacher), "amp": loop.precision.amp, "compile": compiled,
+            "topk": cfg.teacher_cache_topk}, rank, say)
+    return Feed(loader, loop.augment, cfg.seed, device, loop.precision.autocast, M.teacher_fwd, info.num_classes,
+                cfg.teacher_cache_topk, inputs, teacher)
 
 
 def _load_checkpoint(run: RunDir, cfg: RunConfig, say) -> tuple[Optional[Path], Optional[dict]]:
@@ -319,10 +359,8 @@ def _one_epoch(cfg: RunConfig, b: Built, p: RunState, rank: int, world: int, tim
     seed_everything(cfg.seed, epoch + 1, rank)
     if L.meta_batches is not None:
         L.meta_batches.set_epoch(epoch)
-    loader = train_loader(b.train_ds, cfg.batch_size, cfg.seed, epoch, rank, world, cfg.num_workers,
-                          L.precision.device.type == "cuda")
     L.temp_samples = []
-    terms, p.step = train_one_epoch(L, loader, epoch + 1, p.step)
+    terms, p.step = train_one_epoch(L, b.feed.epoch(epoch), epoch + 1, p.step)
     ev = evaluate(L.models.student, b.val_batches(), L.precision.device, L.precision.autocast)
     secs = timer.now() - t0
     p.wall += secs
@@ -371,6 +409,7 @@ def _finish(cfg: RunConfig, run: RunDir, b: Built, p: RunState, rank: int, world
         "student_params": num_params(student), "teacher_params": num_params(teacher) if teacher is not None else None,
         "train_images": int(len(b.split["train"])), "meta_images": int(len(b.split["meta"])),
         "wall_time_s": round(p.wall, 2), "total_time_s": round(time.time() - t_start, 2),
+        "stream_cache": dict(b.feed.hits),  # epochs read from / written to the stream caches in this process
         "environment": environment(L.precision.device, world), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     for k in ("tau_t_per_class", "tau_s_per_class"):
@@ -403,6 +442,10 @@ def _run(cfg: RunConfig, run: RunDir, rank: int, world: int, device: torch.devic
         say(f"epoch {p.epoch}/{cfg.epochs} loss {rec['train_loss']:.4f} top1 {rec['top1']:.2f} top5 {rec['top5']:.2f}"
             f"{temp} {rec['seconds']:.1f}s")
     result = _finish(cfg, run, b, p, rank, world, t_start)
+    h = b.feed.hits
+    if b.feed.teacher is not None or b.feed.inputs is not None:
+        say(f"stream cache: teacher logits {h['teacher_read']} epochs read, {h['teacher_written']} written; input "
+            f"batches {h['inputs_read']} read, {h['inputs_written']} written")
     say(f"done: top1 {result['final_top1']:.2f} (best {result['best_top1']:.2f}) in {p.wall:.1f}s -> {run.path}")
     if world > 1:
         dist.barrier()
