@@ -13,6 +13,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
+from stats import t_interval  # noqa: E402
 from tables import BASELINE, learned, methods_in  # noqa: E402
 
 sns.set_theme(style="whitegrid", context="paper")
@@ -33,7 +34,8 @@ def save(fig, out: Path, stem: str) -> dict:
 
 def temperature_evolution(runs: pd.DataFrame, curves: pd.DataFrame, steps: pd.DataFrame, out: Path, stem: str,
                           title: str):
-    """tau_t and tau_s against epoch for MKD and CTKD runs; dotted: KD's fixed temperature."""
+    """tau_t and tau_s against epoch for MKD and CTKD runs: the mean over seeds with a 95% t band; dotted: KD's
+    fixed temperature."""
     learn = learned(runs).drop_duplicates("run_id")
     if not len(learn) or not len(curves):
         return None
@@ -45,19 +47,22 @@ def temperature_evolution(runs: pd.DataFrame, curves: pd.DataFrame, steps: pd.Da
         sub = learn
         for k, v in s.items():
             sub = sub[sub[k] == v]
-        for _, r in sub.iterrows():
-            c = curves[curves["run_id"] == r["run_id"]].sort_values("epoch")
-            st = steps[steps["run_id"] == r["run_id"]].sort_values("step") if len(steps) else pd.DataFrame()
+        for m, mr in sub.groupby("method", sort=False):  # one line per method: mean over seeds, 95% band
+            c = curves[curves["run_id"].isin(mr["run_id"])]
             if not len(c):
                 continue
-            spe = c["step"].iloc[0] / c["epoch"].iloc[0] if "step" in c and c["epoch"].iloc[0] else 1
-            ls = ["-", "--", "-.", ":"][methods_in(learn).index(r["method"]) % 4]
-            label = f"{r.get('method_label', r['method'])}" + (f" ({', '.join(f'{k}={v}' for k, v in s.items())})" if s else "")
+            ls = ["-", "--", "-.", ":"][methods_in(learn).index(m) % 4]
+            n = c["run_id"].nunique()
+            label = f"{mr['method_label'].iloc[0] if 'method_label' in mr else m}" \
+                + (f" ({', '.join(f'{k}={v}' for k, v in s.items())})" if s else "") + f", {n} seed{'s' * (n > 1)}"
             for ax, key in zip(axes, ("tau_t", "tau_s")):
-                if len(st):
-                    ax.plot(st["step"] / spe, st[key], ls, color=palette[i % len(palette)], label=label, lw=1.4)
-                else:
-                    ax.plot(c["epoch"], c[key], ls, color=palette[i % len(palette)], label=label, lw=1.4)
+                g = c.groupby("epoch")[key].apply(lambda v: t_interval(list(v)))
+                ep = np.asarray(g.index, float)
+                mean = np.array([e.mean for e in g])
+                color = palette[i % len(palette)]
+                ax.plot(ep, mean, ls, color=color, label=label, lw=1.4)
+                if n > 1:
+                    ax.fill_between(ep, [e.lo for e in g], [e.hi for e in g], color=color, alpha=0.2, lw=0)
     kd = runs[runs["method"] == BASELINE]
     for ax, key in zip(axes, ("tau_t", "tau_s")):
         fixed = kd[f"kd_{key}"].dropna().unique() if f"kd_{key}" in kd else []
@@ -74,8 +79,18 @@ def temperature_evolution(runs: pd.DataFrame, curves: pd.DataFrame, steps: pd.Da
     return save(fig, out, stem)
 
 
+def _mean_ci(df: pd.DataFrame, by: str) -> pd.DataFrame:
+    """Per value of ``by``: mean final top-1 over seeds and the half-width of its 95% t interval (0 with one seed)."""
+    rows = {}
+    for v, g in df.drop_duplicates("run_id").groupby(by):
+        e = t_interval(list(g["final_top1"].astype(float)))
+        rows[v] = {"mean": e.mean, "half": 0.0 if e.lo is None else e.mean - e.lo}
+    return pd.DataFrame.from_dict(rows, orient="index")
+
+
 def degradation_curves(runs: pd.DataFrame, out: Path, stem: str, title: str):
-    """Top-1 against teacher size per method, one panel per augmentation (CE as a horizontal line)."""
+    """Top-1 against teacher size per method (mean over seeds, 95% t error bars), one panel per augmentation
+    (CE as a horizontal line)."""
     df = runs[(runs["status"] == "done")].copy()
     if "teacher" not in df or "teacher_params" not in df or df["teacher_params"].isna().all() \
             or df["teacher"].nunique() < 2:  # a curve needs a ladder of teachers
@@ -90,8 +105,8 @@ def degradation_curves(runs: pd.DataFrame, out: Path, stem: str, title: str):
             if "teacher_model" not in ms or ms["teacher_model"].isna().all():  # trained without a teacher: one line across the ladder
                 ax.axhline(ms.drop_duplicates("run_id")["final_top1"].mean(), color="k", ls=":", label=f"{m} (no teacher)")
                 continue
-            g = ms.groupby("teacher")["final_top1"].agg(["mean", "std"]).join(sizes, how="inner").sort_values("teacher_params")
-            ax.errorbar(g["teacher_params"], g["mean"], yerr=g["std"].fillna(0), marker="o", capsize=3, label=m)
+            g = _mean_ci(ms, "teacher").join(sizes, how="inner").sort_values("teacher_params")
+            ax.errorbar(g["teacher_params"], g["mean"], yerr=g["half"], marker="o", capsize=3, label=m)
         tt = (df.dropna(subset=["teacher_top1", "teacher_params"]).groupby("teacher")[["teacher_params", "teacher_top1"]]
               .first().sort_values("teacher_params") if "teacher_top1" in df else pd.DataFrame())
         ax.set_xscale("log")
@@ -114,8 +129,8 @@ def fraction_curves(runs: pd.DataFrame, out: Path, stem: str, title: str):
         return None
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for m in methods_in(df):
-        g = df[df["method"] == m].drop_duplicates("run_id").groupby("fraction")["final_top1"].agg(["mean", "std"])
-        ax.errorbar(g.index, g["mean"], yerr=g["std"].fillna(0), marker="o", capsize=3, label=m)
+        g = _mean_ci(df[df["method"] == m], "fraction")
+        ax.errorbar(g.index, g["mean"], yerr=g["half"], marker="o", capsize=3, label=m)
     ax.set_xscale("log")
     ax.set_xticks(sorted(df["fraction"].unique()))
     ax.get_xaxis().set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))

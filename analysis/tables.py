@@ -1,8 +1,10 @@
 """Tables of one suite at one scale, from the tidy ``runs`` frame; rendered through jinja2 templates.
 
-A cell is the mean final top-1 over the seeds of its finished runs, with the sample standard deviation
-(ddof=1) when there are two or more.  A cell whose runs are not all finished says so: ``running``,
-``pending`` or ``failed`` alone when none finished, appended otherwise (``45.1 (1 failed)``).
+A cell is the mean final top-1 over the seeds of its finished runs with its 95% Student-t interval over seeds
+when there are two or more (``stats.py``).  Differences between methods are paired by seed (same data stream,
+same initialisation) and carry their own 95% paired-t interval; a ``*`` marks one that excludes zero.  A cell
+whose runs are not all finished says so: ``running``, ``pending`` or ``failed`` alone when none finished,
+appended otherwise (``45.1 (1 failed)``).
 """
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ from typing import Optional
 
 import jinja2
 import pandas as pd
+
+from stats import INTERVAL, PAIRED_INTERVAL, by_seed, difference, paired, t_interval
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 METHOD_ORDER = ["ce", "kd", "hard", "ctkd", "mkd"]  # for results written before methods declared their order
@@ -49,6 +53,7 @@ class Table:
     rows: list[list[str]]
     notes: list[str] = field(default_factory=list)
     values: Optional[pd.DataFrame] = None  # numbers behind the cells (csv)
+    findings: list[str] = field(default_factory=list)  # the study's questions answered (findings.py), Markdown
 
 
 @dataclass
@@ -57,6 +62,8 @@ class Cell:
     std: Optional[float]
     n: int
     states: dict
+    lo: Optional[float] = None  # 95% t interval over seeds (two or more seeds)
+    hi: Optional[float] = None
 
     def text(self, digits: int = 2) -> str:
         pending = {k: v for k, v in self.states.items() if k != "done" and v}
@@ -66,8 +73,8 @@ class Cell:
             return ", ".join(f"{k}" if v == sum(pending.values()) and len(pending) == 1 else f"{v} {k}"
                              for k, v in pending.items())
         s = f"{self.mean:.{digits}f}"
-        if self.std is not None:
-            s += f" ± {self.std:.{digits}f}"
+        if self.lo is not None:
+            s += f" [{self.lo:.{digits}f}, {self.hi:.{digits}f}]"
         if pending:
             s += " (" + ", ".join(f"{v} {k}" for k, v in pending.items()) + ")"
         return s
@@ -81,7 +88,8 @@ def cell(df: pd.DataFrame, metric: str = "final_top1") -> Cell:
     if len(done) == 0:
         return Cell(None, None, 0, states)
     std = float(done.std(ddof=1)) if len(done) > 1 else None
-    return Cell(float(done.mean()), std, len(done), states)
+    e = t_interval(list(done))
+    return Cell(float(done.mean()), std, len(done), states, e.lo, e.hi)
 
 
 def _sorted(values, order=None) -> list:
@@ -147,18 +155,27 @@ def degradation(df: pd.DataFrame, suite: str, scale: str) -> list[Table]:
         row = [str(t), model, size, top1]
         for a in augs:
             sub = _filter(df, augment=a) if a is not None else df
-            cells = {m: cell(sub[(sub["method"] == m) & ((sub["teacher"] == t) | (m == "ce"))]) for m in methods}
+            runs = {m: sub[(sub["method"] == m) & ((sub["teacher"] == t) | (m == "ce"))] for m in methods}
+            cells = {m: cell(r) for m, r in runs.items()}
             for m, c in cells.items():
-                delta = _diff(c, cells[BASELINE]) if BASELINE in cells and m != BASELINE else DASH
-                row.append(c.text() + (f" ({delta})" if delta != DASH else ""))
-                vals.append({"teacher": t, "augment": a, "method": m, "top1_mean": c.mean, "top1_std": c.std,
-                             "n": c.n, "minus_kd": None if delta == DASH else float(delta)})
+                d = paired(difference(by_seed(runs[m]), by_seed(runs[BASELINE]))) \
+                    if BASELINE in cells and m != BASELINE else None
+                row.append(c.text() + (f" ({d.text(True)})" if d is not None and d.mean is not None else ""))
+                vals.append({"teacher": t, "augment": a, "method": m, "top1_mean": c.mean, "top1_lo": c.lo,
+                             "top1_hi": c.hi, "top1_std": c.std, "n": c.n,
+                             "minus_kd": d.mean if d else None, "minus_kd_lo": d.lo if d else None,
+                             "minus_kd_hi": d.hi if d else None, "p_improve_over_kd": d.p_improve if d else None})
         rows.append(row)
-    notes = ["Cells: final top-1 (%) on the validation set, mean ± sample std over seeds (no ± with one seed); "
-             "in brackets the difference to KD with the same teacher and augmentation.",
+    notes = [f"Cells: final top-1 (%) on the validation set, mean over seeds [{INTERVAL}; none with one seed]; "
+             f"in brackets the paired difference to KD with the same teacher, augmentation and seed "
+             f"[{PAIRED_INTERVAL}], * when it excludes zero.",
              "ce trains without a teacher: its cell repeats in every teacher row."]
+    from findings import degradation_findings, findings_lines
+
+    found = findings_lines(degradation_findings(df, teachers, [a for a in augs if a is not None])) \
+        if "augment" in df and "seed" in df else []
     return [Table(f"{suite}_{scale}", f"{suite} ({scale}): student top-1 by teacher and augmentation", [h1, h2], rows,
-                  notes, pd.DataFrame(vals))]
+                  notes, pd.DataFrame(vals), found)]
 
 
 def data_fraction(df: pd.DataFrame, suite: str, scale: str) -> list[Table]:
@@ -179,8 +196,20 @@ def data_fraction(df: pd.DataFrame, suite: str, scale: str) -> list[Table]:
                 vals.append({"fraction": f, "augment": a, "method": m, "top1_mean": c.mean, "top1_std": c.std, "n": c.n})
         rows.append(row)
     return [Table(f"{suite}_{scale}", f"{suite} ({scale}): student top-1 by training-set fraction", [h1, h2], rows,
-                  ["Cells: final top-1 (%), mean ± sample std over seeds. Subsets are class-balanced and nested."],
+                  [f"Cells: final top-1 (%), mean over seeds [{INTERVAL}]. Subsets are class-balanced and nested.",
+                   *fraction_notes(df)],
                   pd.DataFrame(vals))]
+
+
+def fraction_notes(df: pd.DataFrame) -> list[str]:
+    """How the fractions were budgeted: equal epochs (each fraction fewer steps) or equal optimizer steps."""
+    if "epochs" not in df or "fraction" not in df:
+        return []
+    e = df.drop_duplicates("fraction").set_index("fraction")["epochs"].dropna()
+    if e.nunique() > 1:
+        return ["Budget: equal optimizer steps per fraction (epochs scaled by 1/fraction: "
+                + ", ".join(f"{f:g}: {int(n)} epochs" for f, n in e.sort_index().items()) + ")."]
+    return ["Budget: equal epochs per fraction, so a smaller fraction also trains for fewer optimizer steps."]
 
 
 def temperature_grid(df: pd.DataFrame, suite: str, scale: str) -> list[Table]:
@@ -329,7 +358,18 @@ def _env() -> jinja2.Environment:
                                     .replace("_", "\\_").replace("#", "\\#").replace("±", "$\\pm$")
                                     .replace("—", "---").replace("−", "$-$"))
     env.globals["spans"] = spans
+    env.filters["mdinline"] = _md_inline
     return env
+
+
+def _md_inline(line: str):
+    """A findings line (Markdown: **bold**, leading '- ') as HTML, escaped."""
+    import re
+
+    from markupsafe import Markup, escape
+
+    text = str(escape(line.removeprefix("- ")))
+    return Markup(re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", text))
 
 
 def spans(row: list[str]) -> list[tuple[str, int]]:

@@ -1,0 +1,140 @@
+"""The paper's three questions, answered from a degradation study's runs with an effect and its interval.
+
+- Q1 gap: does KD's gain over the student trained alone shrink as the teacher grows?  Effect: KD's gain with
+  the largest teacher minus its gain with the smallest (the CE run cancels: kd_large - kd_small per seed).
+- Q2 augmentation: does KD's gain shrink under strong augmentation?  Effect: KD's gain under the strongest
+  augmentation minus under the weakest, averaged over the teachers per seed.
+- Q3 cure: does MKD's gain over KD grow with the gap and under strong augmentation?  Effects: (MKD - KD) with
+  the largest teacher minus with the smallest; (MKD - KD) under the strongest augmentation minus the weakest.
+
+Every effect is a mean of per-seed differences with its 95% paired-t interval (``stats.py``); one whose interval
+spans zero is "not resolved at this budget", and nothing is claimed from it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import pandas as pd
+
+from stats import PAIRED_INTERVAL, Estimate, by_seed, difference, paired
+
+AUG_ORDER = ["none", "weak", "medium", "strong"]
+
+
+@dataclass
+class Finding:
+    question: str  # "Q1 gap", ...
+    asks: str
+    effects: list[tuple[str, Estimate]] = field(default_factory=list)  # (what, estimate)
+    answer: str = ""
+
+
+def _verdict(e: Estimate, positive: str, negative: str) -> str:
+    if e.mean is None:
+        return "no finished seeds"
+    if e.n < 2:
+        return f"one seed ({e.mean:+.2f}): no interval, no finding"
+    if not e.resolved:
+        return f"not resolved at this budget ({e.text(True)} spans zero, {e.n} seeds)"
+    return f"{positive if e.mean > 0 else negative}: {e.text(True)} points, {e.n} seeds, " \
+           f"improvement in {e.p_improve:.0%} of them"
+
+
+def _series(df: pd.DataFrame, method: str, teacher=None, augment=None) -> pd.Series:
+    sub = df[df["method"] == method]
+    if teacher is not None and method != "ce":
+        sub = sub[sub["teacher"] == teacher]
+    if augment is not None:
+        sub = sub[sub["augment"] == augment]
+    return by_seed(sub)
+
+
+def _mean_over(series: list[pd.Series]) -> pd.Series:
+    """Per seed, the mean over several settings (seeds present in all of them)."""
+    if not series:
+        return pd.Series(dtype=float)
+    common = series[0].index
+    for s in series[1:]:
+        common = common.intersection(s.index)
+    return sum(s.loc[common] for s in series) / len(series)
+
+
+def degradation_findings(df: pd.DataFrame, teachers: list, augs: list) -> list[Finding]:
+    """Q1-Q3 for a frame with teacher, augment, method (ce, kd, mkd) and seed; teachers ordered by size."""
+    methods = set(df["method"])
+    if not {"ce", "kd"} <= methods or len(teachers) < 1:
+        return []
+    small, large = teachers[0], teachers[-1]
+    augs = sorted(augs, key=lambda a: AUG_ORDER.index(a) if a in AUG_ORDER else len(AUG_ORDER))
+    weak, strong = augs[0], augs[-1]
+
+    def gain(m: str, base: str, t, a) -> pd.Series:
+        return difference(_series(df, m, t, a), _series(df, base, t, a))
+
+    out = []
+    q1 = Finding("Q1 gap", f"Does KD's gain over CE shrink from the smallest teacher ({small}) to the largest ({large})?")
+    if large != small:
+        for a in augs:
+            e = paired(difference(gain("kd", "ce", large, a), gain("kd", "ce", small, a)))
+            q1.effects.append((f"augment={a}: KD gain with {large} minus with {small}", e))
+        pooled = paired(_mean_over([difference(gain("kd", "ce", large, a), gain("kd", "ce", small, a)) for a in augs]))
+        q1.effects.append(("mean over augmentations", pooled))
+        q1.answer = _verdict(pooled, "KD's gain grows with the teacher", "KD's gain shrinks with the teacher")
+    else:
+        q1.answer = "needs two teachers"
+    out.append(q1)
+
+    q2 = Finding("Q2 augmentation", f"Does KD's gain over CE shrink under {strong} augmentation (vs {weak})?")
+    if strong != weak:
+        per_t = []
+        for t in teachers:
+            d = difference(gain("kd", "ce", t, strong), gain("kd", "ce", t, weak))
+            per_t.append(d)
+            q2.effects.append((f"teacher {t}: KD gain under {strong} minus under {weak}", paired(d)))
+        pooled = paired(_mean_over(per_t))
+        q2.effects.append(("mean over teachers", pooled))
+        q2.answer = _verdict(pooled, f"KD's gain grows under {strong} augmentation",
+                             f"KD's gain shrinks under {strong} augmentation")
+    else:
+        q2.answer = "needs two augmentations"
+    out.append(q2)
+
+    if "mkd" in methods:
+        q3 = Finding("Q3 cure", "Does MKD's gain over KD grow with the teacher and under strong augmentation?")
+        overall = paired(_mean_over([gain("mkd", "kd", t, a) for t in teachers for a in augs]))
+        q3.effects.append(("MKD minus KD, mean over all settings", overall))
+        gap = strong_e = None
+        if large != small:
+            gap = paired(_mean_over([difference(gain("mkd", "kd", large, a), gain("mkd", "kd", small, a)) for a in augs]))
+            q3.effects.append((f"(MKD - KD) with {large} minus with {small}, mean over augmentations", gap))
+        if strong != weak:
+            strong_e = paired(_mean_over([difference(gain("mkd", "kd", t, strong), gain("mkd", "kd", t, weak))
+                                          for t in teachers]))
+            q3.effects.append((f"(MKD - KD) under {strong} minus under {weak}, mean over teachers", strong_e))
+        parts = [f"overall, {_verdict(overall, 'MKD beats KD', 'MKD trails KD')}"]
+        if gap is not None:
+            parts.append(f"with the gap, {_verdict(gap, 'its gain grows', 'its gain shrinks')}")
+        if strong_e is not None:
+            parts.append(f"with augmentation, {_verdict(strong_e, 'its gain grows', 'its gain shrinks')}")
+        q3.answer = "; ".join(parts)
+        out.append(q3)
+    return out
+
+
+def findings_lines(findings: list[Finding]) -> list[str]:
+    """Plain sentences for the Markdown/HTML outputs and the README."""
+    lines = []
+    for f in findings:
+        lines.append(f"**{f.question}.** {f.asks} {f.answer[0].upper() + f.answer[1:]}.")
+        for what, e in f.effects:
+            p = f", P(improvement) {e.p_improve:.2f}" if e.p_improve is not None else ""
+            lines.append(f"- {what}: {e.text(True)}{p}")
+    if lines:
+        lines.append(f"Effects in top-1 points: mean of per-seed differences, [{PAIRED_INTERVAL}]; * marks an "
+                     "interval that excludes zero; P(improvement): share of seeds with a positive difference.")
+    return lines
+
+
+def verdict_of(e: Optional[Estimate]) -> str:
+    return "" if e is None else ("resolved" if e.resolved else "not resolved")
