@@ -188,7 +188,8 @@ def test_tables_from_real_tiny_runs(small_suite_results, tmp_path):
     for m in ("ce", "kd", "mkd"):
         xs = [r["final_top1"] for r in results if r["method"] == m]
         assert len(xs) == 2
-        assert f"{statistics.mean(xs):.2f} ± {statistics.stdev(xs):.2f}" in md, (m, xs, md)
+        assert _ci(xs) in md, (m, xs, md)
+    assert "#### Findings" in md
     assert (out / "small_tiny_temperatures.png").stat().st_size > 1000
     index = (out / "index.html").read_text()
     assert "small_tiny.md" in index and "small_tiny_temperatures.png" in index and str(out / "index.html") in p.stdout
