@@ -53,6 +53,11 @@ def parse_args(argv):
     ap.add_argument("--max-parallel", type=int, help="local: concurrent runs (default: GPUs, else CPU cores); "
                                                       "slurm: array parallelism")
     ap.add_argument("--wait", action="store_true", help="slurm: block until the submitted jobs end")
+    ap.add_argument("--no-teacher-cache", action="store_true",
+                    help="run the teacher at every step instead of reusing its logits on the stream "
+                         "(same as --set teacher_cache=off; the results are the same, only slower)")
+    ap.add_argument("--no-input-cache", action="store_true",
+                    help="augment every run's batches itself instead of reading the stream's stored batches")
     return ap.parse_args(argv)
 
 
@@ -66,14 +71,20 @@ def main(argv=None) -> int:
     executor = args.executor or ("slurm" if args.profile else "local")
     profile = load_profile(args.profile, args.scale) if executor == "slurm" else {}
     data_root = args.data_root or profile.get("data_root")
+    overrides = parse_overrides(args.set)
+    if args.no_teacher_cache:
+        overrides["teacher_cache"] = False
+    if args.no_input_cache:
+        overrides["input_cache"] = "off"
     plan = expand(args.suite, args.scale, args.results, axis_values(args.filter, "--filter", "method=mkd"),
-                  parse_overrides(args.set), data_root, axis_values(args.axis, "--axis", "seed=0,1,2", yaml.safe_load))
+                  overrides, data_root, axis_values(args.axis, "--axis", "seed=0,1,2", yaml.safe_load))
 
     if args.dry_run:
         print(f"suite {plan.suite} ({plan.scale}) from {plan.path}: {len(plan.teachers)} teachers + "
               f"{len(plan.students)} students")
         for r in plan.runs:
             wait = f" after teacher {r.teacher}" if r.teacher else ""
+            wait += f" after {r.after} (reads the stream caches it fills)" if r.after else ""
             print(f"{r.kind:<7} {r.run_id}  {r.label}  -> {r.out}{wait}")
         return 0
     if args.status:

@@ -313,9 +313,18 @@ class LocalRunner:
             raise
         pool.close()
         self.bar.close()
+        if not self.failed:
+            drop_input_caches(self.plan)
         print(f"suite {self.plan.suite} ({self.plan.scale}): {len(todo) - len(self.failed)}/{len(todo)} runs finished in "
               f"{time.time() - t0:.0f}s with {self.n} parallel")
         return self.failed
+
+
+def drop_input_caches(plan: Plan) -> None:
+    """Remove the suite's stored input batches once every run of the plan is done: they only speed up the runs of
+    a stream, and a stream's runs are all finished (teacher logits stay: small, and reused by new methods)."""
+    if all(r.dir.state() == "done" for r in plan.runs):
+        shutil.rmtree(plan.root / plan.suite / plan.scale / ".streams", ignore_errors=True)
 
 
 def run_local(plan: Plan, max_parallel: Optional[int] = None, quiet: bool = False) -> list[Run]:

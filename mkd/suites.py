@@ -13,6 +13,8 @@ A suite file (``benchmarks/suites/NAME.yaml``)::
     include: [{method: mkd, teacher: [small, large]}]   # extra rows; each item is itself a small matrix
     exclude: [{method: ce, augment: strong}]            # drop rows matching every given key
     config: {epochs: 10}       # overrides for every student run
+    budget: equal_steps        # with a fraction axis: epochs (and warmup) scaled by 1/fraction, so every fraction
+                               # gets the optimizer steps of the full set (default equal_epochs)
     scales:
       tiny:
         student: emb_vit_s     # or students: {ViT-T: deit_tiny_patch16_224, ...} when `student` is an axis
@@ -44,7 +46,8 @@ from .rundir import RunDir
 SUITES_DIR = Path(__file__).resolve().parent.parent / "benchmarks" / "suites"
 SCALES = ("tiny", "cifar", "imagenet")
 ABSTRACT_AXES = ("teacher", "student")
-SUITE_KEYS = ("description", "axes", "include", "exclude", "config", "scales", "table")
+SUITE_KEYS = ("description", "axes", "include", "exclude", "config", "scales", "table", "budget")
+BUDGETS = ("equal_epochs", "equal_steps")
 SCALE_KEYS = ("student", "students", "method_students", "teachers", "config", "description")
 TEACHER_KEYS = ("model", "kwargs", "train", "checkpoint", "pretrained")
 
@@ -204,9 +207,13 @@ def expand(name_or_path: str, scale: str = "tiny", results: Path | str = "result
     if not rows:
         raise _fail(path, "axes", "the matrix is empty after include/exclude/--filter")
     base = _base_config(spec, sc, scale, overrides, data_root)
+    budget = spec.get("budget", "equal_epochs")
+    if budget not in BUDGETS:
+        raise _fail(path, "budget", f"unknown value {budget!r}{suggest(str(budget), BUDGETS)}; allowed: {', '.join(BUDGETS)}")
     needs = _teacher_needs(base)
     teacher_of = _teacher_runs(path, sc, scale, base, Path(results), sorted({r["teacher"] for r in rows if needs(r)}))
-    students = _student_runs(path, sc, scale, base, Path(results) / path.stem / scale, rows, teacher_of, needs)
+    students = _student_runs(path, sc, scale, base, Path(results) / path.stem / scale, rows, teacher_of, needs,
+                             budget)
     teachers = list({r.run_id: r for r in teacher_of.values()}.values())
     return Plan(path.stem, scale, path, str(spec.get("description", "")).strip(),
                 {k: _values(path, f"axes.{k}", v) for k, v in spec["axes"].items()}, teachers, students, Path(results),
@@ -300,7 +307,8 @@ def _teacher_runs(path: Path, sc: dict, scale: str, base: dict, results: Path, l
         where = f"scales.{scale}.teachers.{label}"
         _model_ok(path, ts["model"], f"{where}.model")
         tcfg = {k: v for k, v in base.items() if k in TEACHER_INHERITS}
-        tcfg.update(method="ce", student=ts["model"], student_kwargs=ts.get("kwargs") or {}, fraction=1.0, seed=0)
+        tcfg.update(method="ce", student=ts["model"], student_kwargs=ts.get("kwargs") or {}, fraction=1.0, seed=0,
+                    input_cache="off")  # no other run reads a teacher's training stream
         if ts.get("train") is not None:
             tcfg = merge(tcfg, {"augment": "none", **ts["train"]})
         else:
@@ -320,8 +328,18 @@ def _teacher_runs(path: Path, sc: dict, scale: str, base: dict, results: Path, l
     return of
 
 
+def _equal_steps(d: dict) -> dict:
+    """Epochs and warmup scaled by 1/fraction: a fraction f of the data for 1/f as many epochs is the full set's
+    number of optimizer steps (to within the partial batch each epoch drops: 5% at fraction 0.1 of the tiny data),
+    so fractions compare data, not training length."""
+    f = float(d.get("fraction", 1.0))
+    cfg = RunConfig()
+    epochs, warmup = d.get("epochs", cfg.epochs), d.get("warmup_epochs", cfg.warmup_epochs)
+    return {**d, "epochs": max(1, round(epochs / f)), "warmup_epochs": warmup / f}
+
+
 def _student_runs(path: Path, sc: dict, scale: str, base: dict, out: Path, rows: list[dict],
-                  teacher_of: dict[str, Run], needs) -> list[Run]:
+                  teacher_of: dict[str, Run], needs, budget: str = "equal_epochs") -> list[Run]:
     """One run per distinct student config; a run that serves several rows (CE ignores the teacher) lists them."""
     students: dict[str, Run] = {}
     for row in rows:
@@ -336,6 +354,8 @@ def _student_runs(path: Path, sc: dict, scale: str, base: dict, out: Path, rows:
         for k, v in row.items():
             if k not in ABSTRACT_AXES:
                 d = merge(d, _dotted({k: v}))
+        if budget == "equal_steps":
+            d = _equal_steps(d)
         trun = teacher_of[row["teacher"]] if needs(row) else None
         if trun is not None:
             ts = sc["teachers"][row["teacher"]]

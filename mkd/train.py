@@ -361,7 +361,8 @@ def _one_epoch(cfg: RunConfig, b: Built, p: RunState, rank: int, world: int, tim
         L.meta_batches.set_epoch(epoch)
     L.temp_samples = []
     terms, p.step = train_one_epoch(L, b.feed.epoch(epoch), epoch + 1, p.step)
-    ev = evaluate(L.models.student, b.val_batches(), L.precision.device, L.precision.autocast)
+    due = (epoch + 1) % max(1, cfg.eval_every) == 0 or epoch + 1 == cfg.epochs
+    ev = evaluate(L.models.student, b.val_batches(), L.precision.device, L.precision.autocast) if due else {}
     secs = timer.now() - t0
     p.wall += secs
     rec = {"epoch": epoch + 1, "step": p.step, "lr": L.optim.optimizer.param_groups[0]["lr"],
@@ -370,7 +371,7 @@ def _one_epoch(cfg: RunConfig, b: Built, p: RunState, rank: int, world: int, tim
     if L.temp_samples:
         rec["temps"] = L.temp_samples
     p.records.append(rec)
-    if ev["top1"] > p.best["top1"]:
+    if ev and ev["top1"] > p.best["top1"]:
         p.best = {**ev, "epoch": epoch + 1}
     p.epoch = epoch + 1
     return rec
@@ -439,13 +440,17 @@ def _run(cfg: RunConfig, run: RunDir, rank: int, world: int, device: torch.devic
         _checkpoint(cfg, run, b, p, rank, world)
         tt = L.method.temperatures()
         temp = f" tau_t {tt['tau_t']:.3f} tau_s {tt['tau_s']:.3f}" if tt else ""
-        say(f"epoch {p.epoch}/{cfg.epochs} loss {rec['train_loss']:.4f} top1 {rec['top1']:.2f} top5 {rec['top5']:.2f}"
+        acc = f" top1 {rec['top1']:.2f} top5 {rec['top5']:.2f}" if "top1" in rec else ""
+        say(f"epoch {p.epoch}/{cfg.epochs} loss {rec['train_loss']:.4f}{acc}"
             f"{temp} {rec['seconds']:.1f}s")
     result = _finish(cfg, run, b, p, rank, world, t_start)
-    h = b.feed.hits
-    if b.feed.teacher is not None or b.feed.inputs is not None:
-        say(f"stream cache: teacher logits {h['teacher_read']} epochs read, {h['teacher_written']} written; input "
-            f"batches {h['inputs_read']} read, {h['inputs_written']} written")
+    h, parts = b.feed.hits, []
+    if b.feed.teacher is not None:
+        parts.append(f"teacher logits {h['teacher_read']} epochs read, {h['teacher_written']} written")
+    if b.feed.inputs is not None:
+        parts.append(f"input batches {h['inputs_read']} epochs read, {h['inputs_written']} written")
+    if parts:
+        say("stream cache: " + "; ".join(parts))
     say(f"done: top1 {result['final_top1']:.2f} (best {result['best_top1']:.2f}) in {p.wall:.1f}s -> {run.path}")
     if world > 1:
         dist.barrier()

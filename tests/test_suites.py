@@ -12,9 +12,11 @@ from mkd.suites import expand, known_suites
 
 def test_degradation_suite_expands_to_a_teacher_ladder_and_shares_ce_runs():
     plan = expand("degradation", "tiny")
-    assert len(plan.teachers) == 3 and len(plan.students) == 2 + 3 * 2 * 4
+    assert len(plan.teachers) == 3 and len(plan.students) == 3 * (2 + 3 * 2 * 4), "3 seeds by default"
+    assert {r.config.seed for r in plan.students} == {0, 1, 2}
     ce = [r for r in plan.students if r.config.method == "ce"]
-    assert len(ce) == 2 and all(len(r.rows) == 3 for r in ce), "one CE run per augmentation serves every teacher row"
+    assert len(ce) == 2 * 3 and all(len(r.rows) == 3 for r in ce), \
+        "one CE run per augmentation and seed serves every teacher row"
     sizes = {r.rows[0]["teacher"]: r.config.student for r in plan.teachers}
     assert sizes == {"small": "emb_vit_m", "medium": "emb_vit_l", "large": "emb_vit_xl"}
     for r in plan.students:
@@ -44,10 +46,15 @@ def test_teachers_are_shared_across_suites():
 def test_other_suites_expand_as_described():
     grid = expand("temperature_grid", "tiny")
     kd = [r for r in grid.students if r.config.method == "kd"]
-    assert len(kd) == 2 * 16 and len([r for r in grid.students if r.config.method == "mkd"]) == 2
+    assert len(kd) == 2 * 16 * 3 and len([r for r in grid.students if r.config.method == "mkd"]) == 2 * 3
     assert {(r.config.kd.tau_t, r.config.kd.tau_s) for r in kd} == {(a, b) for a in (1, 2, 4, 8) for b in (1, 2, 4, 8)}
     frac = expand("data_fraction", "tiny")
-    assert sorted({r.config.fraction for r in frac.students}) == [0.1, 0.25, 0.5, 1.0] and len(frac.students) == 12
+    assert sorted({r.config.fraction for r in frac.students}) == [0.1, 0.25, 0.5, 1.0] and len(frac.students) == 12 * 3
+    # equal optimizer steps: epochs x 1/fraction, so every fraction trains for as many steps as the full set
+    # (20 classes x 300 images, 10% held out per class; whole batches of 64: 8 steps at 0.1 where 8.4 would be exact)
+    steps = {(r.config.fraction, r.config.epochs * (20 * round(r.config.fraction * 270) // 64)) for r in frac.students}
+    full = next(s for f, s in steps if f == 1.0)
+    assert full == 15 * 84 and all(abs(s - full) / full <= 0.05 for _, s in steps), steps
 
 
 def test_dry_run_prints_one_line_per_run_and_filters(tmp_path, capsys):
