@@ -92,6 +92,9 @@ class _GeneralConfig:
                           hashed=False)
     num_workers: int = _f(0, "DataLoader worker processes per GPU/process", hashed=False)
     eval_batch_size: int = _f(256, "evaluation batch size", hashed=False)
+    checkpoint_every_steps: int = _f(0, "also checkpoint every this many steps inside an epoch (0: at epoch ends and "
+                                        "on USR2/SIGTERM only); for epochs longer than a preemption notice",
+                                     hashed=False)
     eval_every: int = _f(1, "evaluate every this many epochs (and after the last); the final top-1 does not depend on it",
                          hashed=False)
     log_every: int = _f(25, "steps between loss checks and temperature samples", hashed=False)

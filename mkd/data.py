@@ -354,11 +354,19 @@ class MetaBatches:
         while True:
             yield torch.randperm(len(self.ds), generator=gen)[: self.global_batch][self.rank:: self.world].tolist()
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, drawn: int = 0) -> None:
+        """Start epoch ``epoch``'s batches, after the first ``drawn`` of them (a run resumed mid-epoch)."""
         self.gen = torch.Generator().manual_seed(self.seed * 31 + epoch + 12345)
+        self.epoch, self.drawn = epoch, drawn
+        for _ in range(drawn):  # the generator as it was after those batches (a loader prefetches ahead of it)
+            next(self._indices(self.gen))
         self.stream = None  # the streaming loader (and its workers) starts at the first next() of the epoch
 
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "drawn": self.drawn}
+
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        self.drawn += 1
         if self.tensors is None:
             if self.stream is None:
                 self.stream = iter(DataLoader(self.ds, batch_sampler=self._indices(self.gen),

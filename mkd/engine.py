@@ -133,17 +133,33 @@ def _all_sum(t: Tensor) -> Tensor:
     return t
 
 
-def train_one_epoch(loop: Loop, feed, epoch: int, step: int) -> tuple[dict[str, float], int]:
+@dataclass
+class EpochPartial:
+    """A training epoch in progress: what a mid-epoch checkpoint saves and a resumed epoch starts from."""
+
+    step_in_epoch: int = 0
+    sums: dict = field(default_factory=dict)  # running sums of the loss terms (device tensors)
+    n: int = 0
+    temp_samples: list = field(default_factory=list)
+
+
+def train_one_epoch(loop: Loop, feed, epoch: int, step: int, part: Optional[EpochPartial] = None,
+                    after_step: Optional[Callable[[EpochPartial, int], None]] = None) -> tuple[dict[str, float], int]:
     """Train one epoch from global ``step`` on ``feed``'s (images, targets, teacher logits or None), which the
-    stream (``mkd/stream_cache.Feed``) gives after batch augmentation; returns (mean of each loss term, next step)."""
+    stream (``mkd/stream_cache.Feed``) gives after batch augmentation; returns (mean of each loss term, next step).
+
+    ``part``: the epoch so far when it resumes mid-way (the feed then starts at ``part.step_in_epoch``);
+    ``after_step(part, step)`` runs after every step (mid-epoch checkpoints, preemption)."""
     M, O, P = loop.models, loop.optim, loop.precision
     M.model.train()
     m = loop.method
-    sums: dict[str, Tensor] = {}
-    n = 0
+    part = part or EpochPartial()
+    loop.temp_samples = part.temp_samples
+    sums: dict[str, Tensor] = part.sums
+    n = part.n
     show = loop.rank == 0 and sys.stderr.isatty()
     bar = tqdm(feed, desc=f"epoch {epoch}", leave=False, disable=not show, dynamic_ncols=True,
-               total=loop.steps_per_epoch)
+               total=loop.steps_per_epoch, initial=part.step_in_epoch)
     for x, targets, t_logits in bar:
         m.on_step(Progress(step, loop.steps_per_epoch, loop.total_steps))
         rng = capture_rng(P.device) if m.replays_forward else None  # the meta step replays this forward's masks
@@ -183,6 +199,9 @@ def train_one_epoch(loop: Loop, feed, epoch: int, step: int) -> tuple[dict[str, 
                 loop.temp_samples.append([step, round(temps["tau_t"], 5), round(temps["tau_s"], 5)])
             if show:
                 bar.set_postfix(loss=f"{float(sums['loss']) / n:.3f}", lr=f"{O.optimizer.param_groups[0]['lr']:.2e}")
+        part.n, part.step_in_epoch = n, part.step_in_epoch + 1
+        if after_step is not None:
+            after_step(part, step)
     means = {k: float(_all_sum(v)) / (n * _world()) for k, v in sums.items()}
     _check_finite(torch.tensor(means.get("loss", 0.0)), epoch, step)
     return means, step

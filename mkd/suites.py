@@ -294,7 +294,7 @@ def _model_ok(path: Path, name: str, where: str) -> None:
 
 
 TEACHER_INHERITS = ("dataset", "data_root", "download", "img_size", "embedded", "meta_split", "split_seed",
-                    "num_workers", "amp", "compile")
+                    "num_workers", "amp", "compile", "eval_every")
 
 
 def _teacher_runs(path: Path, sc: dict, scale: str, base: dict, results: Path, labels: list[str]) -> dict[str, Run]:

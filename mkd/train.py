@@ -23,6 +23,7 @@ import os
 import platform
 import random
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -42,11 +43,12 @@ from . import __version__, atomic
 from .augment import build_augment
 from .config import STREAM_VERSION, RunConfig, describe, load_config
 from .data import MetaBatches, TrainSource, Transformed, load_base, load_or_make_split, materialize, train_loader
-from .engine import (Loop, NonFiniteLoss, Timer, build_loop, evaluate, precision_for, tensor_batches,
+from .engine import (EpochPartial, Loop, NonFiniteLoss, Timer, build_loop, evaluate, precision_for, tensor_batches,
                      train_one_epoch)
 from .errors import UserError, cli
 from .methods import build_method
 from .models import build_teacher, create_model, load_weights, num_params, teacher_eval_cache
+from .preempt import PreemptGuard, Preempted
 from .rundir import RunDir
 from .stream_cache import CACHE_VERSION, EpochFiles, Feed, weights_sha
 
@@ -167,6 +169,8 @@ def train(cfg: RunConfig, out: str | Path, quiet: bool = False) -> dict:
     with run.lock() if rank == 0 else nullcontext():  # a RunLocked error leaves the other process's run alone
         try:
             return _run(cfg, run, rank, world, device, say)
+        except Preempted:  # a checkpoint of the step is written; no result: the run is unfinished, not failed
+            raise
         except NonFiniteLoss as e:
             if rank == 0:
                 _write_failure(run, cfg, str(e))
@@ -221,6 +225,21 @@ class RunState:
     records: list = field(default_factory=list)
     wall: float = 0.0
     best: dict = field(default_factory=lambda: {"top1": -1.0})
+    in_epoch: Optional[EpochPartial] = None  # epoch ``epoch`` stopped mid-way (a mid-epoch checkpoint)
+    in_epoch_seconds: float = 0.0
+    meta: Optional[dict] = None  # the meta batches' position in that epoch
+
+
+_TENSORS: dict = {}  # materialised evaluation / meta sets of this process, reused by its next runs (pool workers)
+
+
+def _materialized(key: tuple, make: Callable):
+    """``make()`` once per process and key: a pool worker trains run after run on the same validation set."""
+    if key not in _TENSORS:
+        if len(_TENSORS) >= 4:
+            _TENSORS.pop(next(iter(_TENSORS)))
+        _TENSORS[key] = make()
+    return _TENSORS[key]
 
 
 def _build(cfg: RunConfig, run: RunDir, rank: int, world: int, device: torch.device, say) -> Built:
@@ -237,7 +256,8 @@ def _build(cfg: RunConfig, run: RunDir, rank: int, world: int, device: torch.dev
                         info.crop_scale)
     train_src = TrainSource(train_base, split["train"], aug.train_transform)
     val_ds = Transformed(val_base, None, aug.eval_transform)
-    val_t = materialize(val_ds, num_workers=cfg.num_workers)
+    data_key = (cfg.dataset, str(cfg.embedded) if cfg.dataset == "embedded" else cfg.data_root, info.img_size)
+    val_t = _materialized(("val", *data_key), lambda: materialize(val_ds, num_workers=cfg.num_workers))
     local_eval_bs = max(1, cfg.eval_batch_size // world)
 
     def val_batches():
@@ -263,7 +283,9 @@ def _build(cfg: RunConfig, run: RunDir, rank: int, world: int, device: torch.dev
     meta_batches = None
     if method.needs_meta_split:
         meta_ds = Transformed(train_base, split["meta"], aug.eval_transform)
-        meta_batches = MetaBatches(meta_ds, materialize(meta_ds, num_workers=cfg.num_workers),
+        meta_t = _materialized(("meta", *data_key, hashlib.sha256(np.asarray(split["meta"]).tobytes()).hexdigest()),
+                               lambda: materialize(meta_ds, num_workers=cfg.num_workers))
+        meta_batches = MetaBatches(meta_ds, meta_t,
                                    method.meta_batch_size, cfg.seed, rank, world, device, cfg.num_workers)
     steps_per_epoch = len(split["train"]) // cfg.batch_size
     loop = build_loop(cfg, student, teacher, method, aug, device, steps_per_epoch, meta_batches, rank, world)
@@ -346,21 +368,32 @@ def _resume(cfg: RunConfig, run: RunDir, b: Built, rank: int, world: int, say) -
     if len(state["rng"]) == world:
         set_rng_state(state["rng"][rank])
     p = RunState(state["epoch"], state["step"], state["records"], state["wall_time"], state["best"])
+    mid = state.get("in_epoch")
+    if mid is not None:
+        dev = L.precision.device
+        p.in_epoch = EpochPartial(mid["step_in_epoch"], {k: v.to(dev) for k, v in mid["sums"].items()}, mid["n"],
+                                  mid["temp_samples"])
+        p.in_epoch_seconds, p.meta = mid["seconds"], mid.get("meta")
     if rank == 0:
         atomic.write_jsonl(run.metrics, p.records)
-    say(f"{run.path}: resuming after epoch {p.epoch}/{L.total_steps // max(1, L.steps_per_epoch)}")
+    where = f", step {p.in_epoch.step_in_epoch}/{L.steps_per_epoch} of epoch {p.epoch + 1}" if p.in_epoch else ""
+    say(f"{run.path}: resuming after epoch {p.epoch}/{L.total_steps // max(1, L.steps_per_epoch)}{where}")
     return p
 
 
-def _one_epoch(cfg: RunConfig, b: Built, p: RunState, rank: int, world: int, timer: Timer) -> dict:
-    """Train and evaluate epoch ``p.epoch``; updates ``p`` and returns the epoch's metrics record."""
-    L, epoch = b.loop, p.epoch
-    t0 = timer.now()
-    seed_everything(cfg.seed, epoch + 1, rank)
+def _one_epoch(cfg: RunConfig, b: Built, p: RunState, rank: int, world: int, timer: Timer, after_step=None) -> dict:
+    """Train and evaluate epoch ``p.epoch`` (from where a mid-epoch checkpoint left it); updates ``p`` and returns
+    the epoch's metrics record."""
+    L, epoch, part = b.loop, p.epoch, p.in_epoch
+    t0 = timer.now() - p.in_epoch_seconds
+    if part is None:  # a fresh epoch; a resumed one has its RNG states from the checkpoint
+        seed_everything(cfg.seed, epoch + 1, rank)
     if L.meta_batches is not None:
-        L.meta_batches.set_epoch(epoch)
-    L.temp_samples = []
-    terms, p.step = train_one_epoch(L, b.feed.epoch(epoch), epoch + 1, p.step)
+        L.meta_batches.set_epoch(epoch, (p.meta or {}).get("drawn", 0) if part else 0)
+    first = part.step_in_epoch if part else 0
+    terms, p.step = train_one_epoch(L, b.feed.epoch(epoch, first), epoch + 1, p.step, part,
+                                    lambda part_, step: after_step(part_, step, t0))
+    p.in_epoch, p.in_epoch_seconds, p.meta = None, 0.0, None
     due = (epoch + 1) % max(1, cfg.eval_every) == 0 or epoch + 1 == cfg.epochs
     ev = evaluate(L.models.student, b.val_batches(), L.precision.device, L.precision.autocast) if due else {}
     secs = timer.now() - t0
@@ -378,7 +411,8 @@ def _one_epoch(cfg: RunConfig, b: Built, p: RunState, rank: int, world: int, tim
 
 
 def _checkpoint(cfg: RunConfig, run: RunDir, b: Built, p: RunState, rank: int, world: int) -> None:
-    """Everything resuming needs, every process's RNG included; then the metrics so far."""
+    """Everything resuming needs, every process's RNG included, and where in an epoch it stopped; then the metrics
+    so far."""
     rngs = [rng_state()]
     if world > 1:
         rngs = [None] * world
@@ -390,7 +424,11 @@ def _checkpoint(cfg: RunConfig, run: RunDir, b: Built, p: RunState, rank: int, w
         "model": L.models.student.state_dict(), "method": L.method.state_dict(),
         "optimizer": L.optim.optimizer.state_dict(), "scheduler": L.optim.scheduler.state_dict(),
         "scaler": L.optim.scaler.state_dict() if L.optim.scaler else None, "rng": rngs, "epoch": p.epoch,
-        "step": p.step, "records": p.records, "wall_time": p.wall, "best": p.best, "run_id": cfg.run_id})
+        "step": p.step, "records": p.records, "wall_time": p.wall, "best": p.best, "run_id": cfg.run_id,
+        "in_epoch": None if p.in_epoch is None else {
+            "step_in_epoch": p.in_epoch.step_in_epoch, "sums": {k: v.detach().cpu() for k, v in p.in_epoch.sums.items()},
+            "n": p.in_epoch.n, "temp_samples": p.in_epoch.temp_samples, "seconds": p.in_epoch_seconds,
+            "meta": L.meta_batches.state() if L.meta_batches is not None else None}})
     atomic.write_jsonl(run.metrics, p.records)
 
 
@@ -424,6 +462,13 @@ def _finish(cfg: RunConfig, run: RunDir, b: Built, p: RunState, rank: int, world
     return result
 
 
+def _say_epoch(cfg: RunConfig, L: Loop, p: RunState, rec: dict, say) -> None:
+    tt = L.method.temperatures()
+    temp = f" tau_t {tt['tau_t']:.3f} tau_s {tt['tau_s']:.3f}" if tt else ""
+    acc = f" top1 {rec['top1']:.2f} top5 {rec['top5']:.2f}" if "top1" in rec else ""
+    say(f"epoch {p.epoch}/{cfg.epochs} loss {rec['train_loss']:.4f}{acc}{temp} {rec['seconds']:.1f}s")
+
+
 def _run(cfg: RunConfig, run: RunDir, rank: int, world: int, device: torch.device, say) -> dict:
     """Build, resume, train epoch after epoch (each followed by a checkpoint), finish."""
     t_start = time.time()
@@ -435,14 +480,33 @@ def _run(cfg: RunConfig, run: RunDir, rank: int, world: int, device: torch.devic
         f"{cfg.augment}, {cfg.epochs} epochs x {L.steps_per_epoch} steps, {device.type}, world {world}, "
         f"amp {L.precision.amp}")
     timer = Timer(device)
-    while p.epoch < cfg.epochs:
-        rec = _one_epoch(cfg, b, p, rank, world, timer)
-        _checkpoint(cfg, run, b, p, rank, world)
-        tt = L.method.temperatures()
-        temp = f" tau_t {tt['tau_t']:.3f} tau_s {tt['tau_s']:.3f}" if tt else ""
-        acc = f" top1 {rec['top1']:.2f} top5 {rec['top5']:.2f}" if "top1" in rec else ""
-        say(f"epoch {p.epoch}/{cfg.epochs} loss {rec['train_loss']:.4f}{acc}"
-            f"{temp} {rec['seconds']:.1f}s")
+    guard = PreemptGuard()
+
+    def after_step(part: EpochPartial, step: int, t0: float) -> None:
+        """A mid-epoch checkpoint every ``checkpoint_every_steps`` steps and when a signal asked to stop."""
+        p.step = step
+        stop = guard.requested is not None
+        if world > 1 and (step % L.log_every == 0 or part.step_in_epoch == L.steps_per_epoch):
+            flag = torch.tensor([float(stop)], device=device)
+            dist.all_reduce(flag)  # every rank stops at the same step
+            stop = bool(flag.item())
+        elif world > 1:
+            stop = False
+        every = cfg.checkpoint_every_steps
+        last = part.step_in_epoch == L.steps_per_epoch  # the epoch's own checkpoint follows unless we stop now
+        if stop or (every and part.step_in_epoch % every == 0 and not last):
+            p.in_epoch, p.in_epoch_seconds = part, timer.now() - t0
+            _checkpoint(cfg, run, b, p, rank, world)
+            p.in_epoch = None
+        if stop:
+            guard.requested = guard.requested or signal.SIGTERM  # another rank's signal
+            guard.stop(f"at step {part.step_in_epoch}/{L.steps_per_epoch} of epoch {p.epoch + 1}")
+
+    with guard:
+        while p.epoch < cfg.epochs:
+            rec = _one_epoch(cfg, b, p, rank, world, timer, after_step)
+            _checkpoint(cfg, run, b, p, rank, world)
+            _say_epoch(cfg, L, p, rec, say)
     result = _finish(cfg, run, b, p, rank, world, t_start)
     h, parts = b.feed.hits, []
     if b.feed.teacher is not None:

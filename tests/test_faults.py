@@ -164,3 +164,80 @@ def test_a_full_disk_is_one_line_and_the_rerun_resumes(tmp_path, teacher_ckpt, c
         _same_run(clean_run, out)
     finally:
         subprocess.run(["umount", str(mnt)])
+
+
+# ---------------------------------------------------------------------------- preemption mid-epoch
+MID = ["method=mkd", "teacher=emb_vit_m", "epochs=3", "batch_size=32", "augment=strong", "drop_path=0.1",
+       "mkd.meta_interval=2", "log_every=5", *TINY]  # 22 steps an epoch; drop path, Mixup and meta batches all draw
+
+
+def _mid_checkpoint(d):
+    try:
+        return (torch.load(d / "checkpoint.pt", map_location="cpu", weights_only=False) or {}).get("in_epoch")
+    except Exception:  # not there yet, or being replaced
+        return None
+
+
+def _popen(out, args):
+    import sys
+
+    from conftest import ROOT, env
+
+    return subprocess.Popen([sys.executable, "-m", "mkd.train", "--out", str(out), *args], cwd=ROOT, env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_mid(tmp_path_factory, teacher_ckpt):
+    out = tmp_path_factory.mktemp("mid") / "full"
+    p = run_cli("-m", "mkd.train", "--out", str(out), *MID, f"teacher_checkpoint={teacher_ckpt}",
+                "teacher_cache=off", "input_cache=off")
+    assert p.returncode == 0, p.stderr[-2000:]
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGUSR2"])
+def test_a_signal_mid_epoch_checkpoints_that_step_and_the_rerun_matches(tmp_path, teacher_ckpt, uninterrupted_mid, sig):
+    import signal
+    import time
+
+    args = [*MID, f"teacher_checkpoint={teacher_ckpt}", "teacher_cache=off", "input_cache=off"]
+    out = tmp_path / "run"
+    proc = _popen(out, args)
+    deadline = time.time() + 120
+    while not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text().strip():
+        assert time.time() < deadline and proc.poll() is None, "the run never finished an epoch"
+        time.sleep(0.02)
+    time.sleep(0.3)  # into the next epoch
+    proc.send_signal(getattr(signal, sig))
+    _, err = proc.communicate(timeout=120)
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and f"stopped by {sig}" in lines[0] and "Traceback" not in err, err
+    mid = _mid_checkpoint(out)
+    assert mid is not None and 0 < mid["step_in_epoch"] <= 22, "a checkpoint of the step it stopped at"
+    assert not (out / "result.json").exists(), "stopped: neither done nor failed"
+    p = run_cli("-m", "mkd.train", "--out", str(out), *args)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert f"step {mid['step_in_epoch']}/22 of epoch" in p.stdout, p.stdout
+    _same_run(uninterrupted_mid, out)
+
+
+@pytest.mark.slow
+def test_step_interval_checkpoints_survive_a_kill_mid_epoch(tmp_path, teacher_ckpt, uninterrupted_mid):
+    import signal
+    import time
+
+    args = [*MID, f"teacher_checkpoint={teacher_ckpt}", "checkpoint_every_steps=5"]  # with the stream caches
+    out = tmp_path / "run"
+    proc = _popen(out, args)
+    deadline = time.time() + 120
+    while (_mid_checkpoint(out) or {}).get("step_in_epoch") != 10 or not (out / "metrics.jsonl").read_text().strip():
+        assert time.time() < deadline and proc.poll() is None, "no step-10 checkpoint after the first epoch"
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    p = run_cli("-m", "mkd.train", "--out", str(out), *args)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "step 10/22 of epoch" in p.stdout or "step 15/22 of epoch" in p.stdout or "step 20/22" in p.stdout, p.stdout
+    _same_run(uninterrupted_mid, out)

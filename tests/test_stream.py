@@ -129,7 +129,7 @@ def test_plan_names_one_producer_per_stream_and_the_others_wait(tmp_path):
     by_id = {r.run_id: r for r in plan.students}
     t_producers = {r.config.teacher_stream_key(): r for r in plan.students
                    if r.config.uses_teacher and (r.after is None or by_id[r.after].config.teacher != r.config.teacher)}
-    assert len(t_producers) == 3 * 2 * 2, "one per (teacher, augmentation, seed)"
+    assert len(t_producers) == 2 * 2 * 2, "one per (teacher, augmentation, seed)"
     assert all(r.config.method == "kd" for r in t_producers.values()), "the cheapest method fills the cache"
     for r in plan.students:
         if r.after:
