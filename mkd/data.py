@@ -332,7 +332,13 @@ def train_loader(src: TrainSource, global_batch: int, seed: int, epoch: int, ran
     ds = EpochStream(src.base, src.indices, src.transform, seed, epoch)
     g = torch.Generator().manual_seed(seed * 7919 + epoch * 104_729 + rank)  # else the loader draws its base seed
     return DataLoader(ds, batch_size=global_batch // world, sampler=order, num_workers=num_workers,  # from the global
-                      pin_memory=pin, drop_last=True, generator=g, persistent_workers=False)
+                      pin_memory=pin, drop_last=True, generator=g, persistent_workers=False,
+                      collate_fn=_collated)
+
+
+def _collated(batch):
+    """``EpochStream.__getitems__`` returns the batch already stacked."""
+    return batch
 
 
 class MetaBatches:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -122,6 +123,8 @@ def test_requeue_resumes_from_checkpoint_and_matches_an_uninterrupted_run(slurm_
     ra, rb = (json.loads(p.students[0].dir.result.read_text()) for p in plans)
     log = "".join(p.read_text() for p in (tmp_path / "b").rglob("*_log.out"))
     assert (saw_requeue or "Requeued job" in log) and "resuming after epoch" in log, log[-3000:]
+    # USR2 stops the job after the step in progress, with a checkpoint of that step: it resumes mid-epoch
+    assert re.search(r"resuming after epoch \d+/6, step \d+/11 of epoch \d+", log), log[-3000:]
     print("requeued job", jb.job_id, "log:", *[l for l in log.splitlines() if "resuming" in l or l.startswith("epoch")],
           sep="\n  ")
     assert ra["status"] == rb["status"] == "done"

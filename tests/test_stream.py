@@ -139,3 +139,16 @@ def test_plan_names_one_producer_per_stream_and_the_others_wait(tmp_path):
     assert sum(r.after is None for r in plan.students) == 2 * 2, "one data producer per (augmentation, seed)"
     assert not any(r.after for r in expand("degradation", results=tmp_path,
                                            overrides={"teacher_cache": False, "input_cache": "off"}).students)
+
+
+def test_batched_conversion_is_bitwise_the_per_image_transform():
+    from mkd.stream import EpochStream, isolated_rng, seed_globals, stream_seed
+
+    src, _ = _source("weak")
+    ds = EpochStream(src.base, src.indices, src.transform, 3, 0)
+    x, y = ds.__getitems__([0, 5, 9])
+    for k, i in enumerate([0, 5, 9]):
+        with isolated_rng():
+            seed_globals(stream_seed(3, 0, i, 1))
+            ref, label = src.transform(src.base[int(src.indices[i])][0]), src.base.targets[int(src.indices[i])]
+        assert torch.equal(x[k], ref) and int(y[k]) == label
