@@ -52,10 +52,10 @@ def test_other_suites_expand_as_described():
     frac = expand("data_fraction", "tiny")
     assert sorted({r.config.fraction for r in frac.students}) == [0.1, 0.25, 0.5, 1.0] and len(frac.students) == 12 * 3
     # equal optimizer steps: epochs x 1/fraction, so every fraction trains for as many steps as the full set
-    # (20 classes x 300 images, 10% held out per class; whole batches of 128: 4 steps at 0.1 where 4.2 would be exact)
-    steps = {(r.config.fraction, r.config.epochs * (20 * round(r.config.fraction * 270) // 128)) for r in frac.students}
+    # (20 classes x 300 images, 10% held out per class; whole batches of 64: 8 steps at 0.1 where 8.4 would be exact)
+    steps = {(r.config.fraction, r.config.epochs * (20 * round(r.config.fraction * 270) // 64)) for r in frac.students}
     full = next(s for f, s in steps if f == 1.0)
-    assert full == 15 * 42 and all(abs(s - full) / full <= 0.05 for _, s in steps), steps
+    assert full == 15 * 84 and all(abs(s - full) / full <= 0.05 for _, s in steps), steps
 
 
 def test_dry_run_prints_one_line_per_run_and_filters(tmp_path, capsys):
