@@ -87,7 +87,8 @@ class _GeneralConfig:
     teacher_cache_topk: int = _f(0, "0: the teacher's full logits; k > 0: keep its k largest logits per image and "
                                     "spread the rest (smaller cache for many classes; approximate when k < classes)")
     input_cache: str = _f("auto", "store the student's augmented input batches of the stream for the other methods: "
-                                  "auto (on for the embedded data, ~17 MB an epoch; off for CIFAR/ImageNet), on, off",
+                                  "auto (on for the embedded data in a suite, ~17 MB an epoch, removed when the suite is done; off for "
+                                  "CIFAR/ImageNet and single runs), on, off",
                           ("auto", "on", "off"),
                           hashed=False)
     num_workers: int = _f(0, "DataLoader worker processes per GPU/process", hashed=False)

@@ -28,7 +28,6 @@ import fcntl
 import hashlib
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional

@@ -8,8 +8,9 @@ mixed batch, top-1/top-5 each epoch).  A run directory holds::
     result.json    written last             model.pt       final student weights ({'model': state_dict})
 
 Every file is written atomically.  Rerunning on a finished directory does nothing; on an unfinished one it
-resumes from the last epoch checkpoint and, because data order and augmentation RNG are re-seeded from
-(seed, epoch, rank) at every epoch, ends with the same weights and metrics as an uninterrupted run.
+resumes from the last checkpoint (an epoch's end, a step where USR2/SIGTERM stopped it, or every
+``checkpoint_every_steps``) and, because the data stream is a function of (seed, epoch, position)
+(``mkd/stream.py``) and every RNG state is saved, ends with the same weights and metrics as an uninterrupted run.
 Started with several processes (torchrun, or submitit tasks via ``TorchDistributedEnvironment``) it trains
 with DDP: gloo on CPU, NCCL on GPUs.
 """
@@ -315,7 +316,7 @@ def _feed(cfg: RunConfig, run: RunDir, loop: Loop, src: TrainSource, split: dict
                             device.type == "cuda", first_step)
 
     inputs = teacher = None
-    if cfg.caches_inputs:
+    if cfg.input_cache == "on" or (cfg.caches_inputs and run.info.exists()):  # auto: in suites (run.json) only
         inputs = EpochFiles(run.path.parent / ".streams", {"kind": "inputs", **stream}, rank, say)
     M = loop.models
     if M.teacher is not None and cfg.teacher_cache:

@@ -228,7 +228,7 @@ def test_step_interval_checkpoints_survive_a_kill_mid_epoch(tmp_path, teacher_ck
     import signal
     import time
 
-    args = [*MID, f"teacher_checkpoint={teacher_ckpt}", "checkpoint_every_steps=5"]  # with the stream caches
+    args = [*MID, f"teacher_checkpoint={teacher_ckpt}", "checkpoint_every_steps=5", "input_cache=on"]  # with caches
     out = tmp_path / "run"
     proc = _popen(out, args)
     deadline = time.time() + 120

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY, load_script, ROOT
+from conftest import TINY
 from mkd.augment import build_augment
 from mkd.config import load_config
 from mkd.data import TrainSource, load_base, make_split, train_loader
@@ -63,7 +63,8 @@ def test_stream_leaves_the_callers_generators_alone():
 def _train(tmp: Path, name: str, *extra: str) -> dict:
     from mkd.train import train
 
-    cfg = load_config(overrides=["epochs=2", "batch_size=64", "augment=strong", "log_every=5", *TINY, *extra])
+    cfg = load_config(overrides=["epochs=2", "batch_size=64", "augment=strong", "log_every=5", "input_cache=on", *TINY,
+                                 *extra])
     return train(cfg, tmp / "runs" / name, quiet=True)
 
 
