@@ -13,8 +13,6 @@ spans zero is "not resolved at this budget", and nothing is claimed from it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
-
 import pandas as pd
 
 from stats import PAIRED_INTERVAL, Estimate, by_seed, difference, paired
@@ -135,6 +133,3 @@ def findings_lines(findings: list[Finding]) -> list[str]:
                      "interval that excludes zero; P(improvement): share of seeds with a positive difference.")
     return lines
 
-
-def verdict_of(e: Optional[Estimate]) -> str:
-    return "" if e is None else ("resolved" if e.resolved else "not resolved")

@@ -13,7 +13,7 @@ computed everything (bitwise on CPU; tested).
 Files: ``<dir>/<key hash>/epoch0007.rank0.pt``, each holding its full key; a file whose key is not the reader's
 is never used.  Writes are atomic and under a per-epoch lock (a second writer of the same epoch skips).
 Teacher logits live next to the teacher's run (``<teacher run>/teacher_cache/``); input batches, only where an
-epoch of them is small (``input_cache=auto``: the embedded data, 17 MB an epoch), in the suite's folder
+epoch of them is small (``input_cache=auto``: the embedded data inside a suite, 17 MB an epoch), in the suite's folder
 (``<results>/<suite>/<scale>/.streams/``).
 
 Top-k (``teacher_cache_topk=k``): the k largest logits per image plus the log-sum-exp of all of them; the others
@@ -28,7 +28,7 @@ import fcntl
 import hashlib
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
@@ -151,10 +151,8 @@ class Feed:
     topk: int = 0
     inputs: Optional[EpochFiles] = None
     teacher: Optional[EpochFiles] = None
-    hits: dict = None  # what came from where, for the run's log and result
-
-    def __post_init__(self):
-        self.hits = {"inputs_read": 0, "inputs_written": 0, "teacher_read": 0, "teacher_written": 0}
+    hits: dict = field(default_factory=lambda: dict.fromkeys(  # what came from where, for the log and result
+        ("inputs_read", "inputs_written", "teacher_read", "teacher_written"), 0))
 
     def epoch(self, epoch: int, first_step: int = 0) -> Iterator[tuple[Tensor, object, Optional[Tensor]]]:
         """The batches of ``epoch`` (0-based) from step ``first_step`` on."""

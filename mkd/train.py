@@ -316,7 +316,7 @@ def _feed(cfg: RunConfig, run: RunDir, loop: Loop, src: TrainSource, split: dict
                             device.type == "cuda", first_step)
 
     inputs = teacher = None
-    if cfg.input_cache == "on" or (cfg.caches_inputs and run.info.exists()):  # auto: in suites (run.json) only
+    if cfg.caches_inputs and (cfg.input_cache == "on" or run.info.exists()):  # auto: inside suites (run.json) only
         inputs = EpochFiles(run.path.parent / ".streams", {"kind": "inputs", **stream}, rank, say)
     M = loop.models
     if M.teacher is not None and cfg.teacher_cache:
