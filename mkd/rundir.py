@@ -142,12 +142,14 @@ class RunLock:
 
 
 def environment_of(result: dict) -> Optional[str]:
-    """'torch X, timm Y, DEVICE' of a finished run (the CPU's thread count does not count as another device)."""
+    """'torch X, timm Y, DEVICE' of a finished run: for a CPU its kernel level (AVX2, AVX512: they change float
+    results), not its thread count."""
     env = (result or {}).get("environment") or {}
     if not env:
         return None
     device = str(env.get("device", "?"))
-    device = device.split(" (")[0] if device.startswith("cpu") else device
+    if device.startswith("cpu"):
+        device = f"cpu {env['cpu_capability']}" if env.get("cpu_capability") else "cpu"
     return f"torch {env.get('torch', '?')}, timm {env.get('timm', '?')}, {device}"
 
 

@@ -101,10 +101,25 @@ def environment(device: torch.device, world: int) -> dict:
         commit += "+dirty" if dirty else ""
     except (OSError, subprocess.SubprocessError):
         commit = "unknown"
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    # on a CPU the kernels torch dispatches to (AVX2, AVX512, ...) change float results, and a tiny run's
+    # training amplifies them: runs are bitwise reproducible only on the same kernels, so they are recorded
+    isa = torch.backends.cpu.get_cpu_capability()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"cpu ({platform.machine()} {isa}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
     return {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
-            "mkd": __version__, "git_commit": commit, "device": name, "world_size": world,
+            "mkd": __version__, "git_commit": commit, "device": name, "cpu_model": _cpu_model(),
+            "cpu_capability": isa, "world_size": world,
             "host": socket.gethostname(), "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 # ---------------------------------------------------------------------------- the run

@@ -213,3 +213,34 @@ def test_a_table_mixing_package_versions_or_devices_says_so(tmp_path, capsys):
     (res / "degradation" / "tiny" / "r2").rename(tmp_path / "gone")  # one environment left: no warning
     make_tables.build(res, tmp_path / "t2")
     assert "different environments" not in (tmp_path / "t2" / "degradation_tiny.md").read_text()
+    # the same packages on CPUs with other kernels (AVX2 vs AVX512) give other floats: that is another environment
+    for i, isa in enumerate(["AVX2", "AVX512"]):
+        env = {"torch": "2.14.1", "timm": "1.0.31", "device": f"cpu (x86_64 {isa}, 2 cores, 1 threads)",
+               "cpu_capability": isa}
+        fake_run(tmp_path / "r3", "degradation", f"r{i}", [{"teacher": "small", "augment": "weak", "method": "kd",
+                                                             "seed": i}],
+                 "kd", {**done(40.0 + i, 4.0, 70.0, 1e5), "environment": env}, "emb_vit_m")
+    make_tables.build(tmp_path / "r3", tmp_path / "t3")
+    md = (tmp_path / "t3" / "degradation_tiny.md").read_text()
+    assert "cpu AVX2 (1 run)" in md and "cpu AVX512 (1 run)" in md
+
+
+@pytest.mark.parametrize("ce_strong, answerable", [(55.0, True), (20.0, False)])
+def test_q2_is_not_answered_when_the_baseline_collapses_under_strong_augmentation(ce_strong, answerable):
+    """KD's gain under strong augmentation means something only if the student alone still trains there."""
+    from findings import BASELINE_FLOOR, degradation_findings
+
+    rows = []
+    for seed, noise in enumerate((0.0, 0.4, -0.3)):
+        for aug, ce in (("weak", 60.0), ("strong", ce_strong)):
+            rows.append(dict(method="ce", teacher=None, augment=aug, seed=seed, final_top1=ce + noise))
+            for t in ("small", "large"):  # KD gains 5 under weak, 6 + 60-ce under strong: it "grows"
+                rows.append(dict(method="kd", teacher=t, augment=aug, seed=seed,
+                                 final_top1=(65.0 if aug == "weak" else 61.0) + noise * 2))
+    df = pd.DataFrame([{**r, "status": "done", "run_id": f"r{i}"} for i, r in enumerate(rows)])
+    q2 = {f.question: f for f in degradation_findings(df, ["small", "large"], ["weak", "strong"])}["Q2 augmentation"]
+    assert q2.effects[-1][1].resolved and q2.effects[-1][1].mean > 0
+    assert ("not answerable at this budget" in q2.answer) is (not answerable), q2.answer
+    if not answerable:
+        assert f"reaches {ce_strong + (0.0 + 0.4 - 0.3) / 3:.2f}" in q2.answer and ce_strong < BASELINE_FLOOR * 60
+    assert "KD's gain grows under strong augmentation" in q2.answer
