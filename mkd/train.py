@@ -323,6 +323,10 @@ def _feed(cfg: RunConfig, run: RunDir, loop: Loop, src: TrainSource, split: dict
               "train_sha": hashlib.sha256(np.asarray(split["train"], np.int64).tobytes()).hexdigest()[:16],
               "augment": cfg.augment, "img_size": info.img_size, "batch_size": cfg.batch_size, "world": world,
               "seed": cfg.seed, "device": device.type,
+              # other kernels (AVX2 / AVX512, another GPU model) round differently: a cache is bitwise what this
+              # run would compute only on the kernels that wrote it
+              "kernels": torch.cuda.get_device_name(device) if device.type == "cuda" else
+              torch.backends.cpu.get_cpu_capability(),
               "packages": {"torch": torch.__version__, "torchvision": torchvision.__version__, "timm": timm.__version__,
                            "pillow": PIL.__version__, "numpy": np.__version__}}
 
