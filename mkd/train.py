@@ -101,15 +101,20 @@ def environment(device: torch.device, world: int) -> dict:
         commit += "+dirty" if dirty else ""
     except (OSError, subprocess.SubprocessError):
         commit = "unknown"
-    # on a CPU the kernels torch dispatches to (AVX2, AVX512, ...) change float results, and a tiny run's
-    # training amplifies them: runs are bitwise reproducible only on the same kernels, so they are recorded
     isa = torch.backends.cpu.get_cpu_capability()
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+    name = kernels(device) if device.type == "cuda" else \
         f"cpu ({platform.machine()} {isa}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
     return {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
             "mkd": __version__, "git_commit": commit, "device": name, "cpu_model": _cpu_model(),
             "cpu_capability": isa, "world_size": world,
             "host": socket.gethostname(), "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
+
+
+def kernels(device: torch.device) -> str:
+    """What decides a run's float rounding beyond the packages: the GPU model, or on a CPU the kernel level torch
+    dispatches to (AVX2, AVX512, ...).  A tiny run's training amplifies rounding, so runs are bitwise reproducible
+    only on the same kernels: recorded in results and part of the stream-cache key."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else torch.backends.cpu.get_cpu_capability()
 
 
 def _cpu_model() -> str:
@@ -323,10 +328,7 @@ def _feed(cfg: RunConfig, run: RunDir, loop: Loop, src: TrainSource, split: dict
               "train_sha": hashlib.sha256(np.asarray(split["train"], np.int64).tobytes()).hexdigest()[:16],
               "augment": cfg.augment, "img_size": info.img_size, "batch_size": cfg.batch_size, "world": world,
               "seed": cfg.seed, "device": device.type,
-              # other kernels (AVX2 / AVX512, another GPU model) round differently: a cache is bitwise what this
-              # run would compute only on the kernels that wrote it
-              "kernels": torch.cuda.get_device_name(device) if device.type == "cuda" else
-              torch.backends.cpu.get_cpu_capability(),
+              "kernels": kernels(device),  # a cache is bitwise what this run computes only on the same kernels
               "packages": {"torch": torch.__version__, "torchvision": torchvision.__version__, "timm": timm.__version__,
                            "pillow": PIL.__version__, "numpy": np.__version__}}
 

@@ -234,7 +234,7 @@ def test_q2_is_not_answered_when_the_baseline_collapses_under_strong_augmentatio
     for seed, noise in enumerate((0.0, 0.4, -0.3)):
         for aug, ce in (("weak", 60.0), ("strong", ce_strong)):
             rows.append(dict(method="ce", teacher=None, augment=aug, seed=seed, final_top1=ce + noise))
-            for t in ("small", "large"):  # KD gains 5 under weak, 6 + 60-ce under strong: it "grows"
+            for t in ("small", "large"):  # KD gains 5 under weak, 61 - ce under strong: it "grows"
                 rows.append(dict(method="kd", teacher=t, augment=aug, seed=seed,
                                  final_top1=(65.0 if aug == "weak" else 61.0) + noise * 2))
     df = pd.DataFrame([{**r, "status": "done", "run_id": f"r{i}"} for i, r in enumerate(rows)])
