@@ -75,6 +75,39 @@ def soft_targets(y: torch.Tensor, num_classes: int, smoothing: float = 0.0) -> t
     return F.one_hot(y, num_classes).float() * (1.0 - smoothing) + off
 
 
+@dataclass(frozen=True)
+class InputConfig:
+    """How a model wants its input: timm's data config (mean, std, evaluation crop, interpolation)."""
+
+    mean: tuple
+    std: tuple
+    crop_pct: float
+    interpolation: str = "bicubic"
+
+    def eval_transform(self, img_size: int) -> Callable:
+        return create_transform(input_size=img_size, is_training=False, crop_pct=self.crop_pct,
+                                interpolation=self.interpolation, mean=tuple(self.mean), std=tuple(self.std))
+
+
+def model_input_config(model, default: InputConfig) -> InputConfig:
+    """timm's ``resolve_data_config`` of a model (its pretrained config), ``default`` where it says nothing."""
+    from timm.data import resolve_data_config
+
+    c = resolve_data_config({}, model=model)
+    return InputConfig(tuple(map(float, c.get("mean", default.mean))), tuple(map(float, c.get("std", default.std))),
+                       float(c.get("crop_pct", default.crop_pct)), str(c.get("interpolation", default.interpolation)))
+
+
+def renormalizer(src: InputConfig, dst: InputConfig):
+    """``x -> x * a + b`` taking inputs normalised for ``src`` to inputs normalised for ``dst`` (per channel; the
+    teacher's own normalisation on the student's batch, as timm's distillation task does); None when equal."""
+    if tuple(src.mean) == tuple(dst.mean) and tuple(src.std) == tuple(dst.std):
+        return None
+    a = torch.tensor([s / d for s, d in zip(src.std, dst.std)]).view(1, -1, 1, 1)
+    b = torch.tensor([(ms - md) / d for ms, md, d in zip(src.mean, dst.mean, dst.std)]).view(1, -1, 1, 1)
+    return a, b
+
+
 def build_augment(name: str, img_size: int, mean, std, num_classes: int, crop_pct: float = 1.0,
                   crop_scale: tuple[float, float] = (0.08, 1.0), interpolation: str = "bicubic") -> AugmentPreset:
     """The preset ``name`` sized to the dataset's resolution and normalisation."""

@@ -56,6 +56,13 @@ class _GeneralConfig:
     teacher_checkpoint: Optional[str] = _f(None, "teacher weights: a DeiT/timm checkpoint ('model' key) or a raw state dict",
                                            hashed=False)
     teacher_pretrained: bool = _f(False, "load the teacher's timm pretrained weights (needs network)")
+    teacher_input: str = _f("dataset", "the teacher's input normalisation and evaluation crop: dataset (a teacher "
+                                       "trained on this stream) or model (timm's resolve_data_config of the teacher: "
+                                       "its pretrained mean, std, crop; its input is renormalised on the device)",
+                            ("dataset", "model"))
+    student_input: str = _f("dataset", "the student's normalisation and evaluation crop: dataset, or model (timm's "
+                                       "resolve_data_config: for pretrained weights validated by a suite)",
+                            ("dataset", "model"))
     init_checkpoint: Optional[str] = _f(None, "start the student from these weights (epochs=0: only evaluate them)",
                                         hashed=False)
     pretrained: bool = _f(False, "start the student from timm pretrained weights (needs network)")
@@ -66,8 +73,11 @@ class _GeneralConfig:
     embedded: EmbeddedConfig = _f(EmbeddedConfig(), "embedded dataset definition")
     augment: str = _f("weak", "augmentation strength preset (mkd/augment.py)", AUGMENTS)
     fraction: float = _f(1.0, "class-balanced fraction of the training split the student sees, 0 < f <= 1")
-    meta_split: float = _f(0.1, "class-balanced share of the training set held out for MKD's meta batches; "
-                                "held out for every method so all see the same training images")
+    meta_split: float = _f(0.1, "class-balanced share of the training set held out for MKD's meta batches (the "
+                                "first images of each class's seeded permutation)")
+    holdout: str = _f("meta", "who loses the meta split: meta = only the methods that read it (the others train on "
+                              "the whole training set, as their authors did); all = every method trains on the same "
+                              "reduced set (the controlled variant)", ("meta", "all"))
     split_seed: int = _f(0, "seed of the fraction and meta-split selection (kept fixed across run seeds)")
     epochs: int = _f(10, "training epochs (0: evaluate only)")
     batch_size: int = _f(128, "global batch size (split over DDP processes)")
@@ -78,12 +88,16 @@ class _GeneralConfig:
     drop_path: float = _f(0.0, "stochastic depth rate of the student")
     clip_grad: Optional[float] = _f(None, "clip the gradient norm to this value")
     seed: int = _f(0, "run seed: initialisation, data order, augmentation")
+    repeated_aug: int = _f(1, "repeated augmentation (DeiT's RASampler): each epoch takes 1/r of the images, each r "
+                              "times with different augmentations, in the same global batch (DeiT: 3)")
     amp: str = _f("auto", "autocast: auto (bf16 on GPU, off on CPU), bf16, fp16, off", ("auto", "bf16", "fp16", "off"))
     compile: str = _f("auto", "torch.compile the student and teacher: auto (on GPU), on, off", ("auto", "on", "off"),
                       hashed=False)
-    teacher_cache: bool = _f(True, "reuse the teacher's logits on this run's data stream (computed once, by the first "
-                                   "run of the stream, stored next to the teacher run); off: run the teacher every step",
-                             hashed=False)
+    teacher_cache: str = _f("auto", "reuse the teacher's logits on this run's data stream (computed once, by the "
+                                    "first run of the stream, stored next to the teacher run): auto = on for the "
+                                    "embedded data and CIFAR-100, off for ImageNet (full logits: ~2.3 GB an epoch per "
+                                    "stream, and every reader waits for the producer's whole run); on; off: run the "
+                                    "teacher every step", ("auto", "on", "off"), hashed=False)
     teacher_cache_topk: int = _f(0, "0: the teacher's full logits; k > 0: keep its k largest logits per image and "
                                     "spread the rest (smaller cache for many classes; approximate when k < classes)")
     input_cache: str = _f("auto", "store the student's augmented input batches of the stream for the other methods: "
@@ -92,10 +106,13 @@ class _GeneralConfig:
                           ("auto", "on", "off"),
                           hashed=False)
     num_workers: int = _f(0, "DataLoader worker processes per GPU/process", hashed=False)
-    eval_batch_size: int = _f(256, "evaluation batch size", hashed=False)
+    eval_batch_size: int = _f(256, "evaluation batch size per process (GPU)", hashed=False)
     checkpoint_every_steps: int = _f(0, "also checkpoint every this many steps inside an epoch (0: at epoch ends and "
                                         "on USR2/SIGTERM only); for epochs longer than a preemption notice",
                                      hashed=False)
+    checkpoint_minutes: float = _f(0.0, "write an epoch's end checkpoint only when this many minutes have passed "
+                                        "since the last one (0: every epoch); signals still checkpoint at once",
+                                   hashed=False)
     eval_every: int = _f(1, "evaluate every this many epochs (and after the last); the final top-1 does not depend on it",
                          hashed=False)
     log_every: int = _f(25, "steps between loss checks and temperature samples", hashed=False)
@@ -106,23 +123,35 @@ class _GeneralConfig:
         return methods.get(self.method).needs_teacher
 
     @property
+    def held_out(self) -> float:
+        """The share of each class this run does not train on (the meta split, when it loses it)."""
+        loses = self.holdout == "all" or methods.get(self.method).needs_meta_split
+        return self.meta_split if loses else 0.0
+
+    @property
+    def caches_teacher(self) -> bool:
+        return self.teacher_cache == "on" or (self.teacher_cache == "auto" and self.dataset != "imagenet")
+
+    @property
     def caches_inputs(self) -> bool:
         return self.input_cache == "on" or (self.input_cache == "auto" and self.dataset == "embedded")
 
     def stream_key(self) -> str:
         """What fixes this run's data stream (mkd/stream.py): runs with equal keys see bit-identical batches."""
-        keys = ("dataset", "embedded", "data_root", "img_size", "augment", "fraction", "meta_split", "split_seed",
-                "batch_size", "seed")
+        keys = ("dataset", "embedded", "data_root", "img_size", "augment", "fraction", "split_seed", "batch_size",
+                "seed", "repeated_aug", "student_input")
         d = {k: getattr(self, k) for k in keys}
+        d["held_out"] = self.held_out
         d["embedded"] = dataclasses.asdict(self.embedded) if self.dataset == "embedded" else None
         return json.dumps(d, sort_keys=True, default=str)
 
     def teacher_stream_key(self) -> Optional[str]:
         """The stream plus the teacher: runs with equal keys can share the teacher-output cache."""
-        if not (self.uses_teacher and self.teacher_cache):
+        if not (self.uses_teacher and self.caches_teacher):
             return None
         return json.dumps([self.stream_key(), self.teacher, self.teacher_kwargs, self.teacher_checkpoint,
-                           self.teacher_pretrained, self.teacher_cache_topk, self.amp, self.compile], default=str)
+                           self.teacher_pretrained, self.teacher_input, self.teacher_cache_topk, self.amp,
+                           self.compile], default=str)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -147,7 +176,7 @@ def _with_method_sections():
 
 
 RunConfig = _with_method_sections()
-TEACHER_KEYS = ("teacher", "teacher_kwargs", "teacher_pretrained")
+TEACHER_KEYS = ("teacher", "teacher_kwargs", "teacher_pretrained", "teacher_input")
 
 
 def identity(cfg: RunConfig) -> dict:
@@ -272,6 +301,9 @@ def _check(cfg: RunConfig) -> None:
     need(cfg.batch_size > 0, "batch_size", f"is {cfg.batch_size}: it must be > 0")
     need(cfg.lr > 0, "lr", f"is {cfg.lr}: it must be > 0")
     need(cfg.img_size >= 0, "img_size", "must be >= 0 (0: the dataset's size)")
+    need(cfg.repeated_aug >= 1, "repeated_aug", f"is {cfg.repeated_aug}: it must be >= 1 (1: off, DeiT: 3)")
+    need(cfg.eval_every >= 1, "eval_every", f"is {cfg.eval_every}: it must be >= 1")
+    need(cfg.checkpoint_minutes >= 0, "checkpoint_minutes", f"is {cfg.checkpoint_minutes}: it must be >= 0")
     e = cfg.embedded
     need(2 <= e.num_classes, "embedded.num_classes", "must be >= 2")
     need(1 <= e.superclasses <= e.num_classes, "embedded.superclasses", "must lie in [1, num_classes]")

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
+from torchvision.datasets import CIFAR100
 
 from . import atomic
 from .config import EmbeddedConfig, RunConfig
@@ -125,30 +126,36 @@ class ArrayImages(Dataset):
 
 
 # ---------------------------------------------------------------------------- datasets on disk
+class LocalCIFAR100(CIFAR100):
+    """torchvision's CIFAR-100; file checksums are verified only when downloading.
+
+    At module level (not inside a function) so that DataLoader workers started with ``spawn`` (the local
+    executor's pool, macOS) can pickle it."""
+
+    def __init__(self, root, train: bool, download: bool):
+        self.verify = download
+        super().__init__(root, train=train, download=download)
+
+    def _check_integrity(self) -> bool:
+        if self.verify:
+            return super()._check_integrity()
+        base = Path(self.root) / self.base_folder
+        return all((base / name).is_file() for name, _ in self.train_list + self.test_list)
+
+    def _load_meta(self) -> None:
+        if self.verify:
+            return super()._load_meta()
+        import pickle
+
+        path = Path(self.root) / self.base_folder / self.meta["filename"]
+        if not path.is_file():
+            raise RuntimeError(f"{path} is missing")
+        with open(path, "rb") as f:
+            self.classes = pickle.load(f, encoding="latin1")[self.meta["key"]]
+        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+
+
 def _cifar100(root: Optional[str], train: bool, download: bool):
-    import torchvision
-
-    class CIFAR100(torchvision.datasets.CIFAR100):
-        """torchvision's CIFAR-100; file checksums are verified only when downloading."""
-
-        def _check_integrity(self) -> bool:
-            if download:
-                return super()._check_integrity()
-            base = Path(self.root) / self.base_folder
-            return all((base / name).is_file() for name, _ in self.train_list + self.test_list)
-
-        def _load_meta(self) -> None:
-            if download:
-                return super()._load_meta()
-            import pickle
-
-            path = Path(self.root) / self.base_folder / self.meta["filename"]
-            if not path.is_file():
-                raise RuntimeError(f"{path} is missing")
-            with open(path, "rb") as f:
-                self.classes = pickle.load(f, encoding="latin1")[self.meta["key"]]
-            self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
-
     if not root:
         raise UserError("dataset=cifar100 needs data_root=DIR (holding cifar-100-python/), "
                         "add download=true to fetch it")
@@ -156,7 +163,7 @@ def _cifar100(root: Optional[str], train: bool, download: bool):
         raise UserError(f"CIFAR-100 not found under {root} (no cifar-100-python/): point data_root at its parent "
                         "or add download=true")
     try:
-        return CIFAR100(root, train=train, download=download)
+        return LocalCIFAR100(root, train=train, download=download)
     except (RuntimeError, OSError) as e:
         raise UserError(f"could not load CIFAR-100 from {root} ({e}): check the files or add download=true") from None
 
@@ -215,7 +222,9 @@ def make_split(labels: Sequence[int], fraction: float, meta_split: float, seed: 
 
     Per class, one seeded permutation: the first ``round(meta_split * n_c)`` images form the meta split, the
     first ``round(fraction * rest)`` of the rest the training subset.  Subsets are therefore nested across
-    fractions and disjoint from the meta split at every fraction.
+    fractions and disjoint from the meta split at every fraction.  A run that does not lose the meta split
+    (``holdout=meta``, a method without meta batches) is made with ``meta_split=0``: its subset is the first
+    ``round(fraction * n_c)`` images of the same permutation (at fraction 1 the whole class).
     """
     if not 0 < fraction <= 1:
         raise UserError(f"fraction={fraction} is outside (0, 1]: use e.g. fraction=0.25")
@@ -258,7 +267,7 @@ def load_or_make_split(path: Path, labels: Sequence[int], cfg: RunConfig) -> dic
             raise UserError(f"{path} was made for {int(split['num_examples'])} training images but the dataset has "
                             f"{len(labels)}: point data_root at the same data or use a new --out")
         return split
-    split = make_split(labels, cfg.fraction, cfg.meta_split, cfg.split_seed)
+    split = make_split(labels, cfg.fraction, cfg.held_out, cfg.split_seed)
     _save_npz(path, split)
     return split
 
@@ -281,29 +290,35 @@ def materialize(ds: Dataset, max_bytes: float = 512e6, num_workers: int = 0) -> 
     """All of a deterministically transformed dataset as two tensors, when it fits in ``max_bytes``.
 
     Evaluation and meta sets never change between epochs; holding them as tensors skips the per-epoch
-    decoding and transforms (the tiny suite evaluates every epoch).
+    decoding and transforms (the tiny suite evaluates every epoch).  A ``StreamSource`` is held as uint8 (its
+    batches are normalised on the device), anything else as it comes.
     """
-    x0, _ = ds[0]
+    x0 = ds[0][0]
     if len(ds) * x0.numel() * x0.element_size() > max_bytes:
         return None
     xs, ys = [], []
-    for x, y in DataLoader(ds, batch_size=512, num_workers=num_workers):
+    for x, y, *_ in DataLoader(ds, batch_size=512, num_workers=num_workers, collate_fn=_collate_for(ds)):
         xs.append(x)
         ys.append(y)
     return torch.cat(xs), torch.cat(ys)
 
 
 # ---------------------------------------------------------------------------- samplers and loaders
-def epoch_order(n: int, global_batch: int, seed: int, epoch: int, rank: int, world: int) -> list[int]:
-    """This process's sample order for one epoch: a seeded permutation cut to whole global batches, strided.
+def epoch_order(n: int, global_batch: int, seed: int, epoch: int, rank: int, world: int,
+                repeats: int = 1) -> list[tuple[int, int]]:
+    """This process's samples of one epoch as (position, repeat): a seeded permutation, each position repeated
+    ``repeats`` times in a row (DeiT's repeated augmentation), cut to whole global batches of the epoch's ``n``
+    samples, strided over ranks.
 
-    Rank r takes ``perm[r::world]``, so the union of the ranks' k-th local batches is exactly the k-th
-    global batch of a single process: DDP and one process see the same data.
+    Rank r takes ``order[r::world]``, so the union of the ranks' k-th local batches is exactly the k-th
+    global batch of a single process: DDP and one process see the same data (and, as in DeiT's ``RASampler``,
+    the repeats of one image land on different ranks).
     """
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    perm = torch.randperm(n, generator=g)
-    perm = perm[: (n // global_batch) * global_batch]
-    return perm[rank::world].tolist()
+    perm = torch.randperm(n, generator=g).tolist()
+    order = [(p, r) for p in perm for r in range(repeats)] if repeats > 1 else [(p, 0) for p in perm]
+    order = order[: (n // global_batch) * global_batch]
+    return order[rank::world]
 
 
 @dataclass
@@ -318,27 +333,57 @@ class TrainSource:
         return len(self.indices)
 
 
-def train_loader(src: TrainSource, global_batch: int, seed: int, epoch: int, rank: int, world: int,
-                 num_workers: int, pin: bool, first_step: int = 0) -> DataLoader:
-    """A fresh loader per epoch from step ``first_step`` on: the order is ``epoch_order`` of (seed, epoch), each
-    image's augmentation a function of (seed, epoch, its position) (``mkd/stream.EpochStream``), whatever the
-    workers, the method, or where the epoch was resumed."""
-    from .stream import EpochStream
+class _EpochKeys:
+    """The batch sampler of a persistent loader: the (epoch, position, repeat) keys of this rank's batches of
+    the epoch and first step last set (the sampler runs in the main process, so workers need no epoch)."""
 
-    if len(src) < global_batch:
-        raise UserError(f"the training subset has {len(src)} images, fewer than batch_size={global_batch}: "
-                        "lower batch_size or raise fraction")
-    order = epoch_order(len(src), global_batch, seed, epoch, rank, world)[first_step * (global_batch // world):]
-    ds = EpochStream(src.base, src.indices, src.transform, seed, epoch)
-    g = torch.Generator().manual_seed(seed * 7919 + epoch * 104_729 + rank)  # else the loader draws its base seed
-    return DataLoader(ds, batch_size=global_batch // world, sampler=order, num_workers=num_workers,  # from the global
-                      pin_memory=pin, drop_last=True, generator=g, persistent_workers=False,
-                      collate_fn=_collated)
+    def __init__(self, n: int, global_batch: int, seed: int, rank: int, world: int, repeats: int):
+        self.n, self.global_batch, self.seed, self.rank, self.world, self.repeats = n, global_batch, seed, rank, world, repeats
+        self.epoch, self.first_step = 0, 0
+
+    def __iter__(self):
+        order = epoch_order(self.n, self.global_batch, self.seed, self.epoch, self.rank, self.world, self.repeats)
+        b = self.global_batch // self.world
+        for s in range(self.first_step, len(order) // b):
+            yield [(self.epoch, p, r) for p, r in order[s * b:(s + 1) * b]]
+
+    def __len__(self) -> int:
+        return self.n // self.global_batch - self.first_step
+
+
+class TrainStream:
+    """The student's training batches of every epoch from one loader whose workers persist across epochs
+    (``persistent_workers``; DeiT and timm do the same): the order is ``epoch_order`` of (seed, epoch), each
+    image's augmentation a function of (seed, epoch, its position, its repeat) (``mkd/stream.py``), whatever the
+    workers, the method, or where the epoch was resumed.  Batches come as ``StreamSource`` batches (uint8)."""
+
+    def __init__(self, src: TrainSource, global_batch: int, seed: int, rank: int, world: int, num_workers: int,
+                 pin: bool, repeats: int = 1):
+        from .stream import StreamSource
+
+        if len(src) < global_batch:
+            raise UserError(f"the training subset has {len(src)} images, fewer than batch_size={global_batch}: "
+                            "lower batch_size or raise fraction")
+        self.source = StreamSource(src.base, src.indices, src.transform, seed)
+        self.keys = _EpochKeys(len(src), global_batch, seed, rank, world, repeats)
+        g = torch.Generator().manual_seed(seed * 7919 + rank)  # else the loader draws its base seed from the global
+        self.loader = DataLoader(self.source, batch_sampler=self.keys, num_workers=num_workers, pin_memory=pin,
+                                 persistent_workers=num_workers > 0, generator=g, collate_fn=_collated)
+
+    def epoch(self, epoch: int, first_step: int = 0):
+        self.keys.epoch, self.keys.first_step = epoch, first_step
+        return iter(self.loader)
 
 
 def _collated(batch):
-    """``EpochStream.__getitems__`` returns the batch already stacked."""
+    """``StreamSource.__getitems__`` returns the batch already stacked."""
     return batch
+
+
+def _collate_for(ds: Dataset):
+    from .stream import StreamSource
+
+    return _collated if isinstance(ds, StreamSource) else None
 
 
 class MetaBatches:
@@ -346,19 +391,24 @@ class MetaBatches:
 
     Every rank draws the same global index batch from a shared generator (seeded by run seed and epoch) and
     keeps its stride, as ``epoch_order`` does for training batches.  A materialised split is indexed
-    directly; a large one (ImageNet) streams through a DataLoader with workers.
+    directly; a large one (ImageNet) streams through one loader whose workers persist across epochs.  Batches
+    of a ``StreamSource`` are uint8 and normalised on the device (``normalize``).
     """
 
     def __init__(self, ds: Dataset, tensors: Optional[tuple], global_batch: int, seed: int, rank: int,
-                 world: int, device: torch.device, num_workers: int = 0):
+                 world: int, device: torch.device, num_workers: int = 0, normalize: Optional[Callable] = None):
         self.ds, self.tensors, self.rank, self.world, self.device = ds, tensors, rank, world, device
         self.global_batch = max(world, min(global_batch, len(ds)) // world * world)
-        self.seed, self.num_workers = seed, num_workers
+        self.seed, self.num_workers, self.normalize = seed, num_workers, normalize
+        self.loader = None
         self.set_epoch(0)
 
     def _indices(self, gen: torch.Generator):
         while True:
             yield torch.randperm(len(self.ds), generator=gen)[: self.global_batch][self.rank:: self.world].tolist()
+
+    def __iter__(self):  # the persistent loader's batch sampler: the current epoch's generator
+        return self._indices(self.gen)
 
     def set_epoch(self, epoch: int, drawn: int = 0) -> None:
         """Start epoch ``epoch``'s batches, after the first ``drawn`` of them (a run resumed mid-epoch)."""
@@ -366,7 +416,7 @@ class MetaBatches:
         self.epoch, self.drawn = epoch, drawn
         for _ in range(drawn):  # the generator as it was after those batches (a loader prefetches ahead of it)
             next(self._indices(self.gen))
-        self.stream = None  # the streaming loader (and its workers) starts at the first next() of the epoch
+        self.stream = None  # the loader restarts from this generator at the first next() of the epoch
 
     def state(self) -> dict:
         return {"epoch": self.epoch, "drawn": self.drawn}
@@ -374,11 +424,15 @@ class MetaBatches:
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         self.drawn += 1
         if self.tensors is None:
+            if self.loader is None:
+                self.loader = DataLoader(self.ds, batch_sampler=self, num_workers=self.num_workers,
+                                         pin_memory=self.device.type == "cuda", collate_fn=_collate_for(self.ds),
+                                         persistent_workers=self.num_workers > 0)
             if self.stream is None:
-                self.stream = iter(DataLoader(self.ds, batch_sampler=self._indices(self.gen),
-                                              num_workers=self.num_workers, pin_memory=self.device.type == "cuda"))
-            x, y = next(self.stream)
+                self.stream = iter(self.loader)
+            x, y, *_ = next(self.stream)
         else:
             idx = next(self._indices(self.gen))
             x, y = self.tensors[0][idx], self.tensors[1][idx]
-        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        return (self.normalize(x) if self.normalize is not None else x), y

@@ -37,7 +37,8 @@ class Models:
     model: nn.Module  # DDP wrapper and/or torch.compile of the student
     student: nn.Module  # the bare student (meta computations, checkpoints)
     teacher: Optional[nn.Module] = None
-    teacher_fwd: Optional[Callable[[Tensor], Tensor]] = None  # compiled / channels_last teacher call
+    teacher_fwd: Optional[Callable[[Tensor], Tensor]] = None  # renormalised / compiled / channels_last teacher call
+    teacher_compiled: bool = False
 
 
 @dataclass
@@ -81,25 +82,31 @@ def precision_for(amp: str, device: torch.device) -> Precision:
 
 
 def build_models(cfg, student: nn.Module, teacher: Optional[nn.Module], method: Method, device: torch.device,
-                 world: int = 1) -> Models:
-    """DDP and ``torch.compile`` (``compile=auto``: on GPU) around the student; channels_last for CNN teachers."""
+                 world: int = 1, renorm: Optional[tuple[Tensor, Tensor]] = None) -> Models:
+    """DDP and ``torch.compile`` (``compile=auto``: on GPU) around the student; channels_last for CNN teachers;
+    ``renorm = (a, b)``: the teacher sees ``x * a + b`` (its own normalisation, ``augment.renormalizer``)."""
     compile_on = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
     model = student
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
     if compile_on:
-        if method.replays_forward:  # compiled random ops draw from the eager RNG, so the meta step can replay them
-            torch._inductor.config.fallback_random = True
-        model = torch.compile(model)
+        model = torch.compile(model, options={"fallback_random": True} if method.replays_forward else None)
     teacher_fwd = None
     if teacher is not None:
-        if not is_vit(teacher) and device.type == "cuda":
+        fwd = torch.compile(teacher) if compile_on else teacher
+        cnn = not is_vit(teacher) and device.type == "cuda"
+        if cnn:
             teacher.to(memory_format=torch.channels_last)
-            fwd = torch.compile(teacher) if compile_on else teacher
-            teacher_fwd = lambda x: fwd(x.contiguous(memory_format=torch.channels_last))  # noqa: E731
+        if renorm is not None:
+            a, b = (t.to(device) for t in renorm)
+        if renorm is None and not cnn:
+            teacher_fwd = fwd
         else:
-            teacher_fwd = torch.compile(teacher) if compile_on else teacher
-    return Models(model, student, teacher, teacher_fwd)
+            def teacher_fwd(x: Tensor) -> Tensor:
+                if renorm is not None:
+                    x = torch.addcmul(b, x, a)
+                return fwd(x.contiguous(memory_format=torch.channels_last) if cnn else x)
+    return Models(model, student, teacher, teacher_fwd, teacher_compiled=compile_on)
 
 
 def build_optimization(cfg, student: nn.Module, method: Method, steps_per_epoch: int, amp: str,
@@ -117,10 +124,11 @@ def build_optimization(cfg, student: nn.Module, method: Method, steps_per_epoch:
 
 
 def build_loop(cfg, student: nn.Module, teacher: Optional[nn.Module], method: Method, augment: AugmentPreset,
-               device: torch.device, steps_per_epoch: int, meta_batches=None, rank: int = 0, world: int = 1) -> Loop:
+               device: torch.device, steps_per_epoch: int, meta_batches=None, rank: int = 0, world: int = 1,
+               renorm=None) -> Loop:
     """The loop of ``cfg`` from its parts: models, optimization, precision."""
     prec = precision_for(cfg.amp, device)
-    return Loop(models=build_models(cfg, student, teacher, method, device, world), method=method,
+    return Loop(models=build_models(cfg, student, teacher, method, device, world, renorm), method=method,
                 optim=build_optimization(cfg, student, method, steps_per_epoch, prec.amp, device), precision=prec,
                 augment=augment, steps_per_epoch=steps_per_epoch, total_steps=max(1, cfg.epochs * steps_per_epoch),
                 log_every=cfg.log_every, meta_batches=meta_batches, rank=rank)
@@ -178,7 +186,7 @@ def train_one_epoch(loop: Loop, feed, epoch: int, step: int, part: Optional[Epoc
                 student=M.student, x=x, targets=targets, teacher_logits=t_logits,
                 student_out=tuple(o.detach() for o in out) if isinstance(out, (tuple, list)) else out.detach(),
                 lr=O.optimizer.param_groups[0]["lr"], step=step, autocast=P.autocast,
-                meta_batches=loop.meta_batches, teacher=M.teacher, rng=rng, optimizer=O.optimizer,
+                meta_batches=loop.meta_batches, teacher=M.teacher_fwd, rng=rng, optimizer=O.optimizer,
                 scaler=O.scaler))
         if O.clip_grad:
             torch.nn.utils.clip_grad_norm_(M.student.parameters(), O.clip_grad)

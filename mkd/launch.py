@@ -337,14 +337,22 @@ class TrainJob(submitit.helpers.Checkpointable):
     """A submitit job training one run directory; requeued on timeout/preemption, it resumes from the
     run's last checkpoint (Checkpointable resubmits the same call)."""
 
-    def __call__(self, run_dir: str) -> dict:
+    def __call__(self, run_dir: str) -> Optional[dict]:
         from .config import load_config
+        from .preempt import Preempted
         from .train import train
 
         env = submitit.JobEnvironment()
-        if env.num_tasks > 1:
-            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-        return train(load_config(RunDir(run_dir).config), run_dir)
+        if env.num_tasks > 1:  # overwrite: a MASTER_PORT the cluster or user set is kept (submitit reads it)
+            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+        try:
+            return train(load_config(RunDir(run_dir).config), run_dir)
+        except Preempted:
+            if env.global_rank == 0:
+                raise
+            # rank 0 wrote the checkpoint and requeues the job; this task ends cleanly (a non-zero exit would
+            # end the job FAILED under KillOnBadExit instead of requeued)
+            return None
 
 
 PROFILE_KEYS = {"partition": "slurm_partition", "account": "slurm_account", "qos": "slurm_qos", "nodes": "nodes",

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from . import atomic
-from .stream import mix_seed
+from .stream import mix_seed, to_device
 
 CACHE_VERSION = 1
 
@@ -115,6 +115,15 @@ class EpochFiles:
             return False
 
 
+def to_host(t: Tensor) -> Tensor:
+    """A host copy of a device tensor without waiting for it: into pinned memory, asynchronously (the epoch's
+    writer synchronises once, before saving).  CPU tensors are kept as they are."""
+    if t.device.type != "cuda":
+        return t
+    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    return out.copy_(t, non_blocking=True)
+
+
 # ---------------------------------------------------------------------------- top-k
 def topk_compress(logits: Tensor, k: int) -> dict[str, Tensor]:
     values, index = logits.topk(k, dim=-1)
@@ -141,7 +150,7 @@ class Feed:
     """(x, targets, teacher logits) for every step of an epoch, from the caches when they hold the epoch, else
     from the loader, the batch augmentation and the teacher; a whole epoch computed here is written back."""
 
-    loader: Callable[[int, int], object]  # (epoch, first step) -> DataLoader of (images, labels)
+    loader: Callable[[int, int], object]  # (epoch, first step) -> StreamSource batches (mkd/stream.py)
     augment: object  # AugmentPreset
     seed: int
     device: torch.device
@@ -151,6 +160,7 @@ class Feed:
     topk: int = 0
     inputs: Optional[EpochFiles] = None
     teacher: Optional[EpochFiles] = None
+    normalize: Optional[Callable] = None  # uint8 -> normalised float on the device (mkd/stream.DeviceNormalize)
     hits: dict = field(default_factory=lambda: dict.fromkeys(  # what came from where, for the log and result
         ("inputs_read", "inputs_written", "teacher_read", "teacher_written"), 0))
 
@@ -172,7 +182,7 @@ class Feed:
             x = x.to(dev, non_blocking=True)
             targets = targets.to(dev, non_blocking=True)
             if rec_x is not None:
-                rec_x.append((x.cpu(), targets.cpu()))
+                rec_x.append((to_host(x), to_host(targets)))
             t = None
             if self.teacher_fwd is not None:
                 if stored_t is not None:
@@ -184,13 +194,15 @@ class Feed:
                         c = topk_compress(t, self.topk)
                         t = topk_expand(c, self.num_classes)
                         if rec_t is not None:
-                            rec_t.append({k: v.cpu() for k, v in c.items()})
+                            rec_t.append({k: to_host(v) for k, v in c.items()})
                     elif rec_t is not None:
-                        rec_t.append(t.cpu())
+                        rec_t.append(to_host(t))
             yield x, targets, t
             step += 1
         if stored_t is not None:
             self.hits["teacher_read"] += 1
+        if (rec_x or rec_t) and dev.type == "cuda":
+            torch.cuda.synchronize(dev)  # the asynchronous copies into pinned memory are complete
         if rec_x:
             ok = self.inputs.write(epoch, {"x": torch.stack([a for a, _ in rec_x]),
                                            "targets": torch.stack([b for _, b in rec_x])})
@@ -203,9 +215,8 @@ class Feed:
             self.hits["teacher_written"] += ok
 
     def _augmented(self, epoch: int, first_step: int):
-        for i, (x, y) in enumerate(self.loader(epoch, first_step), start=first_step):
-            x = x.to(self.device, non_blocking=True)
-            y = y.to(self.device, non_blocking=True)
+        for i, batch in enumerate(self.loader(epoch, first_step), start=first_step):
+            x, y = to_device(batch, self.device, self.normalize)
             yield self.augment.batch(x, y, seed=mix_seed(self.seed, epoch, i))
 
     def _stored_logits(self, d: dict, step: int) -> Tensor:

@@ -49,7 +49,7 @@ ABSTRACT_AXES = ("teacher", "student")
 SUITE_KEYS = ("description", "axes", "include", "exclude", "config", "scales", "table", "budget")
 BUDGETS = ("equal_epochs", "equal_steps")
 SCALE_KEYS = ("student", "students", "method_students", "teachers", "config", "description")
-TEACHER_KEYS = ("model", "kwargs", "train", "checkpoint", "pretrained")
+TEACHER_KEYS = ("model", "kwargs", "train", "checkpoint", "pretrained", "input")
 
 
 @dataclass
@@ -203,6 +203,12 @@ def expand(name_or_path: str, scale: str = "tiny", results: Path | str = "result
     if scale not in spec["scales"]:
         raise _fail(path, "scales", f"has no '{scale}' scale; it has: {', '.join(spec['scales'])} (use --scale)")
     sc = spec["scales"][scale]
+    for k in spec["axes"]:
+        where = next((w for w, c in (("config", spec.get("config")), (f"scales.{scale}.config", sc.get("config")))
+                      if isinstance(c, dict) and k in c), None)
+        if where and k not in ABSTRACT_AXES:
+            raise _fail(path, f"{where}.{k}", f"'{k}' is an axis of the suite, so its rows set it: remove it here "
+                                               f"(or change the axis: --axis {k}=...)")
     rows = _filtered(_rows(path, spec, sc), filters or {})
     if not rows:
         raise _fail(path, "axes", "the matrix is empty after include/exclude/--filter")
@@ -211,7 +217,8 @@ def expand(name_or_path: str, scale: str = "tiny", results: Path | str = "result
     if budget not in BUDGETS:
         raise _fail(path, "budget", f"unknown value {budget!r}{suggest(str(budget), BUDGETS)}; allowed: {', '.join(BUDGETS)}")
     needs = _teacher_needs(base)
-    teacher_of = _teacher_runs(path, sc, scale, base, Path(results), sorted({r["teacher"] for r in rows if needs(r)}))
+    teacher_of = _teacher_runs(path, sc, scale, base, Path(results), sorted({r["teacher"] for r in rows if needs(r)}),
+                               overrides)
     students = _student_runs(path, sc, scale, base, Path(results) / path.stem / scale, rows, teacher_of, needs,
                              budget)
     teachers = list({r.run_id: r for r in teacher_of.values()}.values())
@@ -293,11 +300,30 @@ def _model_ok(path: Path, name: str, where: str) -> None:
         raise _fail(path, where, str(e)) from None
 
 
-TEACHER_INHERITS = ("dataset", "data_root", "download", "img_size", "embedded", "meta_split", "split_seed",
-                    "num_workers", "amp", "compile", "eval_every")
+TEACHER_INHERITS = ("dataset", "data_root", "download", "img_size", "embedded", "meta_split", "holdout", "split_seed",
+                    "num_workers", "amp", "compile", "eval_every", "eval_batch_size", "checkpoint_minutes",
+                    "checkpoint_every_steps")
+# what a teacher trained by the suite takes from the scale's recipe unless its ``train:`` says otherwise
+TEACHER_RECIPE = ("batch_size", "warmup_epochs", "min_lr", "weight_decay", "clip_grad", "repeated_aug")
+# --set keys that describe the student's run only (everything else reaches the teachers too)
+STUDENT_ONLY = ("method", "student", "student_kwargs", "teacher", "teacher_kwargs", "teacher_checkpoint",
+                "teacher_pretrained", "teacher_input", "fraction", "seed", "init_checkpoint", "pretrained",
+                "teacher_cache", "teacher_cache_topk", "input_cache")
 
 
-def _teacher_runs(path: Path, sc: dict, scale: str, base: dict, results: Path, labels: list[str]) -> dict[str, Run]:
+def _teacher_overrides(overrides: Optional[dict], trained: bool) -> dict:
+    """The --set overrides a teacher run takes: not the student-only keys nor the method sections, and for a
+    validated teacher nothing that would make it train."""
+    sections = set(methods.sections())
+    out = {k: v for k, v in (overrides or {}).items() if k not in STUDENT_ONLY and k not in sections}
+    if not trained:
+        for k in ("epochs", "augment", "lr", "drop_path", *TEACHER_RECIPE):
+            out.pop(k, None)
+    return out
+
+
+def _teacher_runs(path: Path, sc: dict, scale: str, base: dict, results: Path, labels: list[str],
+                  overrides: Optional[dict] = None) -> dict[str, Run]:
     """One run per teacher label: trained by the suite (``train:``) or validated (checkpoint / pretrained),
     shared by every suite naming the same teacher config (``results/teachers/<scale>/<run_id>``)."""
     runs: dict[str, Run] = {}
@@ -309,16 +335,19 @@ def _teacher_runs(path: Path, sc: dict, scale: str, base: dict, results: Path, l
         tcfg = {k: v for k, v in base.items() if k in TEACHER_INHERITS}
         tcfg.update(method="ce", student=ts["model"], student_kwargs=ts.get("kwargs") or {}, fraction=1.0, seed=0,
                     input_cache="off")  # no other run reads a teacher's training stream
-        if ts.get("train") is not None:
+        trained = ts.get("train") is not None
+        if trained:
+            tcfg.update({k: base[k] for k in TEACHER_RECIPE if k in base})
             tcfg = merge(tcfg, {"augment": "none", **ts["train"]})
         else:
-            tcfg.update(epochs=0, augment="none")
+            tcfg.update(epochs=0, augment="none", student_input=_teacher_input(ts))
             if ts.get("checkpoint"):
                 tcfg["init_checkpoint"] = os.path.expanduser(str(ts["checkpoint"]))
                 if not Path(tcfg["init_checkpoint"]).is_file():
                     raise _fail(path, f"{where}.checkpoint", f"{tcfg['init_checkpoint']} not found; give an existing checkpoint file")
             else:
                 tcfg["pretrained"] = True
+        tcfg = merge(tcfg, _teacher_overrides(overrides, trained))
         cfg = _build(path, tcfg, where)
         how = "trained" if ts.get("train") is not None else "validated"
         run = runs.get(cfg.run_id) or Run(cfg.run_id, "teacher", cfg, results / "teachers" / scale / cfg.run_id,
@@ -328,6 +357,12 @@ def _teacher_runs(path: Path, sc: dict, scale: str, base: dict, results: Path, l
     return of
 
 
+def _teacher_input(ts: dict) -> str:
+    """A teacher trained by the suite takes the stream's normalisation; one with pretrained weights (or a
+    checkpoint) its own, from timm's pretrained config (``input: dataset`` says otherwise)."""
+    return ts.get("input") or ("dataset" if ts.get("train") is not None else "model")
+
+
 def _equal_steps(d: dict) -> dict:
     """Epochs and warmup scaled by 1/fraction: a fraction f of the data for 1/f as many epochs is the full set's
     number of optimizer steps (to within the partial batch each epoch drops: 5% at fraction 0.1 of the tiny data),
@@ -335,7 +370,9 @@ def _equal_steps(d: dict) -> dict:
     f = float(d.get("fraction", 1.0))
     cfg = RunConfig()
     epochs, warmup = d.get("epochs", cfg.epochs), d.get("warmup_epochs", cfg.warmup_epochs)
-    return {**d, "epochs": max(1, round(epochs / f)), "warmup_epochs": warmup / f}
+    every = d.get("eval_every", cfg.eval_every)  # as many evaluations as the full set's run, not 1/f as many
+    return {**d, "epochs": max(1, round(epochs / f)), "warmup_epochs": warmup / f,
+            "eval_every": max(1, round(every / f))}
 
 
 def _student_runs(path: Path, sc: dict, scale: str, base: dict, out: Path, rows: list[dict],
@@ -359,7 +396,8 @@ def _student_runs(path: Path, sc: dict, scale: str, base: dict, out: Path, rows:
         trun = teacher_of[row["teacher"]] if needs(row) else None
         if trun is not None:
             ts = sc["teachers"][row["teacher"]]
-            d.update(teacher=ts["model"], teacher_kwargs=ts.get("kwargs") or {}, teacher_checkpoint=str(trun.dir.model))
+            d.update(teacher=ts["model"], teacher_kwargs=ts.get("kwargs") or {}, teacher_checkpoint=str(trun.dir.model),
+                     teacher_input=_teacher_input(ts))
         where = "row " + ", ".join(f"{k}={v}" for k, v in row.items())
         cfg = _build(path, d, where)
         _model_ok(path, cfg.student, f"scales.{scale}.student ({where})")

@@ -41,9 +41,9 @@ import torch.distributed as dist
 import yaml
 
 from . import __version__, atomic
-from .augment import build_augment
+from .augment import InputConfig, build_augment, model_input_config, renormalizer
 from .config import STREAM_VERSION, RunConfig, describe, load_config
-from .data import MetaBatches, TrainSource, Transformed, load_base, load_or_make_split, materialize, train_loader
+from .data import MetaBatches, TrainSource, TrainStream, _collated, load_base, load_or_make_split, materialize
 from .engine import (EpochPartial, Loop, NonFiniteLoss, Timer, build_loop, evaluate, precision_for, tensor_batches,
                      train_one_epoch)
 from .errors import UserError, cli
@@ -51,6 +51,7 @@ from .methods import build_method
 from .models import build_teacher, create_model, load_weights, num_params, teacher_eval_cache
 from .preempt import PreemptGuard, Preempted
 from .rundir import RunDir
+from .stream import StreamSource, normalizer_of, to_device
 from .stream_cache import CACHE_VERSION, EpochFiles, Feed, weights_sha
 
 
@@ -61,13 +62,23 @@ def init_distributed() -> tuple[int, int, torch.device]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
     cuda = torch.cuda.is_available()
-    device = torch.device(f"cuda:{local}" if cuda else "cpu")
+    # rank % visible GPUs (DeiT): clusters that bind one GPU per task show each task a single device 0
+    device = torch.device(f"cuda:{local % torch.cuda.device_count()}" if cuda else "cpu")
     if cuda:
         torch.cuda.set_device(device)
+        fast_kernels()
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
     rank = dist.get_rank() if dist.is_initialized() else 0
     return rank, world, device
+
+
+def fast_kernels() -> None:
+    """TF32 matmuls and convolutions (fp32 parts of an autocast step, the meta path's fp32 forwards) and cuDNN's
+    autotuner (fixed shapes every step), as timm's and DeiT's training scripts set them."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True
 
 
 def seed_everything(*seed: int) -> None:
@@ -159,9 +170,11 @@ def prepare_dir(cfg: RunConfig, run: RunDir, say=print) -> Optional[dict]:
     return None
 
 
-def _teacher_top1(cfg: RunConfig, teacher, val_batches, device, autocast, info) -> float:
+def _teacher_top1(cfg: RunConfig, teacher, val_batches, device, autocast, info, t_in: InputConfig) -> float:
     key = {"dataset": cfg.dataset, "img_size": info.img_size, "root": cfg.data_root,
            "embedded": cfg.to_dict()["embedded"] if cfg.dataset == "embedded" else None}
+    if cfg.teacher_input != "dataset":
+        key["input"] = dataclasses.asdict(t_in)
     path = teacher_eval_cache(cfg.teacher_checkpoint, cfg.teacher, key)
     hit = atomic.read_json(path)
     if hit is not None:
@@ -273,45 +286,63 @@ def _build(cfg: RunConfig, run: RunDir, rank: int, world: int, device: torch.dev
         dist.barrier()
     if rank:
         split = load_or_make_split(run.split, train_base.targets, cfg)
-    aug = build_augment(cfg.augment, info.img_size, info.mean, info.std, info.num_classes, info.crop_pct,
-                        info.crop_scale)
-    train_src = TrainSource(train_base, split["train"], aug.train_transform)
-    val_ds = Transformed(val_base, None, aug.eval_transform)
-    data_key = (cfg.dataset, str(cfg.embedded) if cfg.dataset == "embedded" else cfg.data_root, info.img_size)
-    val_t = _materialized(("val", *data_key), lambda: materialize(val_ds, num_workers=cfg.num_workers))
-    local_eval_bs = max(1, cfg.eval_batch_size // world)
-
-    def val_batches():
-        if val_t is not None:
-            return tensor_batches(val_t, local_eval_bs, rank, world)
-        idx = list(range(rank, len(val_ds), world))
-        return torch.utils.data.DataLoader(torch.utils.data.Subset(val_ds, idx), batch_size=local_eval_bs,
-                                           num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
-
     seed_everything(cfg.seed, 0)
     student = create_model(cfg.student, info.num_classes, info.img_size, pretrained=cfg.pretrained,
                            drop_path=cfg.drop_path, **cfg.student_kwargs)
+    dataset_input = InputConfig(tuple(info.mean), tuple(info.std), info.crop_pct)
+    s_in = model_input_config(student, dataset_input) if cfg.student_input == "model" else dataset_input
+    aug = build_augment(cfg.augment, info.img_size, s_in.mean, s_in.std, info.num_classes, s_in.crop_pct,
+                        info.crop_scale, s_in.interpolation)
+    data_key = (cfg.dataset, str(cfg.embedded) if cfg.dataset == "embedded" else cfg.data_root, info.img_size)
+    val_batches = _eval_batches(cfg, val_base, aug.eval_transform, (*data_key, s_in), rank, world, device)
     if cfg.init_checkpoint:
         load_weights(student, cfg.init_checkpoint, "student")
     student.to(device)
     method = build_method(cfg, info.num_classes).to(device)
-    teacher = teacher_top1 = None
+    teacher = teacher_top1 = renorm = None
     if method.needs_teacher:
         teacher = build_teacher(cfg.teacher, info.num_classes, info.img_size, cfg.teacher_checkpoint,
                                 cfg.teacher_pretrained, **cfg.teacher_kwargs).to(device)
-        teacher_top1 = _teacher_top1(cfg, teacher, val_batches, device, prec.autocast, info)
-        say(f"teacher {cfg.teacher}: {num_params(teacher) / 1e6:.2f}M params, val top1 {teacher_top1:.2f}")
+        t_in = model_input_config(teacher, dataset_input) if cfg.teacher_input == "model" else dataset_input
+        renorm = renormalizer(s_in, t_in)
+        t_val = val_batches if t_in == s_in else _eval_batches(cfg, val_base, t_in.eval_transform(info.img_size),
+                                                               (*data_key, t_in), rank, world, device)
+        teacher_top1 = _teacher_top1(cfg, teacher, t_val, device, prec.autocast, info, t_in)
+        say(f"teacher {cfg.teacher}: {num_params(teacher) / 1e6:.2f}M params, val top1 {teacher_top1:.2f}"
+            + (f" (its own input: mean {t_in.mean}, std {t_in.std}, crop {t_in.crop_pct})" if renorm else ""))
     meta_batches = None
     if method.needs_meta_split:
-        meta_ds = Transformed(train_base, split["meta"], aug.eval_transform)
-        meta_t = _materialized(("meta", *data_key, hashlib.sha256(np.asarray(split["meta"]).tobytes()).hexdigest()),
+        meta_ds = StreamSource(train_base, split["meta"], aug.eval_transform)
+        meta_t = _materialized(("meta", *data_key, s_in, hashlib.sha256(np.asarray(split["meta"]).tobytes()).hexdigest()),
                                lambda: materialize(meta_ds, num_workers=cfg.num_workers))
-        meta_batches = MetaBatches(meta_ds, meta_t,
-                                   method.meta_batch_size, cfg.seed, rank, world, device, cfg.num_workers)
+        meta_batches = MetaBatches(meta_ds, meta_t, method.meta_batch_size, cfg.seed, rank, world, device,
+                                   cfg.num_workers, normalizer_of(meta_ds))
     steps_per_epoch = len(split["train"]) // cfg.batch_size
-    loop = build_loop(cfg, student, teacher, method, aug, device, steps_per_epoch, meta_batches, rank, world)
-    feed = _feed(cfg, run, loop, train_src, split, info, rank, world, say)
-    return Built(loop, feed, split, len(val_ds), val_batches, teacher_top1)
+    loop = build_loop(cfg, student, teacher, method, aug, device, steps_per_epoch, meta_batches, rank, world, renorm)
+    feed = _feed(cfg, run, loop, TrainSource(train_base, split["train"], aug.train_transform), split, info, rank,
+                 world, say)
+    return Built(loop, feed, split, len(val_base), val_batches, teacher_top1)
+
+
+def _eval_batches(cfg: RunConfig, base, transform, key: tuple, rank: int, world: int, device: torch.device) -> Callable:
+    """``() -> batches`` of this process's shard of the evaluation set, normalised on the device: from uint8
+    tensors held in memory when they fit (once per process and key), else from one loader whose workers
+    persist across evaluations."""
+    src = StreamSource(base, None, transform)
+    norm = normalizer_of(src)
+    held = _materialized(("val", *key), lambda: materialize(src, num_workers=cfg.num_workers))
+    bs = max(1, cfg.eval_batch_size)
+    loader = None
+    if held is None:
+        loader = torch.utils.data.DataLoader(src, batch_size=bs, sampler=list(range(rank, len(src), world)),
+                                             num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
+                                             persistent_workers=cfg.num_workers > 0, collate_fn=_collated)
+
+    def batches():
+        it = tensor_batches(held, bs, rank, world) if held is not None else (b[:2] for b in loader)
+        for x, y in it:
+            yield to_device((x, y, ()), device, norm)
+    return batches
 
 
 def _feed(cfg: RunConfig, run: RunDir, loop: Loop, src: TrainSource, split: dict, info, rank: int, world: int,
@@ -327,28 +358,29 @@ def _feed(cfg: RunConfig, run: RunDir, loop: Loop, src: TrainSource, split: dict
               "num_examples": int(split["num_examples"]),
               "train_sha": hashlib.sha256(np.asarray(split["train"], np.int64).tobytes()).hexdigest()[:16],
               "augment": cfg.augment, "img_size": info.img_size, "batch_size": cfg.batch_size, "world": world,
-              "seed": cfg.seed, "device": device.type,
+              "seed": cfg.seed, "device": device.type, "student_input": cfg.student_input,
               "kernels": kernels(device),  # a cache is bitwise what this run computes only on the same kernels
               "packages": {"torch": torch.__version__, "torchvision": torchvision.__version__, "timm": timm.__version__,
                            "pillow": PIL.__version__, "numpy": np.__version__}}
-
-    def loader(epoch: int, first_step: int):
-        return train_loader(src, cfg.batch_size, cfg.seed, epoch, rank, world, cfg.num_workers,
-                            device.type == "cuda", first_step)
+    if cfg.repeated_aug > 1:
+        stream["repeated_aug"] = cfg.repeated_aug
+    batches = TrainStream(src, cfg.batch_size, cfg.seed, rank, world, cfg.num_workers, device.type == "cuda",
+                          cfg.repeated_aug)
 
     inputs = teacher = None
     if cfg.caches_inputs and (cfg.input_cache == "on" or run.info.exists()):  # auto: inside suites (run.json) only
         inputs = EpochFiles(run.path.parent / ".streams", {"kind": "inputs", **stream}, rank, say)
     M = loop.models
-    if M.teacher is not None and cfg.teacher_cache:
+    if M.teacher is not None and cfg.caches_teacher:
         where = Path(cfg.teacher_checkpoint).parent if cfg.teacher_checkpoint else run.path.parent
-        compiled = M.teacher_fwd is not M.teacher
-        teacher = EpochFiles(where / "teacher_cache", {
-            "kind": "teacher_logits", **stream, "teacher": cfg.teacher, "teacher_kwargs": cfg.teacher_kwargs,
-            "teacher_weights": weights_sha(M.teacher), "amp": loop.precision.amp, "compile": compiled,
-            "topk": cfg.teacher_cache_topk}, rank, say)
-    return Feed(loader, loop.augment, cfg.seed, device, loop.precision.autocast, M.teacher_fwd, info.num_classes,
-                cfg.teacher_cache_topk, inputs, teacher)
+        key = {"kind": "teacher_logits", **stream, "teacher": cfg.teacher, "teacher_kwargs": cfg.teacher_kwargs,
+               "teacher_weights": weights_sha(M.teacher), "amp": loop.precision.amp, "compile": M.teacher_compiled,
+               "topk": cfg.teacher_cache_topk}
+        if cfg.teacher_input != "dataset":
+            key["teacher_input"] = cfg.teacher_input
+        teacher = EpochFiles(where / "teacher_cache", key, rank, say)
+    return Feed(batches.epoch, loop.augment, cfg.seed, device, loop.precision.autocast, M.teacher_fwd,
+                info.num_classes, cfg.teacher_cache_topk, inputs, teacher, normalizer_of(batches.source))
 
 
 def _load_checkpoint(run: RunDir, cfg: RunConfig, say) -> tuple[Optional[Path], Optional[dict]]:
@@ -524,10 +556,15 @@ def _run(cfg: RunConfig, run: RunDir, rank: int, world: int, device: torch.devic
             guard.requested = guard.requested or signal.SIGTERM  # another rank's signal
             guard.stop(f"at step {part.step_in_epoch}/{L.steps_per_epoch} of epoch {p.epoch + 1}")
 
+    last_save = time.time()
     with guard:
         while p.epoch < cfg.epochs:
             rec = _one_epoch(cfg, b, p, rank, world, timer, after_step)
-            _checkpoint(cfg, run, b, p, rank, world)
+            if _due(time.time() - last_save, cfg.checkpoint_minutes, world, device) or p.epoch == cfg.epochs:
+                _checkpoint(cfg, run, b, p, rank, world)
+                last_save = time.time()
+            elif rank == 0:
+                atomic.write_jsonl(run.metrics, p.records)
             _say_epoch(cfg, L, p, rec, say)
     result = _finish(cfg, run, b, p, rank, world, t_start)
     h, parts = b.feed.hits, []
@@ -541,6 +578,14 @@ def _run(cfg: RunConfig, run: RunDir, rank: int, world: int, device: torch.devic
     if world > 1:
         dist.barrier()
     return result
+
+
+def _due(seconds: float, minutes: float, world: int, device: torch.device) -> bool:
+    """Whether an epoch's end checkpoint is due (``checkpoint_minutes``); rank 0's clock decides for all ranks."""
+    due = torch.tensor([float(seconds >= 60 * minutes)], device=device)
+    if world > 1:
+        dist.broadcast(due, 0)
+    return bool(due.item())
 
 
 # ---------------------------------------------------------------------------- CLI

@@ -165,7 +165,7 @@ def test_randaugment_survives_posterize_zero_bits():
     (["dataset=cifar100", "data_root=/nonexistent/cifar"], ["CIFAR-100 not found", "data_root"]),
     (["dataset=imagenet"], ["needs data_root"]),
     (["fraction=1.5"], ["fraction", "(0, 1]"]),
-    (["meta_split=0.99", *TINY], ["meta_split=0.99", "smaller meta_split"]),
+    (["meta_split=0.99", "holdout=all", *TINY], ["meta_split=0.99", "smaller meta_split"]),
     (["augment=strongest"], ["augment", "strong"]),
 ])
 def test_bad_data_input_is_one_clear_line(tmp_path, args, fragments, capsys):

@@ -13,7 +13,7 @@ import torch
 from conftest import TINY
 from mkd.augment import build_augment
 from mkd.config import load_config
-from mkd.data import TrainSource, load_base, make_split, train_loader
+from mkd.data import TrainSource, TrainStream, load_base, make_split
 from mkd.stream_cache import EpochFiles, topk_compress, topk_expand
 
 
@@ -25,11 +25,13 @@ def _source(augment: str):
     return TrainSource(train, split["train"], aug.train_transform), aug
 
 
-def _batches(src, aug, epoch=0, workers=0, first_step=0, disturb=False):
+def _batches(src, aug, epoch=0, workers=0, first_step=0, disturb=False, stream=None):
     out = []
-    from mkd.stream import mix_seed
+    from mkd.stream import mix_seed, normalizer_of, to_device
 
-    for i, (x, y) in enumerate(train_loader(src, 64, 3, epoch, 0, 1, workers, False, first_step), start=first_step):
+    stream = stream or TrainStream(src, 64, 3, 0, 1, workers, False)
+    for i, raw in enumerate(stream.epoch(epoch, first_step), start=first_step):
+        x, y = to_device(raw, torch.device("cpu"), normalizer_of(stream.source))
         if disturb:  # what a model's dropout / drop path or a method would consume between batches
             torch.rand(1000), random.random(), np.random.rand(7)
         out.append(aug.batch(x, y, seed=mix_seed(3, epoch, i)))
@@ -47,6 +49,9 @@ def test_stream_is_a_function_of_seed_epoch_and_position(augment):
     torch.manual_seed(123), random.seed(5), np.random.seed(9)  # other global states: the stream does not care
     assert _equal(ref, _batches(src, aug, disturb=True)), "randomness consumed by the model or method changes nothing"
     assert _equal(ref, _batches(src, aug, workers=2)), "loader workers change nothing"
+    persistent = TrainStream(src, 64, 3, 0, 1, 2, False)  # one loader, its workers kept across epochs
+    assert _equal(_batches(src, aug, epoch=1), _batches(src, aug, epoch=1, stream=persistent))
+    assert _equal(ref, _batches(src, aug, stream=persistent)), "a persistent loader's next epoch is that epoch"
     assert _equal(ref[3:], _batches(src, aug, first_step=3)), "an epoch resumed at step 3 continues the same stream"
     assert not torch.equal(ref[0][0], _batches(src, aug, epoch=1)[0][0]), "another epoch is another draw"
 
@@ -142,14 +147,48 @@ def test_plan_names_one_producer_per_stream_and_the_others_wait(tmp_path):
                                            overrides={"teacher_cache": False, "input_cache": "off"}).students)
 
 
-def test_batched_conversion_is_bitwise_the_per_image_transform():
-    from mkd.stream import EpochStream, isolated_rng, seed_globals, stream_seed
+@pytest.mark.parametrize("augment", ["weak", "strong"])
+def test_uint8_batches_normalised_and_erased_on_the_device_are_bitwise_the_per_image_transform(augment):
+    """The workers ship uint8 images and the erasing boxes; the device converts, normalises and pastes them:
+    bitwise timm's per-image transform (RandomErasing included) under the same per-sample seeds."""
+    from mkd.stream import StreamSource, isolated_rng, normalizer_of, seed_globals, stream_seed, to_device
 
-    src, _ = _source("weak")
-    ds = EpochStream(src.base, src.indices, src.transform, 3, 0)
-    x, y = ds.__getitems__([0, 5, 9])
-    for k, i in enumerate([0, 5, 9]):
+    src, _ = _source(augment)
+    ds = StreamSource(src.base, src.indices, src.transform, 3)
+    positions = list(range(0, 64, 3))
+    raw = ds.__getitems__([(0, i, 0) for i in positions])
+    assert raw[0].dtype == torch.uint8
+    x, y = to_device(raw, torch.device("cpu"), normalizer_of(ds))
+    erased = 0
+    for k, i in enumerate(positions):
         with isolated_rng():
             seed_globals(stream_seed(3, 0, i, 1))
-            ref, label = src.transform(src.base[int(src.indices[i])][0]), src.base.targets[int(src.indices[i])]
-        assert torch.equal(x[k], ref) and int(y[k]) == label
+            img = src.base[int(src.indices[i])][0]
+            ts = src.transform.transforms
+            for t in ts[:-1] if augment == "strong" else ts:
+                img = t(img)
+            if augment == "strong":
+                seed_globals(stream_seed(3, 0, i, 3))
+                before = img.clone()
+                img = ts[-1](img)  # timm's RandomErasing, applied as the per-image transform does
+                erased += not torch.equal(before, img)
+        assert torch.equal(x[k], img) and int(y[k]) == src.base.targets[int(src.indices[i])], (augment, i)
+    assert (erased > 0) == (augment == "strong") and len(raw[2]) == erased, "every erased image came as a box"
+
+
+def test_repeated_augmentation_repeats_each_image_with_other_draws_across_ranks():
+    from mkd.data import epoch_order
+
+    one = epoch_order(60, 12, seed=1, epoch=0, rank=0, world=1, repeats=3)
+    assert len(one) == 60 and all(one[3 * j][0] == one[3 * j + 1][0] == one[3 * j + 2][0] for j in range(20))
+    assert [r for _, r in one[:6]] == [0, 1, 2, 0, 1, 2]
+    shards = [epoch_order(60, 12, 1, 0, r, 3, repeats=3) for r in range(3)]
+    assert all(len({p for p, _ in s}) == len(s) for s in shards), "the repeats of an image land on other ranks"
+    plain = epoch_order(60, 12, 1, 0, 0, 1)
+    assert [p for p, _ in one[::3]] == [p for p, _ in plain][:20] and {r for _, r in plain} == {0}, \
+        "an epoch of n samples: the first n/3 images of the permutation, three times each"
+    src, aug = _source("weak")
+    stream = TrainStream(src, 64, 3, 0, 1, 0, False, repeats=3)
+    x8, labels, _ = next(stream.epoch(0))
+    assert torch.equal(labels[0:63:3], labels[1:63:3]) and not torch.equal(x8[0], x8[1]), \
+        "an image's repeats in one batch are augmented differently"
