@@ -48,7 +48,13 @@ def parse_args(argv):
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="config override for every run, e.g. --set epochs=1 (changes run ids)")
     ap.add_argument("--data-root", help="dataset root for the cifar / imagenet scales")
-    ap.add_argument("--dry-run", action="store_true", help="print the plan (one line per run) and exit")
+    ap.add_argument("--teacher-checkpoint", action="append", default=[], metavar="LABEL=PATH",
+                    help="local weights for a pretrained teacher of the scale (offline clusters), e.g. "
+                         "--teacher-checkpoint large=/ckpts/vit_large_patch16_224.augreg_in21k_ft_in1k.pth")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="print the plan (one line per run, with its estimated GPU-hours) and exit")
+    ap.add_argument("--gpu", default="H100", help="--dry-run: the card the cost is estimated for (default H100)")
+    ap.add_argument("--mfu", type=float, help="--dry-run: model FLOP utilisation (default: measured, else 0.40)")
     ap.add_argument("--status", action="store_true", help="print every run's state, top-1 and log, then exit")
     ap.add_argument("--max-parallel", type=int, help="local: concurrent runs (default: GPUs, else CPU cores); "
                                                       "slurm: array parallelism")
@@ -59,6 +65,26 @@ def parse_args(argv):
     ap.add_argument("--no-input-cache", action="store_true",
                     help="augment every run's batches itself instead of reading the stream's stored batches")
     return ap.parse_args(argv)
+
+
+def print_plan(plan, gpu: str, mfu) -> int:
+    """One line per run with its estimated GPU-hours (mkd/cost.py), then the suite's total."""
+    from mkd.cost import gpu_hours, run_cost, throughput
+
+    rate, how = throughput(gpu, mfu)
+    print(f"suite {plan.suite} ({plan.scale}) from {plan.path}: {len(plan.teachers)} teachers + "
+          f"{len(plan.students)} students")
+    total = evals = 0.0
+    for r in plan.runs:
+        wait = f" after teacher {r.teacher}" if r.teacher else ""
+        wait += f" after {r.after} (reads the stream caches it fills)" if r.after else ""
+        c = run_cost(r.config, teacher_cached=bool(r.after) and r.config.teacher_stream_key() is not None)
+        h = gpu_hours(c.pflop, rate)
+        total, evals = total + h, evals + gpu_hours(c.eval_pflop, rate)
+        print(f"{r.kind:<7} {r.run_id}  {r.label}  {h:,.2f} GPU-h  -> {r.out}{wait}")
+    print(f"estimated cost: {total:,.1f} {gpu} GPU-hours ({evals:,.1f} of them evaluation) at {how}; "
+          "FLOPs x images, input pipeline not included (docs/gpu_scales.md)")
+    return 0
 
 
 @cli
@@ -76,17 +102,13 @@ def main(argv=None) -> int:
         overrides["teacher_cache"] = False
     if args.no_input_cache:
         overrides["input_cache"] = "off"
+    checkpoints = {k: v[0] for k, v in axis_values(args.teacher_checkpoint, "--teacher-checkpoint",
+                                                   "large=/ckpts/vit_large.pth").items()}
     plan = expand(args.suite, args.scale, args.results, axis_values(args.filter, "--filter", "method=mkd"),
-                  overrides, data_root, axis_values(args.axis, "--axis", "seed=0,1,2", yaml.safe_load))
+                  overrides, data_root, axis_values(args.axis, "--axis", "seed=0,1,2", yaml.safe_load), checkpoints)
 
     if args.dry_run:
-        print(f"suite {plan.suite} ({plan.scale}) from {plan.path}: {len(plan.teachers)} teachers + "
-              f"{len(plan.students)} students")
-        for r in plan.runs:
-            wait = f" after teacher {r.teacher}" if r.teacher else ""
-            wait += f" after {r.after} (reads the stream caches it fills)" if r.after else ""
-            print(f"{r.kind:<7} {r.run_id}  {r.label}  -> {r.out}{wait}")
-        return 0
+        return print_plan(plan, args.gpu, args.mfu)
     if args.status:
         return print_status(plan)
 

@@ -187,7 +187,7 @@ def train_one_epoch(loop: Loop, feed, epoch: int, step: int, part: Optional[Epoc
                 student_out=tuple(o.detach() for o in out) if isinstance(out, (tuple, list)) else out.detach(),
                 lr=O.optimizer.param_groups[0]["lr"], step=step, autocast=P.autocast,
                 meta_batches=loop.meta_batches, teacher=M.teacher_fwd, rng=rng, optimizer=O.optimizer,
-                scaler=O.scaler))
+                scaler=O.scaler, amp=P.amp))
         if O.clip_grad:
             torch.nn.utils.clip_grad_norm_(M.student.parameters(), O.clip_grad)
         if O.scaler is not None:

@@ -12,7 +12,11 @@ Three implementations of that product, selected by ``mkd.hypergrad``:
 - ``exact``: double backward through the network (recomputes g with ``create_graph``);
 - ``jvp``:   forward-mode ``dz = J v`` (``torch.func.jvp``), then a derivative on the logits alone;
 - ``fd``:    ``dz ~ (z(theta + eps v) - z(theta - eps v)) / 2 eps``: two forwards, no autograd through the
-  network (run in fp32; ``eps = fd_eps / |v|``).
+  network (``eps = fd_eps / |v|``).
+
+Precision (``mkd.meta_precision``): the look-ahead and the jvp / exact forwards run under the loop's autocast (bf16 on
+GPU) or in fp32, fd's two forwards always in fp32 without TF32;
+``auto`` picks by the self-check's bf16 rows (``meta_precision``).
 
 Fused scaled-dot-product attention has neither double backward nor forward-mode AD, so ``exact`` and ``jvp``
 switch timm's ``fused_attn`` off for their own computation and restore it.  ``temperatures`` are stored as
@@ -42,6 +46,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from .methods.common import eval_logits, fp32, mean_over_ranks
+from .models import is_vit
 
 if TYPE_CHECKING:
     from .methods.mkd import MKDConfig
@@ -221,18 +226,21 @@ def hypergradient(mode: str, student: nn.Module, x: Tensor, targets: Tensor, tea
                   objective: str = "ce", teacher_m: Optional[Tensor] = None, out=None,
                   grads: Optional[list[Tensor]] = None, fd_eps: float = 0.01, rng: Optional[dict] = None,
                   precond: Optional[Callable[[list[Tensor]], list[Tensor]]] = None,
-                  autocast=contextlib.nullcontext) -> tuple[list[Tensor], Tensor]:
+                  autocast=contextlib.nullcontext, precision: str = "loop") -> tuple[list[Tensor], Tensor]:
     """d L_meta(theta') / d (log tau_t, log tau_s), and the meta loss.
 
     ``rng`` is the RNG state the real forward started from (``capture_rng``): every forward on the training batch
     here replays it, so the hypergradient is that of the step taken, masks included.  ``out`` (the real
     forward's output) and ``grads`` (the real backward's gradients) are reused when given; ``exact`` recomputes
     them with a differentiable graph.  ``precond(grads) -> P`` makes the look-ahead ``theta - lr * P*g``
-    (``lookahead=adam``); None is plain SGD.
+    (``lookahead=adam``); None is plain SGD.  ``precision="loop"``: the look-ahead and the jvp / exact forwards
+    run under ``autocast`` (the loop's precision); ``"fp32"``: none does.  fd's two forwards always run in fp32
+    without TF32 (their difference is the derivative).
     """
     if mode not in ("exact", "jvp", "fd"):
         raise ValueError(f"unknown hypergradient mode {mode!r}")
-    s = _Step(student, x, targets, teacher_logits, temps, loss_fn, lr, rng, autocast)
+    full = precision == "fp32"
+    s = _Step(student, x, targets, teacher_logits, temps, loss_fn, lr, rng, contextlib.nullcontext if full else autocast)
     meta = (xm, ym, objective, teacher_m)
     if mode == "exact":
         return _exact(s, meta, precond)
@@ -286,6 +294,18 @@ def _exact(s: _Step, meta, precond) -> tuple[list[Tensor], Tensor]:
     return hyper, meta_loss
 
 
+@contextlib.contextmanager
+def full_precision():
+    """fp32 matmuls and convolutions without TF32 inside the block (the finite difference's two forwards differ
+    in their last bits; TF32 rounds the inputs to 10 mantissa bits)."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 def _first_order(s: _Step, mode: str, meta, out, grads, fd_eps: float, precond) -> tuple[list[Tensor], Tensor]:
     """``dz = J v`` by forward mode (jvp) or two forwards at ``theta +- eps v`` (fd), then
     ``-lr * d/dtau <dL/dz (z, tau), dz>`` on the logits alone."""
@@ -302,11 +322,14 @@ def _first_order(s: _Step, mode: str, meta, out, grads, fd_eps: float, precond) 
         return _as_tuple(functional_call(s.student, dict(zip(s.names, ps)), (s.x,)))
 
     if mode == "jvp":
-        with fused_attention_off(s.student), s.autocast():
+        # forward-mode AD under autocast fails on a convolution of a dual input (the tangent is not cast): CNNs
+        # run it in fp32 (a ViT's only convolution, the patch embedding, sees the plain image)
+        amp = s.autocast() if is_vit(s.student) else contextlib.nullcontext()
+        with fused_attention_off(s.student), amp:
             z, dz = s.forward(torch.func.jvp, logits_at, primals, tuple(v))
     else:
         eps = fd_eps / (torch.sqrt(sum((fp32(vi) ** 2).sum() for vi in v)) + 1e-12)
-        with torch.no_grad():
+        with torch.no_grad(), full_precision():  # in bf16 the difference loses up to 18% (self-check, adam)
             zp = s.forward(logits_at, *[p + eps * vi for p, vi in zip(primals, v)])
             zm = s.forward(logits_at, *[p - eps * vi for p, vi in zip(primals, v)])
         dz = tuple((fp32(a) - fp32(b)) / (2 * eps) for a, b in zip(zp, zm))
@@ -318,6 +341,19 @@ def _first_order(s: _Step, mode: str, meta, out, grads, fd_eps: float, precond) 
     gz = torch.autograd.grad(s.loss(_untuple(zs), detach_tau=False), zs, create_graph=True)
     inner = sum((a * fp32(b.detach())).sum() for a, b in zip(gz, dz))
     return s.d_tau(-s.lr * inner), meta_loss
+
+
+def meta_precision(setting: str, student: nn.Module) -> str:
+    """``auto``: the loop's precision for ViTs, fp32 for CNNs.  Why (``python -m mkd.meta --selfcheck --dtype
+    float32 --amp bf16``, docs/gpu_scales.md): with its meta forwards under bf16 autocast a ViT's hypergradient
+    stays within 3e-2 of the same step's in fp32, a BatchNorm CNN's is off by 5-42%."""
+    return ("loop" if is_vit(student) else "fp32") if setting == "auto" else setting
+
+
+def hypergrad_mode(setting: str, amp: str) -> str:
+    """``auto``: jvp when the loop runs in reduced precision (a forward and its tangent under autocast: 2e-3 from
+    fp32 in the self-check; fd would need two full-fp32 forwards), fd in an fp32 loop (two forwards, the cheapest)."""
+    return ("jvp" if amp in ("bf16", "fp16") else "fd") if setting == "auto" else setting
 
 
 class MetaLearner:
@@ -345,10 +381,10 @@ class MetaLearner:
         if self.cfg.lookahead == "adam":
             precond = lambda g: adam_preconditioner(ctx.optimizer, params, g)  # noqa: E731
         hyper, self.last_meta_loss = hypergradient(
-            self.cfg.hypergrad, ctx.student, ctx.x, ctx.targets, ctx.teacher_logits, self.temps, self.loss_fn,
+            hypergrad_mode(self.cfg.hypergrad, ctx.amp), ctx.student, ctx.x, ctx.targets, ctx.teacher_logits, self.temps, self.loss_fn,
             ctx.lr, xm, ym, objective=self.cfg.objective, teacher_m=teacher_m, out=ctx.student_out,
             grads=None if any(g is None for g in grads) else grads, fd_eps=self.cfg.fd_eps, rng=ctx.rng,
-            precond=precond, autocast=ctx.autocast)
+            precond=precond, autocast=ctx.autocast, precision=meta_precision(self.cfg.meta_precision, ctx.student))
         hyper = mean_over_ranks(hyper)
         for p, h in zip(self.temps.parameters(), hyper):
             p.grad = h.to(p.dtype)

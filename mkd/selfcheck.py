@@ -7,6 +7,8 @@ look-ahead included), and checks that no meta computation changed a buffer.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import math
 import sys
 from typing import Optional
@@ -20,7 +22,7 @@ from .augment import build_augment
 from .config import RunConfig
 from .data import Transformed, load_base
 from .meta import (adam_preconditioner, batchnorm_stats_frozen, capture_rng, eval_mode, hypergradient, meta_objective,
-                   replayed_rng)
+                   meta_precision, replayed_rng)
 from .methods.common import eval_logits
 from .methods.mkd import MKD
 from .models import create_model, is_vit
@@ -54,11 +56,16 @@ def _buffers(model: nn.Module) -> list[Tensor]:
 
 def selfcheck(device: str = "cpu", dtype: str = "float64", lr: Optional[float] = None, seed: int = 0,
               granularity: str = "global", student_name: str = "emb_vit_s", drop_path: float = 0.0,
-              dropout: float = 0.0, lookahead: str = "sgd") -> dict[str, float]:
+              dropout: float = 0.0, lookahead: str = "sgd", amp: str = "off") -> dict[str, float]:
     """Relative errors of jvp and fd against exact, and of exact against a finite difference of the real
     meta loss in log tau, on embedded data with a tiny student (stochastic layers and BatchNorm included) and
-    teacher; also whether any meta computation changed a buffer."""
+    teacher; also whether any meta computation changed a buffer.  ``amp=bf16``: the training step runs under bf16
+    autocast (as the loop runs it on a GPU) and each mode's hypergradient of that step with its meta forwards in
+    bf16 is compared with the same mode's in fp32 (what ``mkd.meta_precision`` chooses between)."""
     torch.manual_seed(seed)
+    dev_type = torch.device(device).type
+    autocast = (functools.partial(torch.autocast, dev_type, dtype=torch.bfloat16) if amp == "bf16"
+                else contextlib.nullcontext)
     dt = getattr(torch, dtype)
     lr = lr or (0.5 if lookahead == "sgd" else 0.01)  # a step of the size each look-ahead takes in training
     cfg = RunConfig(method="mkd", teacher="emb_vit_m")
@@ -94,9 +101,11 @@ def selfcheck(device: str = "cpu", dtype: str = "float64", lr: Optional[float] =
 
     # the real training step: fused attention on, its RNG state recorded, gradients in .grad
     rng = capture_rng(device)
-    out = student(x)
-    tau_t, tau_s = temps(targets)
-    loss_fn(out, tl, targets, tau_t.detach(), tau_s.detach())["loss"].backward()
+    with autocast():
+        out = student(x)
+        tau_t, tau_s = temps(targets)
+        loss = loss_fn(out, tl, targets, tau_t.detach(), tau_s.detach())["loss"]
+    loss.backward()
     grads = [p.grad.clone() for p in params]
     if lookahead == "adam":
         P = adam_preconditioner(opt, params, grads)
@@ -107,8 +116,17 @@ def selfcheck(device: str = "cpu", dtype: str = "float64", lr: Optional[float] =
         h, _ = hypergradient(mode, student, x, targets, tl, temps, loss_fn, lr, xm, ym,
                              out=tuple(o.detach() for o in out) if isinstance(out, tuple) else out.detach(),
                              grads=grads, fd_eps=1e-6 if dtype == "float64" else 1e-2, rng=rng,
-                             precond=(lambda g: P) if P is not None else None)
+                             precond=(lambda g: P) if P is not None else None, autocast=autocast,
+                             precision=meta_precision("auto", student))
         hg[mode] = torch.cat([t.reshape(-1) for t in h])
+    if amp != "off":  # each mode of the same (bf16) step with its meta forwards in bf16 and in fp32
+        for mode in ("exact", "jvp", "fd"):
+            for prec in ("loop", "fp32"):
+                h, _ = hypergradient(mode, student, x, targets, tl, temps, loss_fn, lr, xm, ym,
+                                     out=tuple(o.detach() for o in out) if isinstance(out, tuple) else out.detach(),
+                                     grads=grads, fd_eps=1e-2, rng=rng, precond=(lambda g: P) if P is not None else None,
+                                     autocast=autocast, precision=prec)
+                hg[f"{mode}_{prec}"] = torch.cat([t.reshape(-1) for t in h])
     buffers_changed = any(not torch.equal(a, b) for a, b in zip(before, _buffers(student)))
     # finite difference of the real meta loss in each log-tau coordinate
     delta = 1e-5 if dtype == "float64" else 1e-2
@@ -124,13 +142,18 @@ def selfcheck(device: str = "cpu", dtype: str = "float64", lr: Optional[float] =
                     p.view(-1)[i] -= sgn * delta
             fd_real.append((vals[0] - vals[1]) / (2 * delta))
     fd_real = torch.stack(fd_real)
-    return {"jvp_vs_exact": _rel(hg["jvp"], hg["exact"]), "fd_vs_exact": _rel(hg["fd"], hg["exact"]),
+    extra = {f"{m}_meta_{amp}_vs_{dtype}": _rel(hg[f"{m}_loop"], hg[f"{m}_fp32"]) for m in ("exact", "jvp", "fd")} \
+        if amp != "off" else {}
+    return {**extra, "jvp_vs_exact": _rel(hg["jvp"], hg["exact"]), "fd_vs_exact": _rel(hg["fd"], hg["exact"]),
             "exact_vs_fd_of_meta_loss": _rel(hg["exact"], fd_real), "hypergrad_exact": hg["exact"].tolist(),
             "fd_of_meta_loss": fd_real.tolist(), "buffers_changed": buffers_changed}
 
 
 TOLERANCES = {"float64": {"jvp_vs_exact": 1e-6, "fd_vs_exact": 1e-4, "exact_vs_fd_of_meta_loss": 1e-4},
               "float32": {"jvp_vs_exact": 1e-3, "fd_vs_exact": 5e-2, "exact_vs_fd_of_meta_loss": 5e-2}}
+
+
+AMP_TOLERANCE = 5e-2  # the float32 finite-difference tolerance: reduced precision may cost no more than fd does
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -144,6 +167,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--drop-path", type=float, default=0.0, help="stochastic depth rate of the student")
     ap.add_argument("--dropout", type=float, default=0.0, help="dropout rate of the student (not attention dropout)")
     ap.add_argument("--lookahead", default="sgd", choices=["sgd", "adam"], help="look-ahead step (mkd.lookahead)")
+    ap.add_argument("--amp", default="off", choices=["off", "bf16"],
+                    help="bf16: run the step and the hypergradients under bf16 autocast, compare with exact in --dtype")
     args = ap.parse_args(argv)
     if not args.selfcheck:
         ap.print_help()
@@ -151,11 +176,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("error: --device cuda but no GPU is visible: use --device cpu", file=sys.stderr)
         return 2
+    if args.amp != "off" and args.dtype != "float32":
+        print("error: --amp bf16 compares with exact in float32: add --dtype float32", file=sys.stderr)
+        return 2
     res = selfcheck(args.device, args.dtype, granularity=args.granularity, student_name=args.student,
-                    drop_path=args.drop_path, dropout=args.dropout, lookahead=args.lookahead)
-    tol = TOLERANCES[args.dtype]
+                    drop_path=args.drop_path, dropout=args.dropout, lookahead=args.lookahead, amp=args.amp)
+    tol = dict(TOLERANCES[args.dtype])
+    if args.amp != "off":  # a bf16 step: every row within the reduced-precision tolerance
+        tol = {k: AMP_TOLERANCE for k in tol}
+        tol.update({f"{m}_meta_{args.amp}_vs_{args.dtype}": AMP_TOLERANCE for m in ("exact", "jvp", "fd")})
     ok = not res["buffers_changed"]
-    print(f"MKD hypergradient self-check ({args.device}, {args.dtype}, granularity={args.granularity}, "
+    print(f"MKD hypergradient self-check ({args.device}, {args.dtype}, amp={args.amp}, granularity={args.granularity}, "
           f"student={args.student}, drop_path={args.drop_path}, dropout={args.dropout}, lookahead={args.lookahead})")
     print(f"  {'buffers untouched':<28} {'ok' if ok else 'FAIL: a meta computation changed a buffer'}")
     for k, t in tol.items():

@@ -189,11 +189,14 @@ def load_suite(name_or_path: str) -> tuple[Path, dict]:
 
 def expand(name_or_path: str, scale: str = "tiny", results: Path | str = "results",
            filters: Optional[dict[str, list[str]]] = None, overrides: Optional[dict] = None,
-           data_root: Optional[str] = None, axes: Optional[dict[str, list]] = None) -> Plan:
+           data_root: Optional[str] = None, axes: Optional[dict[str, list]] = None,
+           teacher_checkpoints: Optional[dict[str, str]] = None) -> Plan:
     """Validate the suite and expand it into runs for one scale; nothing is written.
 
     ``axes`` replaces axes' values (e.g. ``{"seed": [0, 1, 2]}``); ``filters`` keeps rows whose axis value
-    (as a string) is listed; ``overrides`` is merged into every student's config."""
+    (as a string) is listed; ``overrides`` is merged into every student's config (and, less the student-only
+    keys, into the teachers'); ``teacher_checkpoints`` gives teachers local weights instead of their ``pretrained``
+    or ``checkpoint`` ones (offline clusters, tests)."""
     path, spec = load_suite(name_or_path)
     for k, vals in (axes or {}).items():
         if k not in spec["axes"]:
@@ -203,6 +206,15 @@ def expand(name_or_path: str, scale: str = "tiny", results: Path | str = "result
     if scale not in spec["scales"]:
         raise _fail(path, "scales", f"has no '{scale}' scale; it has: {', '.join(spec['scales'])} (use --scale)")
     sc = spec["scales"][scale]
+    for label, ckpt in (teacher_checkpoints or {}).items():
+        ts = (sc.get("teachers") or {}).get(label)
+        if ts is None:
+            raise UserError(f"--teacher-checkpoint {label}=...: scale {scale} of {path.name} has no teacher '{label}'"
+                            f"{suggest(label, list(sc.get('teachers') or {}))}; teachers: {', '.join(sc.get('teachers') or {})}")
+        if ts.get("train") is not None:
+            raise UserError(f"--teacher-checkpoint {label}=...: teacher '{label}' is trained by the suite; "
+                            "only pretrained or checkpoint teachers take local weights")
+        sc["teachers"][label] = {**{k: v for k, v in ts.items() if k != "pretrained"}, "checkpoint": ckpt}
     for k in spec["axes"]:
         where = next((w for w, c in (("config", spec.get("config")), (f"scales.{scale}.config", sc.get("config")))
                       if isinstance(c, dict) and k in c), None)

@@ -66,9 +66,38 @@ def test_dry_run_prints_one_line_per_run_and_filters(tmp_path, capsys):
         assert main(["--suite", "degradation", "--dry-run", "--results", str(tmp_path), *args]) == 0
         return capsys.readouterr().out.strip().splitlines()
 
-    assert len(dry()) == 1 + 2 + 30 and not any(tmp_path.iterdir()), "a dry run writes nothing"
-    assert len(dry("--filter", "method=mkd", "--filter", "teacher=large")) == 1 + 1 + 2 * 3
-    assert len(dry("--axis", "seed=0,1", "--filter", "method=ce")) == 1 + 2 * 2
+    lines = dry()
+    assert len(lines) == 1 + 2 + 30 + 1 and not any(tmp_path.iterdir()), "a dry run writes nothing"
+    assert all("GPU-h" in l for l in lines[1:-1]) and lines[-1].startswith("estimated cost: ")
+    assert len(dry("--filter", "method=mkd", "--filter", "teacher=large")) == 1 + 1 + 2 * 3 + 1
+    assert len(dry("--axis", "seed=0,1", "--filter", "method=ce")) == 1 + 2 * 2 + 1
+
+
+def _hours(lines: list[str]) -> float:
+    return float(lines[-1].split("estimated cost: ")[1].split()[0].replace(",", ""))
+
+
+def test_dry_run_at_the_imagenet_scale_prices_the_plan_from_flops_offline(tmp_path, capsys):
+    """FLOPs x images / throughput: KD with a ViT-L teacher is dominated by the teacher's forward, and the
+    stated throughput model scales with MFU."""
+    from mkd.cost import forward_flops, run_cost
+    from mkd.suites import expand
+
+    main = load_script(Path(RUN)).main
+    capsys.readouterr()
+    args = ["--suite", "degradation", "--scale", "imagenet", "--data-root", str(tmp_path), "--dry-run",
+            "--filter", "teacher=large", "--filter", "method=kd", "--axis", "seed=0", "--axis", "augment=strong"]
+    assert main(args) == 0
+    at40 = capsys.readouterr().out.strip().splitlines()
+    assert main([*args, "--mfu", "0.2"]) == 0
+    at20 = capsys.readouterr().out.strip().splitlines()
+    assert abs(_hours(at20) / _hours(at40) - 2) < 0.02 and "MFU 0.40 stated" in at40[-1]
+    f_l = forward_flops("vit_large_patch16_224.augreg_in21k_ft_in1k", "{}", 1000, 224)
+    assert abs(f_l / 2 / 61.6e9 - 1) < 0.01, "ViT-L/16 at 224 px: 61.6 GMACs (timm's model card)"
+    kd = next(r for r in expand("degradation", "imagenet", data_root=str(tmp_path)).students if r.config.method == "kd"
+              and r.rows[0]["teacher"] == "large")
+    assert run_cost(kd.config).teacher_share > 0.9
+    assert run_cost(kd.config, teacher_cached=True).teacher_share == 0
 
 
 @pytest.mark.parametrize("args,fragments", [

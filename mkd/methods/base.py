@@ -61,6 +61,7 @@ class StepContext:
     rng: Optional[dict] = None  # RNG state the real forward started from (mkd.meta.capture_rng): replay its masks
     optimizer: Optional[torch.optim.Optimizer] = None  # the student's optimizer (its state, not to be stepped)
     scaler: Any = None  # the fp16 GradScaler, when one is used (gradients of the method's own parameters are scaled)
+    amp: str = "off"  # the loop's autocast: off, bf16, fp16
 
 
 class Method(nn.Module):
@@ -88,6 +89,12 @@ class Method(nn.Module):
         """What results record about the method (the analysis reads these, never the classes)."""
         return {"label": cls.label or cls.name, "order": cls.order, "learns_temperature": cls.learns_temperature,
                 "needs_teacher": cls.needs_teacher}
+
+    @classmethod
+    def extra_student_forwards(cls, cfg: "RunConfig") -> float:
+        """Student forwards (a backward counts 2) this method adds per training image beyond the step's own
+        forward and backward: the plan's cost model (mkd/cost.py) reads it."""
+        return 0.0
 
     def forward(self, out, teacher_logits: Optional[Tensor], targets: Tensor) -> dict[str, Tensor]:
         raise NotImplementedError

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from ..meta import LearnedTemperatures, MetaLearner
+from ..meta import LearnedTemperatures, MetaLearner, hypergrad_mode
 from ..options import option
 from . import register
 from .base import Method
@@ -17,8 +17,9 @@ from .common import ce_loss, check_temperature_range, heads, kd_term
 class MKDConfig:
     """Meta-learned teacher/student temperatures (MKD, arXiv 2202.07940), as mkd/meta.py implements them."""
 
-    hypergrad: str = option("fd", "hypergradient: exact (double backward), jvp (forward mode on the logits), fd (two forwards)",
-                             ("exact", "jvp", "fd"))
+    hypergrad: str = option("auto", "hypergradient: exact (double backward), jvp (forward mode on the logits), fd (two "
+                                     "forwards), auto = jvp under bf16/fp16 autocast (GPU), fd in fp32 (CPU)",
+                             ("auto", "exact", "jvp", "fd"))
     meta_interval: int = option(8, "update the temperatures every N training steps")
     meta_lr: float = option(0.01, "Adam learning rate of log(tau) for meta_interval=1")
     lr_scaling: str = option("sqrt", "meta_lr x sqrt(meta_interval), x meta_interval (linear) or x 1 (none): "
@@ -31,6 +32,10 @@ class MKDConfig:
     tau_min: float = option(0.5, "lower clamp of both temperatures")
     tau_max: float = option(20.0, "upper clamp of both temperatures")
     fd_eps: float = option(0.01, "finite-difference step along v, divided by |v| (DARTS' choice)")
+    meta_precision: str = option("auto", "precision of the meta forwards (look-ahead, jvp/fd): loop = the loop's "
+                                         "autocast (bf16 on GPU), fp32 = full fp32 (fd without TF32), auto = loop for "
+                                         "ViTs, fp32 for CNNs (the self-check's bf16 rows: docs/gpu_scales.md)",
+                                 ("auto", "loop", "fp32"))
     lookahead: str = option("sgd", "look-ahead step theta' = theta - lr*g (sgd) or with AdamW's current per-parameter "
                                     "scaling, theta - lr*g/(sqrt(v_hat)+eps) (adam), as the student's optimizer steps",
                              ("sgd", "adam"))
@@ -60,6 +65,16 @@ class MKD(Method):
         need(m.meta_batch_size >= 0, "mkd.meta_batch_size", "must be >= 0 (0: batch_size // 2)")
         need(m.fd_eps > 0, "mkd.fd_eps", "must be > 0")
         need(cfg.meta_split > 0, "meta_split", "must be > 0 for method=mkd (it needs held-out data)")
+
+    @classmethod
+    def extra_student_forwards(cls, cfg) -> float:
+        """Every meta_interval steps: the look-ahead's forward and backward on the meta batch, and dz = J v on the
+        training batch: two forwards (fd), a forward with its tangent (jvp, ~3), a forward and a double backward
+        (exact, ~5)."""
+        m = cfg.mkd
+        meta = (m.meta_batch_size or max(2, cfg.batch_size // 2)) / cfg.batch_size
+        amp = "off" if cfg.amp == "off" else "bf16"  # the plan's cost is that of the GPU run (amp=auto: bf16)
+        return (3 * meta + {"fd": 2, "jvp": 3, "exact": 5}[hypergrad_mode(m.hypergrad, amp)]) / m.meta_interval
 
     def __init__(self, cfg, num_classes):
         super().__init__(cfg, num_classes)
