@@ -121,8 +121,10 @@ class StreamSource(Dataset):
                 labels.append(y)
             if self.normalize is None:
                 return torch.stack(images), torch.tensor(labels), erase
-            x = torch.from_numpy(np.stack([np.asarray(im, dtype=np.uint8) for im in images]))
-            x = x.permute(0, 3, 1, 2).contiguous()
+            first = np.asarray(images[0], dtype=np.uint8)
+            x = torch.empty((len(images), first.shape[2], *first.shape[:2]), dtype=torch.uint8)
+            for k, im in enumerate(images):  # one copy per image, straight into the NCHW batch
+                x[k].copy_(torch.from_numpy(np.asarray(im, dtype=np.uint8)).permute(2, 0, 1))
             if self.erasers:
                 chan, h, w = x.shape[1:]
                 for k, (e, i, r) in enumerate(keys):

@@ -365,7 +365,7 @@ def _feed(cfg: RunConfig, run: RunDir, loop: Loop, src: TrainSource, split: dict
     if cfg.repeated_aug > 1:
         stream["repeated_aug"] = cfg.repeated_aug
     batches = TrainStream(src, cfg.batch_size, cfg.seed, rank, world, cfg.num_workers, device.type == "cuda",
-                          cfg.repeated_aug)
+                          cfg.repeated_aug) if cfg.epochs else None  # epochs=0: a validation, no training batches
 
     inputs = teacher = None
     if cfg.caches_inputs and (cfg.input_cache == "on" or run.info.exists()):  # auto: inside suites (run.json) only
@@ -379,8 +379,8 @@ def _feed(cfg: RunConfig, run: RunDir, loop: Loop, src: TrainSource, split: dict
         if cfg.teacher_input != "dataset":
             key["teacher_input"] = cfg.teacher_input
         teacher = EpochFiles(where / "teacher_cache", key, rank, say)
-    return Feed(batches.epoch, loop.augment, cfg.seed, device, loop.precision.autocast, M.teacher_fwd,
-                info.num_classes, cfg.teacher_cache_topk, inputs, teacher, normalizer_of(batches.source))
+    return Feed(batches and batches.epoch, loop.augment, cfg.seed, device, loop.precision.autocast, M.teacher_fwd,
+                info.num_classes, cfg.teacher_cache_topk, inputs, teacher, batches and normalizer_of(batches.source))
 
 
 def _load_checkpoint(run: RunDir, cfg: RunConfig, say) -> tuple[Optional[Path], Optional[dict]]:

@@ -7,7 +7,9 @@ import sys
 from pathlib import Path
 
 import json
+import pickle
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -133,3 +135,33 @@ def small_suite_results(tmp_path_factory):
     return d, suite, p
 
 
+
+
+def make_cifar100(root: Path, train_per_class: int = 8, test_per_class: int = 2) -> Path:
+    """CIFAR-100 in torchvision's layout (``cifar-100-python/{train,test,meta}``) with random images."""
+    rng = np.random.default_rng(0)
+    d = root / "cifar-100-python"
+    d.mkdir(parents=True)
+    for name, per in (("train", train_per_class), ("test", test_per_class)):
+        labels = (np.arange(100 * per) % 100).tolist()
+        with open(d / name, "wb") as f:
+            pickle.dump({"data": rng.integers(0, 255, (len(labels), 3072), dtype=np.uint8), "fine_labels": labels,
+                         "coarse_labels": [l // 5 for l in labels], "filenames": [f"{i}.png" for i in range(len(labels))]}, f)
+    with open(d / "meta", "wb") as f:
+        pickle.dump({"fine_label_names": [f"class{i}" for i in range(100)],
+                     "coarse_label_names": [f"super{i}" for i in range(20)]}, f)
+    return root
+
+
+def make_image_folder(root: Path, classes: int = 4, train: int = 24, val: int = 4, size: tuple = (40, 48)) -> Path:
+    """An ImageNet-style folder (``train/<class>/*.JPEG``, ``val/<class>/*.JPEG``) of random JPEGs."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", train), ("val", val)):
+        for c in range(classes):
+            d = root / split / f"n{c:08d}"
+            d.mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(d / f"{i}.JPEG", quality=90)
+    return root

@@ -174,3 +174,17 @@ def test_students_of_a_failed_teacher_are_cancelled_reported_blocked_and_resubmi
     assert "submitted 3 jobs (1 teachers, 2 students)" in p.stdout, p.stdout + p.stderr
     jobs = [json.loads(f.read_text())["job_id"] for f in res.glob("*/tiny/*/job.json")]
     subprocess.run(["scancel", *[j.split("_")[0] for j in jobs]], check=False)
+
+
+def test_cifar_scale_suite_on_slurm_with_loader_workers(slurm_cluster, tmp_path):
+    """The cifar scale as a cluster user first runs it, reduced by --set: Slurm arrays, DataLoader workers in the
+    job, the teacher trained with the scale's recipe."""
+    from conftest import make_cifar100
+    from test_gpu_scales import CIFAR_SMOKE, check_cifar_smoke
+
+    data = make_cifar100(tmp_path / "cifar")
+    p = run_cli(RUN, "--suite", "degradation", "--scale", "cifar", "--data-root", str(data), "--results",
+                str(tmp_path / "results"), "--executor", "slurm", "--profile", str(PROFILE), "--wait", *CIFAR_SMOKE,
+                timeout=900)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    check_cifar_smoke(tmp_path / "results")
