@@ -1,8 +1,10 @@
 #!/usr/bin/env python
 """GPU acceptance check in one command: ``python benchmarks/gpu_check.py`` (``make gpu-check``).
 
-On a GPU (about 5 minutes on one card): the hypergradient self-check on CUDA (fp32, drop path and dropout, a
-BatchNorm student), ``perf.py`` at batch 128 and 256 (ViT-T student, ViT-B teacher, 224 px, bf16, compiled), a
+On a GPU (about 6 minutes on one card): the hypergradient self-check on CUDA (fp32, drop path and dropout, a
+BatchNorm student; bf16 meta forwards against fp32), ``perf.py`` at batch 128 and 256 (ViT-T student, ViT-B
+teacher, 224 px, bf16, compiled; ``--record`` keeps the KD step's MFU for the cost model), the input pipeline
+against timm's loader (``pipeline.py``, normalisation on the GPU), a
 short MKD run with ``compile=on amp=bf16``, and a one-process DDP run through torchrun (NCCL).  On a CPU the same
 steps run at the embedded scale (tiny models, ``compile=on``, bf16 autocast, gloo), so CI exercises the GPU path's
 code on every submission.  Prints one summary table; exit 1 if any step failed.
@@ -42,10 +44,26 @@ def selfcheck_detail(out: str) -> str:
     return ", ".join(errs)
 
 
+def record_mfu(device_name: str, perf_json: str) -> None:
+    from mkd.cost import MEASURED, PEAK_TFLOPS
+
+    r = json.loads(Path(perf_json).read_text())
+    card = next((c for c in PEAK_TFLOPS if c in device_name), None)
+    mfu = (r.get("ratios") or {}).get("core_kd_mfu")
+    if card and mfu:
+        rec = json.loads(MEASURED.read_text()) if MEASURED.is_file() else {}
+        rec[card] = {"mfu": mfu, "source": f"benchmarks/perf.py batch 256, {r['student']} / {r['teacher']} KD step, "
+                                           f"{device_name}, torch {r['torch']}, {time.strftime('%Y-%m-%d')}"}
+        MEASURED.write_text(json.dumps(rec, indent=2) + "\n")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when a GPU is visible)")
     ap.add_argument("--json", help="write the summary here")
+    ap.add_argument("--record", action="store_true",
+                    help="on a GPU: record the KD step's measured MFU in benchmarks/measured_throughput.json (the "
+                         "plan's cost model then uses it for that card)")
     args = ap.parse_args(argv)
     import torch
 
@@ -59,7 +77,11 @@ def main(argv=None) -> int:
     rows = []
     for extra in (["--dtype", "float32", "--drop-path", "0.1", "--dropout", "0.1"],
                   ["--dtype", "float32", "--student", "emb_deit_s_distilled", "--drop-path", "0.1", "--lookahead", "adam"],
-                  ["--dtype", "float64", "--student", "emb_resnet", "--drop-path", "0.1", "--dropout", "0.1"]):
+                  ["--dtype", "float64", "--student", "emb_resnet", "--drop-path", "0.1", "--dropout", "0.1"],
+                  # the meta forwards in bf16 against fp32 (mkd.meta_precision=auto runs ViTs' in the loop's bf16)
+                  ["--dtype", "float32", "--amp", "bf16", "--drop-path", "0.1"],
+                  ["--dtype", "float32", "--amp", "bf16", "--student", "emb_deit_s_distilled", "--drop-path", "0.1",
+                   "--lookahead", "adam"]):
         rows.append(step(f"selfcheck {' '.join(extra)}", [py, "-m", "mkd.meta", "--selfcheck", "--device", device,
                                                           *extra], 300, selfcheck_detail))
     with tempfile.TemporaryDirectory() as d:
@@ -70,10 +92,22 @@ def main(argv=None) -> int:
             def perf_detail(out, f=f"{d}/perf{batch}.json"):
                 r = json.loads(Path(f).read_text())
                 ratios = r.get("ratios") or {}
-                keys = ("mkd_epoch_over_kd_epoch", "core_kd_over_reference_kd", "kd_speedup_from_teacher_cache")
+                keys = ("mkd_epoch_over_kd_epoch", "core_kd_over_reference_kd", "kd_speedup_from_teacher_cache",
+                        "core_kd_mfu")
                 return ", ".join(f"{k} {ratios[k]:.3f}" for k in keys if k in ratios) or "ok"
 
             rows.append(step(f"perf batch {batch if gpu else batch // 4}", perf, 600, perf_detail))
+        if gpu and args.record:
+            record_mfu(name, f"{d}/perf256.json")
+        pipe = [py, "benchmarks/pipeline.py", "--device", device, "--json", f"{d}/pipeline.json"]
+        pipe += [] if gpu else ["--images", "300", "--batches", "3", "--batch", "16", "--workers", "1"]
+
+        def pipe_detail(out, f=f"{d}/pipeline.json"):
+            r = json.loads(Path(f).read_text())
+            return ", ".join(f"{x['recipe']} {x['mkd_img_s_per_core']:.0f} img/s/core ({x['ratio']:.2f}x timm)"
+                             for x in r["rows"])
+
+        rows.append(step("input pipeline (JPEG 224 px, uint8 to the device)", pipe, 600, pipe_detail))
         run = [py, "-m", "mkd.train", "--out", f"{d}/mkd", "method=mkd", "teacher=emb_vit_m", "compile=on",
                "amp=bf16", "drop_path=0.1", *TINY]
         teacher = [py, "-m", "mkd.train", "--out", f"{d}/teacher", "student=emb_vit_m", *TINY]

@@ -253,6 +253,16 @@ def main(argv=None) -> int:
           f"{ratios['mkd_speedup_from_teacher_cache']:.2f}x faster (data loading excluded)")
     print(f"core KD step / reference KD step: {ratios['core_kd_over_reference_kd']:.3f}   (lower is faster; "
           f"GPU target <= 1/1.3 = 0.77, CPU target <= 1.00)")
+    if gpu:  # the FLOP utilisation of the KD step (mkd/cost.py's throughput model reads a recorded one)
+        from mkd.cost import PEAK_TFLOPS, forward_flops
+
+        card = next((c for c in PEAK_TFLOPS if c in name), None)
+        flops = args.batch * (3 * forward_flops(args.student, "{}", classes, args.img)
+                              + forward_flops(args.teacher, "{}", classes, args.img))
+        if card:
+            ratios["core_kd_mfu"] = round(flops / (kd / 1000) / (PEAK_TFLOPS[card] * 1e12), 4)
+            print(f"core KD step: {flops / (kd / 1000) / 1e12:.0f} TFLOP/s = MFU {ratios['core_kd_mfu']:.3f} of the "
+                  f"{card}'s bf16 peak")
     out = {"device": name, "student": args.student, "teacher": args.teacher, "img": args.img, "batch": args.batch,
            "precision": "bf16" if gpu else "fp32", "steps": args.steps, "repeats": args.repeats,
            "ms_per_step": {k: round(v, 3) for k, v in ms.items()},

@@ -55,6 +55,8 @@ def parse_args(argv):
                     help="print the plan (one line per run, with its estimated GPU-hours) and exit")
     ap.add_argument("--gpu", default="H100", help="--dry-run: the card the cost is estimated for (default H100)")
     ap.add_argument("--mfu", type=float, help="--dry-run: model FLOP utilisation (default: measured, else 0.40)")
+    ap.add_argument("--cores", type=int, default=10,
+                    help="--dry-run: CPU cores per GPU feeding it (default 10, or the profile's cpus_per_task)")
     ap.add_argument("--status", action="store_true", help="print every run's state, top-1 and log, then exit")
     ap.add_argument("--max-parallel", type=int, help="local: concurrent runs (default: GPUs, else CPU cores); "
                                                       "slurm: array parallelism")
@@ -67,9 +69,9 @@ def parse_args(argv):
     return ap.parse_args(argv)
 
 
-def print_plan(plan, gpu: str, mfu) -> int:
+def print_plan(plan, gpu: str, mfu, cores: int) -> int:
     """One line per run with its estimated GPU-hours (mkd/cost.py), then the suite's total."""
-    from mkd.cost import gpu_hours, run_cost, throughput
+    from mkd.cost import run_cost, throughput
 
     rate, how = throughput(gpu, mfu)
     print(f"suite {plan.suite} ({plan.scale}) from {plan.path}: {len(plan.teachers)} teachers + "
@@ -79,11 +81,11 @@ def print_plan(plan, gpu: str, mfu) -> int:
         wait = f" after teacher {r.teacher}" if r.teacher else ""
         wait += f" after {r.after} (reads the stream caches it fills)" if r.after else ""
         c = run_cost(r.config, teacher_cached=bool(r.after) and r.config.teacher_stream_key() is not None)
-        h = gpu_hours(c.pflop, rate)
-        total, evals = total + h, evals + gpu_hours(c.eval_pflop, rate)
+        h, e = c.gpu_hours(rate, cores)
+        total, evals = total + h, evals + e
         print(f"{r.kind:<7} {r.run_id}  {r.label}  {h:,.2f} GPU-h  -> {r.out}{wait}")
-    print(f"estimated cost: {total:,.1f} {gpu} GPU-hours ({evals:,.1f} of them evaluation) at {how}; "
-          "FLOPs x images, input pipeline not included (docs/gpu_scales.md)")
+    print(f"estimated cost: {total:,.1f} {gpu} GPU-hours ({evals:,.1f} of them evaluation) at {how}, "
+          f"{cores} CPU cores per GPU (mkd/cost.py)")
     return 0
 
 
@@ -108,7 +110,7 @@ def main(argv=None) -> int:
                   overrides, data_root, axis_values(args.axis, "--axis", "seed=0,1,2", yaml.safe_load), checkpoints)
 
     if args.dry_run:
-        return print_plan(plan, args.gpu, args.mfu)
+        return print_plan(plan, args.gpu, args.mfu, int(profile.get("cpus_per_task") or args.cores))
     if args.status:
         return print_status(plan)
 

@@ -7,9 +7,10 @@ device (no weights, no memory, no network).  A training image costs the student'
 image (``Method.extra_student_forwards``: MKD's look-ahead on the meta batch and its hypergradient forwards).
 Evaluation costs one forward per validation image every ``eval_every`` epochs.
 
-Throughput model: ``seconds = FLOPs / (peak bf16 dense FLOP/s of the card x MFU)``, with MFU 0.40 unless a
-measured figure for the card is recorded in ``benchmarks/measured_throughput.json`` (``make gpu-check``).
-The model ignores the input pipeline (docs/gpu_scales.md gives the CPU cores per GPU it needs).
+Throughput model: ``seconds = max(FLOPs / (peak bf16 dense FLOP/s of the card x MFU), images / (CPU cores per
+GPU x images/s per core))``, with MFU 0.40 unless a measured figure for the card is recorded in
+``benchmarks/measured_throughput.json``, and the per-core decode-and-augment rates of ImageNet JPEGs at 224 px
+that ``benchmarks/pipeline.py`` measured (``PER_CORE``; in-memory CIFAR and embedded images are not bound by it).
 """
 from __future__ import annotations
 
@@ -25,6 +26,9 @@ from . import methods
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "V100": 125.0}
 DEFAULT_MFU = 0.40
 MEASURED = Path(__file__).resolve().parent.parent / "benchmarks" / "measured_throughput.json"
+# images/s per CPU core of ImageNet JPEGs at 224 px, by recipe (benchmarks/pipeline.py: docs/gpu_scales.md)
+PER_CORE = {"strong": 330.0, "medium": 340.0, "weak": 600.0, "none": 450.0}
+DEFAULT_CORES = 10  # CPU cores (loader workers) per GPU: DeiT's and slurm/example_gpu_cluster.yaml's
 # training / validation images of the datasets at full size
 DATASET_IMAGES = {"cifar100": (50_000, 10_000), "imagenet": (1_281_167, 50_000)}
 
@@ -66,10 +70,22 @@ class RunCost:
     train_pflop: float
     eval_pflop: float
     teacher_share: float  # of the training FLOPs
+    train_images: int = 0  # over all epochs
+    eval_images: int = 0
+    augment: str = "none"
+    decodes: bool = False  # JPEG folders: the CPU input pipeline can bound the step
 
     @property
     def pflop(self) -> float:
         return self.train_pflop + self.eval_pflop
+
+    def gpu_hours(self, flops_per_s: float, cores: int = DEFAULT_CORES) -> tuple[float, float]:
+        """(total, evaluation) GPU-hours: each phase at the slower of the GPU and the input pipeline."""
+        def phase(pflop: float, images: int, recipe: str) -> float:
+            t = pflop * 1e15 / flops_per_s
+            return max(t, images / (cores * PER_CORE[recipe])) / 3600 if self.decodes else t / 3600
+        ev = phase(self.eval_pflop, self.eval_images, "none")
+        return phase(self.train_pflop, self.train_images, self.augment) + ev, ev
 
 
 def run_cost(cfg, teacher_cached: bool = False) -> RunCost:
@@ -84,7 +100,8 @@ def run_cost(cfg, teacher_cached: bool = False) -> RunCost:
     per_image = 3 * f_s + f_t + method.extra_student_forwards(cfg) * f_s
     train = per_image * n_train * cfg.epochs
     evals = (cfg.epochs + cfg.eval_every - 1) // cfg.eval_every if cfg.epochs else 1
-    return RunCost(train / 1e15, f_s * n_val * evals / 1e15, (f_t * n_train * cfg.epochs) / max(train, 1.0))
+    return RunCost(train / 1e15, f_s * n_val * evals / 1e15, (f_t * n_train * cfg.epochs) / max(train, 1.0),
+                   n_train * cfg.epochs, n_val * evals, cfg.augment, cfg.dataset == "imagenet")
 
 
 def throughput(gpu: str, mfu: Optional[float] = None) -> tuple[float, str]:
@@ -100,6 +117,3 @@ def throughput(gpu: str, mfu: Optional[float] = None) -> tuple[float, str]:
     mfu = DEFAULT_MFU if mfu is None else mfu
     return PEAK_TFLOPS[gpu] * 1e12 * mfu, f"MFU {mfu:.2f} stated (bf16 peak {PEAK_TFLOPS[gpu]:.0f} TFLOP/s)"
 
-
-def gpu_hours(pflop: float, flops_per_s: float) -> float:
-    return pflop * 1e15 / flops_per_s / 3600

@@ -123,8 +123,9 @@ class StreamSource(Dataset):
                 return torch.stack(images), torch.tensor(labels), erase
             first = np.asarray(images[0], dtype=np.uint8)
             x = torch.empty((len(images), first.shape[2], *first.shape[:2]), dtype=torch.uint8)
+            xs = x.numpy()
             for k, im in enumerate(images):  # one copy per image, straight into the NCHW batch
-                x[k].copy_(torch.from_numpy(np.asarray(im, dtype=np.uint8)).permute(2, 0, 1))
+                xs[k] = np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
             if self.erasers:
                 chan, h, w = x.shape[1:]
                 for k, (e, i, r) in enumerate(keys):

@@ -107,7 +107,7 @@ SMALL_SUITE = {
     "scales": {"tiny": {
         "student": "emb_vit_s",
         "teachers": {"small": {"model": "emb_vit_m", "train": {"epochs": 2, "augment": "none", "lr": 2e-3}}},
-        "config": {"dataset": "embedded", "epochs": 2, "batch_size": 64, "log_every": 5,
+        "config": {"dataset": "embedded", "epochs": 2, "batch_size": 64, "log_every": 5, "holdout": "all",
                    "embedded": {"train_per_class": 40, "val_per_class": 10}, "mkd": {"meta_interval": 2}}}},
 }
 

@@ -197,3 +197,18 @@ def test_meta_batches_stream_and_tensor_paths_agree_and_shard_like_one_process()
             xs, ys = streamed.next()
             assert torch.equal(x, xs) and torch.equal(y, ys)
             assert sorted(torch.cat([s.next()[1] for s in shards]).tolist()) == sorted(y.tolist())
+
+
+def test_holdout_meta_trains_other_methods_on_the_whole_set_and_all_is_the_controlled_variant():
+    teacher = ["teacher=emb_vit_m", "teacher_checkpoint=x", *TINY]
+    kd, mkd = (load_config(overrides=[f"method={m}", *teacher]) for m in ("kd", "mkd"))
+    kd_all = load_config(overrides=["method=kd", "holdout=all", *teacher])
+    assert (kd.held_out, mkd.held_out, kd_all.held_out) == (0.0, 0.1, 0.1)
+    assert kd.stream_key() != mkd.stream_key() == kd_all.stream_key(), "the controlled variant shares MKD's stream"
+    labels = np.repeat(np.arange(20), 40)
+    whole, carved = make_split(labels, 1.0, kd.held_out, 0), make_split(labels, 1.0, mkd.held_out, 0)
+    assert len(whole["train"]) == 800 and len(whole["meta"]) == 0
+    assert len(carved["meta"]) == 80 and sorted(np.concatenate([carved["train"], carved["meta"]])) == list(range(800))
+    quarter = make_split(labels, 0.25, 0.0, 0)["train"]
+    assert set(carved["meta"]) <= set(make_split(labels, 0.1, 0.0, 0)["train"]) and len(quarter) == 200, \
+        "the meta split is the start of each class's permutation, which every fraction's subset also starts with"

@@ -93,7 +93,7 @@ def test_requeue_resumes_from_checkpoint_and_matches_an_uninterrupted_run(slurm_
     from mkd.suites import expand
 
     spec_changes = {"axes/method": ["mkd"], "axes/seed": [0], "scales/tiny/config/epochs": 6,
-                    "scales/tiny/config/augment": "strong"}
+                    "axes/augment": ["strong"]}
     profile = load_profile(str(PROFILE), "tiny")
     plans = []
     for name in ("a", "b"):  # identical runs in two results folders: b is interrupted, a is not

@@ -68,8 +68,8 @@ def test_stream_leaves_the_callers_generators_alone():
 def _train(tmp: Path, name: str, *extra: str) -> dict:
     from mkd.train import train
 
-    cfg = load_config(overrides=["epochs=2", "batch_size=64", "augment=strong", "log_every=5", "input_cache=on", *TINY,
-                                 *extra])
+    cfg = load_config(overrides=["epochs=2", "batch_size=64", "augment=strong", "log_every=5", "input_cache=on",
+                                 "holdout=all", *TINY, *extra])  # holdout=all: every method on one stream
     return train(cfg, tmp / "runs" / name, quiet=True)
 
 
