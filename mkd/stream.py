@@ -70,14 +70,24 @@ def split_transform(transform: Callable) -> tuple[Callable, Optional[Normalize],
 
 class _EraseRecorder:
     """Stands in for an image tensor under timm's ``RandomErasing._erase``: records each box it writes and the
-    values (drawn exactly as timm draws them), so that the box can be pasted on the device later."""
+    shape of its fill (the eraser runs on the meta device: the boxes are timm's draws, the fill is drawn later
+    on the training device, ``to_device``)."""
 
     def __init__(self):
-        self.boxes: list[tuple[int, int, int, int, torch.Tensor]] = []
+        self.boxes: list[tuple[int, int, int, int, tuple]] = []
 
     def __setitem__(self, key, value) -> None:
         _, rows, cols = key
-        self.boxes.append((rows.start, rows.stop, cols.start, cols.stop, value))
+        self.boxes.append((rows.start, rows.stop, cols.start, cols.stop, tuple(value.shape)))
+
+
+def _meta_eraser(t):
+    """A copy of a timm ``RandomErasing`` whose fills are drawn on the meta device (free: only their shapes)."""
+    import copy
+
+    e = copy.copy(t)
+    e.device = "meta"
+    return e
 
 
 def _stage_seed(seed: int, epoch: int, position: int, stage: int, repeat: int) -> int:
@@ -98,10 +108,11 @@ class StreamSource(Dataset):
 
     def __init__(self, base: Dataset, indices: Optional[Sequence[int]], transform: Callable, seed: int = 0):
         self.base, self.indices, self.transform, self.seed = base, indices, transform, seed
-        self.image_stage, self.normalize, self.erasers = split_transform(transform)
-        for t in self.erasers:
+        self.image_stage, self.normalize, erasers = split_transform(transform)
+        for t in erasers:
             if not hasattr(t, "_erase"):
                 raise TypeError(f"{type(t).__name__} after Normalize: only timm's RandomErasing runs on the device")
+        self.erasers = [_meta_eraser(t) for t in erasers]
 
     def __len__(self) -> int:
         return len(self.base) if self.indices is None else len(self.indices)
@@ -129,11 +140,12 @@ class StreamSource(Dataset):
             if self.erasers:
                 chan, h, w = x.shape[1:]
                 for k, (e, i, r) in enumerate(keys):
-                    seed_globals(_stage_seed(self.seed, e, i, 3, r))
-                    rec = _EraseRecorder()
+                    seed = _stage_seed(self.seed, e, i, 3, r)
+                    seed_globals(seed)
                     for t in self.erasers:
+                        rec = _EraseRecorder()
                         t._erase(rec, chan, h, w, torch.float32)
-                    erase += [(k, *box) for box in rec.boxes]
+                        erase += [(k, seed, _fill_mode(t), *box) for box in rec.boxes]
         return x, torch.tensor(labels), erase
 
 
@@ -154,14 +166,28 @@ class DeviceNormalize:
         return x.sub_(m).div_(s)
 
 
+def _fill_mode(eraser) -> str:
+    return "normal" if (eraser.per_pixel or eraser.rand_color) else "zero"
+
+
 def to_device(batch, device: torch.device, normalize: Optional[DeviceNormalize]) -> tuple[torch.Tensor, torch.Tensor]:
-    """A ``StreamSource`` batch on the device: converted, normalised, then the erasing boxes pasted."""
+    """A ``StreamSource`` batch on the device: converted, normalised, then the erasing boxes filled there.
+
+    A box's fill is drawn as timm draws it (``normal_``, or zeros), from a generator on the device seeded with the
+    image's erasing seed, box after box: on a CPU bitwise timm's per-image ``RandomErasing`` (the test compares
+    them); on a GPU the same boxes with fills that are a function of the same seeds."""
     x, y, erase = batch
     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
     if normalize is not None:
         x = normalize(x)
-    for k, t0, t1, l0, l1, values in erase:
-        x[k, :, t0:t1, l0:l1] = values.to(device, non_blocking=True)
+    gen, last = None, None
+    for k, seed, mode, t0, t1, l0, l1, shape in erase:
+        if mode == "zero":
+            x[k, :, t0:t1, l0:l1] = 0.0
+            continue
+        if (k, seed) != last:  # one generator per image: its boxes draw in sequence, as timm's do
+            gen, last = torch.Generator(device=device).manual_seed(seed), (k, seed)
+        x[k, :, t0:t1, l0:l1] = torch.empty(shape, dtype=x.dtype, device=device).normal_(generator=gen)
     return x, y
 
 
