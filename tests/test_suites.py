@@ -108,6 +108,9 @@ def test_dry_run_at_the_imagenet_scale_prices_the_plan_from_flops_offline(tmp_pa
     (["--suite", "imagenet_main"], ["has no 'tiny' scale", "imagenet"]),
     (["--suite", "degradation", "--executor", "slurm"], ["needs --profile"]),
     (["--suite", "degradation", "--axis", "sed=0,1"], ["no axis 'sed'", "seed"]),
+    (["--suite", "degradation", "--teacher-checkpoint", "larg=/x.pth"], ["no teacher 'larg'", "large"]),
+    (["--suite", "degradation", "--teacher-checkpoint", "large=/x.pth"], ["trained by the suite"]),
+    (["--suite", "degradation", "--dry-run", "--gpu", "H1000"], ["--gpu H1000", "H100"]),
 ])
 def test_runner_bad_input_is_one_clear_line(tmp_path, args, fragments, capsys):
     cli_error(load_script(Path(RUN)).main, [*args, "--results", str(tmp_path)], capsys, *fragments)
@@ -128,6 +131,7 @@ def test_runner_error_in_a_real_process_has_no_traceback(tmp_path):
     ({"axes/teacher": ["smal"]}, ["axes.teacher", "'small'"]),
     ({"axes/kd.tau_tt": [1.0]}, ["unknown config key", "tau_t"]),
     ({"scales/tiny/config/epochs": "many"}, ["epochs", "int"]),
+    ({"scales/tiny/config/augment": "strong"}, ["scales.tiny.config.augment", "is an axis of the suite"]),
     ({"scales/tiny/teachers/small/train": None, "scales/tiny/teachers/small/checkpoint": "/nonexistent.pt"},
      ["checkpoint", "not found"]),
 ])

@@ -67,6 +67,24 @@ def test_rerun_on_a_finished_dir_does_nothing(tmp_path, capsys):
     cli_error(main, ["--out", str(tmp_path), "epochs=2", "batch_size=64", *TINY], capsys, "holds another run")
 
 
+def test_checkpoint_minutes_skips_epoch_checkpoints_but_not_the_metrics(tmp_path, monkeypatch):
+    """checkpoint_minutes: an epoch's end writes a checkpoint only when that long has passed (the last epoch always
+    does); every epoch's metrics are written anyway."""
+    import mkd.train as tr
+
+    saved, metrics = [], []
+    real = tr._checkpoint
+    monkeypatch.setattr(tr, "_checkpoint", lambda cfg, run, b, p, *a: (saved.append(p.epoch), real(cfg, run, b, p, *a)))
+    real_write = tr.atomic.write_jsonl
+    monkeypatch.setattr(tr.atomic, "write_jsonl", lambda path, recs: (metrics.append(len(recs)), real_write(path, recs)))
+    for minutes, out in ((0, "every"), (1e6, "rare")):
+        saved.clear(), metrics.clear()
+        tr.train(load_config(overrides=["epochs=3", "batch_size=64", f"checkpoint_minutes={minutes}", *TINY]),
+                 tmp_path / out, quiet=True)
+        assert saved == ([1, 2, 3] if minutes == 0 else [3]), saved
+        assert {1, 2, 3} <= set(metrics), f"each epoch's records were written: {metrics}"
+
+
 def test_result_records_teacher_top1_environment_and_is_cached(tmp_path, teacher_ckpt, private_cache):
     from mkd.train import train
 
