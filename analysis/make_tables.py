@@ -2,7 +2,7 @@
 """Rebuild the paper's tables and figures from a results folder: ``python analysis/make_tables.py``.
 
 Reads every run's ``run.json``, ``config.yaml``, ``result.json`` and ``metrics.jsonl`` under ``--results``
-(layout: ../shared/DESIGN.md), writes per suite and scale a table in Markdown, LaTeX (booktabs) and HTML,
+(layout: mkd/rundir.py), writes per suite and scale a table in Markdown, LaTeX (booktabs) and HTML,
 the tidy CSV behind it, the figures (PNG + PDF) and ``index.html`` linking everything.
 """
 from __future__ import annotations

@@ -302,7 +302,7 @@ def imagenet_main(df: pd.DataFrame, suite: str, scale: str, reference: pd.DataFr
     for _, r in used.iterrows():
         if isinstance(r.get("note"), str) and r["note"]:
             notes.append(f"{r['student']} {r['method']} published: {r['note']}.")
-    notes.append("Published cells come only from tables/paper_reference.csv (../shared/PAPER.md); unknown ones stay —. "
+    notes.append("Published cells come only from tables/paper_reference.csv (docs/published.md); unknown ones stay —. "
                  "A difference is shown only against runs of the published architecture and epochs (n/c otherwise).")
     return [Table(f"{suite}_{scale}", f"{suite} ({scale}): reproduced vs published top-1", [h1, h2], rows, notes,
                   pd.DataFrame(vals))]

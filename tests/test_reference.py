@@ -1,0 +1,25 @@
+"""The committed reference report is what the analysis makes of the committed reference results, and the README
+quotes it rather than copying numbers by hand (`make reference` rebuilds it)."""
+from __future__ import annotations
+
+from conftest import ROOT, run_cli
+
+MAKE = str(ROOT / "analysis" / "make_tables.py")
+REF = ROOT / "docs" / "reference"
+
+
+def test_the_reference_report_is_what_the_analysis_makes_of_the_reference_results(tmp_path):
+    p = run_cli(MAKE, "--results", str(REF / "results"), "--out", str(tmp_path), "--format", "md")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert (tmp_path / "degradation_tiny.md").read_text() == (REF / "degradation_tiny.md").read_text(), \
+        "docs/reference/degradation_tiny.md was edited by hand or the analysis changed: run make reference"
+
+
+def test_the_readme_quotes_the_reference_report():
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("<!-- reference:begin -->")[1].split("<!-- reference:end -->")[0]
+    quoted = [l.removeprefix(">").strip() for l in block.splitlines() if l.strip() and l.strip() != ">"]
+    report = (REF / "degradation_tiny.md").read_text()
+    assert len(quoted) >= 4
+    for line in quoted:
+        assert line in report, f"README quotes a line the reference report does not hold: {line[:80]}"
