@@ -127,6 +127,15 @@ def _default_parallel() -> tuple[int, list[Optional[str]]]:
     return n, [None] * n
 
 
+def threads_per_run(parallel: int, slots: list[Optional[str]]) -> int:
+    """Intra-op threads of each pool worker.  On a CPU a fixed count (``MKD_CPU_THREADS``, default 1) whatever the
+    parallelism: a run's float results depend on how many threads split its reductions, so ``--max-parallel 1``
+    and ``2`` must give the same digits.  With GPUs, the cores shared out (they only feed the device)."""
+    if slots and slots[0] is not None:
+        return max(1, (os.cpu_count() or 1) // parallel)
+    return max(1, int(os.environ.get("MKD_CPU_THREADS", "1")))
+
+
 def _worker_init(threads: int, gpu_slots) -> None:
     """Pool worker set-up: its GPU (one per worker) and thread count, before torch is imported."""
     if gpu_slots is not None:
@@ -297,7 +306,7 @@ class LocalRunner:
         self.queue, self.total = list(todo), len(todo)
         self.bar.total = len(todo)
         t0 = time.time()
-        pool = _Pool(self.n, max(1, (os.cpu_count() or 1) // self.n), self.slots)
+        pool = _Pool(self.n, threads_per_run(self.n, self.slots), self.slots)
         try:
             while self.queue or self.running:
                 self.schedule(pool)

@@ -117,7 +117,7 @@ def environment(device: torch.device, world: int) -> dict:
         f"cpu ({platform.machine()} {isa}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
     return {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
             "mkd": __version__, "git_commit": commit, "device": name, "cpu_model": _cpu_model(),
-            "cpu_capability": isa, "world_size": world,
+            "cpu_capability": isa, "cpu_threads": torch.get_num_threads(), "world_size": world,
             "host": socket.gethostname(), "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
 
 
@@ -360,6 +360,7 @@ def _feed(cfg: RunConfig, run: RunDir, loop: Loop, src: TrainSource, split: dict
               "augment": cfg.augment, "img_size": info.img_size, "batch_size": cfg.batch_size, "world": world,
               "seed": cfg.seed, "device": device.type, "student_input": cfg.student_input,
               "kernels": kernels(device),  # a cache is bitwise what this run computes only on the same kernels
+              "threads": torch.get_num_threads() if device.type == "cpu" else None,  # ... and thread count
               "packages": {"torch": torch.__version__, "torchvision": torchvision.__version__, "timm": timm.__version__,
                            "pillow": PIL.__version__, "numpy": np.__version__}}
     if cfg.repeated_aug > 1:

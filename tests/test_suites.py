@@ -261,3 +261,23 @@ def test_a_method_added_as_one_file_runs_through_a_suite_and_the_tables_without_
     assert f"{toy['final_top1']:.2f}" in row
     info = json.loads(next((res / "toy" / "tiny").glob("*/run.json")).read_text())
     assert info["table"] == "degradation" and "label" in info["method"]
+
+
+@pytest.mark.slow
+def test_a_cpu_run_gives_the_same_weights_whatever_the_pool_parallelism(tmp_path):
+    """Each CPU run has a fixed intra-op thread count (MKD_CPU_THREADS, default 1), so --max-parallel 1 and 2
+    train the same runs to the same weights."""
+    import torch
+
+    suite = write_suite(tmp_path / "s.yaml", **{"axes/method": ["ce"], "axes/seed": [0, 1]})
+    for n in (1, 2):
+        p = run_cli(RUN, "--suite", str(suite), "--results", str(tmp_path / f"r{n}"), "--max-parallel", str(n))
+        assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    runs = sorted((tmp_path / "r1" / "s" / "tiny").glob("*/model.pt"))
+    assert len(runs) == 2
+    for m1 in runs:
+        m2 = tmp_path / "r2" / "s" / "tiny" / m1.parent.name / "model.pt"
+        w1, w2 = torch.load(m1)["model"], torch.load(m2)["model"]
+        assert all(torch.equal(w1[k], w2[k]) for k in w1), m1.parent.name
+        for r in (m1.parent, m2.parent):
+            assert json.loads((r / "result.json").read_text())["environment"]["cpu_threads"] == 1
