@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 import pandas as pd
 
-from stats import PAIRED_INTERVAL, Estimate, by_seed, difference, paired
+from stats import PAIRED_INTERVAL, POWER_METHOD, Estimate, by_seed, difference, paired, seeds_needed
 
 AUG_ORDER = ["none", "weak", "medium", "strong"]
 BASELINE_FLOOR = 0.75  # CE under strong / CE under weak below this: the strong-augmentation baseline is under-trained
@@ -40,9 +40,18 @@ def _verdict(e: Estimate, positive: str, negative: str) -> str:
     if e.n < 2:
         return f"one seed ({e.mean:+.2f}): no interval, no finding"
     if not e.resolved:
-        return f"not resolved at this budget ({e.text(True)} spans zero, {e.n} seeds)"
+        return f"not resolved at this budget ({e.text(True)} spans zero, {e.n} seeds; {_power(e)})"
     return f"{positive if e.mean > 0 else negative}: {e.text(True)} points, {e.n} seeds, " \
            f"improvement in {e.p_improve:.0%} of them"
+
+
+def _power(e: Estimate) -> str:
+    """The observed spread and the seeds at which an effect of this size would be resolved."""
+    n = seeds_needed(e)
+    if n is None:
+        return "no spread to plan from"
+    need = f"about {n} seeds would resolve an effect of this size" if n <= 1000 else "too small to resolve with 1,000 seeds"
+    return f"paired SD {e.sd:.2f}: {need}"
 
 
 def _series(df: pd.DataFrame, method: str, teacher=None, augment=None) -> pd.Series:
@@ -139,9 +148,13 @@ def findings_lines(findings: list[Finding]) -> list[str]:
         lines.append(f"**{f.question}.** {f.asks} {f.answer[0].upper() + f.answer[1:]}.")
         for what, e in f.effects:
             p = f", P(improvement) {e.p_improve:.2f}" if e.p_improve is not None else ""
+            n = seeds_needed(e)
+            p += (f", SD {e.sd:.2f}, {n if n <= 1000 else '>1000'} seeds for 80% power" if n is not None else "")
             lines.append(f"- {what}: {e.text(True)}{p}")
     if lines:
         lines.append(f"Effects in top-1 points: mean of per-seed differences, [{PAIRED_INTERVAL}]; * marks an "
-                     "interval that excludes zero; P(improvement): share of seeds with a positive difference.")
+                     "interval that excludes zero; P(improvement): share of seeds with a positive difference; "
+                     f"SD: the paired standard deviation over seeds; {POWER_METHOD}. More seeds: "
+                     "`--axis seed=0..N` (finished seeds are reused).")
     return lines
 

@@ -34,6 +34,7 @@ class Estimate:
     hi: Optional[float]
     n: int
     p_improve: Optional[float] = None  # paired comparisons only
+    sd: Optional[float] = None  # standard deviation over seeds (of the per-seed differences for a comparison)
 
     @property
     def resolved(self) -> bool:
@@ -59,8 +60,28 @@ def t_interval(values) -> Estimate:
     m = float(v.mean())
     if len(v) < 2:
         return Estimate(m, None, None, 1)
-    half = float(stats.t.ppf(0.5 + LEVEL / 2, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)))
-    return Estimate(m, m - half, m + half, len(v))
+    sd = float(v.std(ddof=1))
+    half = float(stats.t.ppf(0.5 + LEVEL / 2, len(v) - 1) * sd / math.sqrt(len(v)))
+    return Estimate(m, m - half, m + half, len(v), sd=sd)
+
+
+POWER = 0.80
+POWER_METHOD = (f"seeds for {POWER:.0%} power: the smallest n at which a two-sided paired t-test at alpha "
+                f"{1 - LEVEL:.2f} detects an effect of the observed mean given the observed SD (noncentral t)")
+
+
+def seeds_needed(e: Estimate, power: float = POWER, most: int = 1000) -> Optional[int]:
+    """The number of seeds at which an effect of ``e``'s size, with ``e``'s spread, is resolved with ``power``
+    (``POWER_METHOD``); None without a spread, ``most + 1`` for an effect too small to resolve."""
+    if e.mean is None or not e.sd or e.n < 2:
+        return None
+    d = abs(e.mean) / e.sd
+    for n in range(2, most + 1):
+        crit = stats.t.ppf(0.5 + LEVEL / 2, n - 1)
+        nc = d * math.sqrt(n)
+        if stats.nct.sf(crit, n - 1, nc) + stats.nct.cdf(-crit, n - 1, nc) >= power:
+            return n
+    return most + 1
 
 
 def paired(diffs: pd.Series) -> Estimate:

@@ -8,6 +8,7 @@ Results land in ``RESULTS/<suite>/<scale>/<run_id>/`` (teachers in ``RESULTS/tea
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -28,7 +29,8 @@ def axis_values(items: list[str], flag: str, example: str, parse=str) -> dict[st
         if "=" not in item:
             raise UserError(f"{flag} {item!r} is not axis=value[,value] (e.g. {flag} {example})")
         k, v = item.split("=", 1)
-        out[k] = [parse(x) for x in v.split(",")]
+        m = re.fullmatch(r"(-?\d+)\.\.(-?\d+)", v.strip())
+        out[k] = list(range(int(m[1]), int(m[2]) + 1)) if m else [parse(x) for x in v.split(",")]
     return out
 
 
@@ -44,7 +46,7 @@ def parse_args(argv):
     ap.add_argument("--filter", action="append", default=[], metavar="AXIS=VALUE[,VALUE]",
                     help="keep only rows with these axis values (repeatable)")
     ap.add_argument("--axis", action="append", default=[], metavar="AXIS=V1,V2",
-                    help="replace an axis's values, e.g. --axis seed=0,1,2 for error bars (repeatable)")
+                    help="replace an axis's values, e.g. --axis seed=0,1,2 or seed=0..9 (repeatable)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="config override for every run, e.g. --set epochs=1 (changes run ids)")
     ap.add_argument("--data-root", help="dataset root for the cifar / imagenet scales")

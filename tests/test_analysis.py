@@ -245,3 +245,14 @@ def test_q2_is_not_answered_when_the_baseline_collapses_under_strong_augmentatio
     if not answerable:
         assert f"reaches {ce_strong + (0.0 + 0.4 - 0.3) / 3:.2f}" in q2.answer and ce_strong < BASELINE_FLOOR * 60
     assert "KD's gain grows under strong augmentation" in q2.answer
+
+
+def test_seeds_needed_is_the_t_test_sample_size_at_80_percent_power():
+    """Standard sample sizes of a two-sided one-sample (paired) t-test at alpha 0.05 and 80% power: effect sizes
+    d = 2, 1, 0.5 need 5, 10 and 34 pairs (Cohen's tables; noncentral t)."""
+    from stats import Estimate, seeds_needed
+
+    assert [seeds_needed(Estimate(d, -1.0, 1.0, 3, sd=1.0)) for d in (2.0, 1.0, 0.5)] == [5, 10, 34]
+    assert seeds_needed(Estimate(-1.0, -2.0, 0.5, 3, sd=1.0)) == 10, "the sign does not matter"
+    assert seeds_needed(Estimate(1.0, None, None, 1)) is None, "one seed: no spread to plan from"
+

@@ -23,3 +23,13 @@ def test_the_readme_quotes_the_reference_report():
     assert len(quoted) >= 4
     for line in quoted:
         assert line in report, f"README quotes a line the reference report does not hold: {line[:80]}"
+
+
+def test_every_unresolved_finding_says_how_many_seeds_would_resolve_it():
+    report = (REF / "degradation_tiny.md").read_text().splitlines()
+    heads = [l for l in report if l.startswith("**Q")]
+    assert len(heads) == 3
+    unresolved = [h for h in heads if "not resolved at this budget" in h]
+    assert unresolved and all("paired SD" in h and "seeds would resolve" in h for h in unresolved)
+    effects = [l for l in report if l.startswith("- ") and "P(improvement)" in l]
+    assert effects and all("seeds for 80% power" in l for l in effects)
