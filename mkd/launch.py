@@ -221,7 +221,7 @@ class _Pool:
 
 
 class LocalRunner:
-    """Runs a plan's unfinished runs on this machine: teachers before their students, a student whose teacher
+    """Runs a plan's unfinished runs on the local machine: teachers before their students, a student whose teacher
     failed is reported failed, a dead worker's run is retried after the pool is rebuilt."""
 
     def __init__(self, plan: Plan, max_parallel: Optional[int] = None, quiet: bool = False):
@@ -337,7 +337,7 @@ def drop_input_caches(plan: Plan) -> None:
 
 
 def run_local(plan: Plan, max_parallel: Optional[int] = None, quiet: bool = False) -> list[Run]:
-    """Run every unfinished run of the plan on this machine; returns the runs that failed."""
+    """Run every unfinished run of the plan on the local machine; returns the runs that failed."""
     return LocalRunner(plan, max_parallel, quiet).run()
 
 

@@ -152,7 +152,7 @@ def test_a_full_disk_is_one_line_and_the_rerun_resumes(tmp_path, teacher_ckpt, c
     mnt = tmp_path / "small"
     mnt.mkdir()
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=700k", "tmpfs", str(mnt)]).returncode != 0:
-        pytest.skip("this machine does not allow mounting a tmpfs")
+        pytest.skip("the test machine does not allow mounting a tmpfs")
     try:
         out = mnt / "run"
         line = cli_error(main, ["--out", str(out), *_args(teacher_ckpt)], capsys, "could not write", "No space left",
