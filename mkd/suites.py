@@ -150,6 +150,15 @@ def _matches(row: dict, pattern: dict) -> bool:
     return all(row.get(k) in (v if isinstance(v, list) else [v]) for k, v in pattern.items())
 
 
+def _has_key(d: dict, dotted: str) -> bool:
+    """Whether a nested mapping sets ``dotted`` (``kd.tau_t``)."""
+    for part in dotted.split("."):
+        if not isinstance(d, dict) or part not in d:
+            return False
+        d = d[part]
+    return True
+
+
 def _dotted(d: dict) -> dict:
     """{'kd.tau_t': 2} -> {'kd': {'tau_t': 2}}."""
     out: dict = {}
@@ -221,6 +230,8 @@ def expand(name_or_path: str, scale: str = "tiny", results: Path | str = "result
         if where and k not in ABSTRACT_AXES:
             raise _fail(path, f"{where}.{k}", f"'{k}' is an axis of the suite, so its rows set it: remove it here "
                                                f"(or change the axis: --axis {k}=...)")
+        if _has_key(overrides or {}, k):
+            raise UserError(f"--set {k}=...: '{k}' is an axis of {path.name}, so its rows set it: use --axis {k}=...")
     rows = _filtered(_rows(path, spec, sc), filters or {})
     if not rows:
         raise _fail(path, "axes", "the matrix is empty after include/exclude/--filter")

@@ -111,6 +111,7 @@ def test_dry_run_at_the_imagenet_scale_prices_the_plan_from_flops_offline(tmp_pa
     (["--suite", "degradation", "--teacher-checkpoint", "larg=/x.pth"], ["no teacher 'larg'", "large"]),
     (["--suite", "degradation", "--teacher-checkpoint", "large=/x.pth"], ["trained by the suite"]),
     (["--suite", "degradation", "--dry-run", "--gpu", "H1000"], ["--gpu H1000", "H100"]),
+    (["--suite", "degradation", "--set", "augment=strong"], ["--set augment", "--axis augment="]),
 ])
 def test_runner_bad_input_is_one_clear_line(tmp_path, args, fragments, capsys):
     cli_error(load_script(Path(RUN)).main, [*args, "--results", str(tmp_path)], capsys, *fragments)
