@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from mkd.rundir import RunDir, environment_of  # noqa: E402  (no torch: the analysis imports no training code)
 
 RESULT_FIELDS = ("final_top1", "final_top5", "best_top1", "best_top5", "tau_t", "tau_s", "teacher_top1",
-                 "teacher_params", "student_params", "wall_time_s", "reason")
+                 "teacher_params", "student_params", "wall_time_s", "reason", "finished_at")
 
 
 def _jsonl(path: Path) -> tuple[list[dict], int]:
@@ -62,6 +62,7 @@ def collect(results: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
         base.update(method_label=decl.get("label", base["method"]), method_order=decl.get("order"),
                     learns_temperature=decl.get("learns_temperature", any("temps" in r for r in records)),
                     table=info.get("table"), environment=environment_of(res) if status == "done" else None,
+                    git_commit=((res or {}).get("environment") or {}).get("git_commit") if status == "done" else None,
                     unreadable_lines=bad)
         for r in info.get("rows") or [{}]:
             rows.append({**base, **{f"axis:{k}": v for k, v in r.items()}})

@@ -23,6 +23,15 @@ from mkd.errors import UserError, cli  # noqa: E402
 from mkd.rundir import mixed_environments  # noqa: E402
 
 FORMATS = ("md", "tex", "html", "csv")
+CAPTIONS = {  # what a reader sees in each figure
+    "temperatures": "Learned temperatures (tau_t, tau_s) against the epoch, per method that learns them: the mean "
+                    "over seeds with its 95% t band; dotted lines: KD's fixed temperatures.",
+    "degradation": "Student top-1 against the teacher's size, per method and augmentation: the mean over seeds "
+                   "with its 95% t interval; the student alone (ce) needs no teacher and repeats at every size.",
+    "fraction": "Student top-1 against the fraction of the training set, per method: the mean over seeds with its "
+                "95% t interval.",
+    "grid": "KD's top-1 over fixed (tau_t, tau_s), mean over seeds; the marker: MKD's final learned temperatures.",
+}
 REFERENCE = HERE.parent / "tables" / "paper_reference.csv"
 
 
@@ -79,6 +88,7 @@ def build(results: Path, out: Path, suites: list[str] | None = None, formats: tu
         if mixed:
             print(f"warning: {suite} ({scale}): {mixed}", file=sys.stderr)
         for table in T.tables_for(df, suite, scale, ref):
+            table.provenance = T.provenance(df, suite, scale)
             if mixed:
                 table.notes.append(f"Warning: {mixed}.")
             files = []
@@ -91,7 +101,8 @@ def build(results: Path, out: Path, suites: list[str] | None = None, formats: tu
                     atomic.write_text(p, T.render(table, fmt))
                 files.append((fmt, p.name))
                 written["tables"].append(p)
-            entries.append({"title": table.title, "files": files, "html": T.render(table, "html")})
+            entries.append({"title": table.title, "files": files, "html": T.render(table, "html"),
+                            "provenance": table.provenance})
         title = f"{suite} ({scale})"
         for fn, stem in ((lambda: F.temperature_evolution(df, c, st, out, f"{suite}_{scale}_temperatures",
                                                           f"{title}: learned temperatures"), "temperatures"),
@@ -106,11 +117,13 @@ def build(results: Path, out: Path, suites: list[str] | None = None, formats: tu
             paths = fn()
             if paths:
                 written["figures"] += [paths["png"], paths["pdf"]]
-                figs.append({"title": f"{title}: {stem}", "png": paths["png"].name, "pdf": paths["pdf"].name})
+                figs.append({"title": f"{title}: {stem}", "caption": CAPTIONS[stem], "png": paths["png"].name,
+                             "pdf": paths["pdf"].name})
     if not entries:
         raise UserError(f"no results for suites {', '.join(suites)} under {results}")
     index = out / "index.html"
-    atomic.write_text(index, T.render_index(entries, figs, time.strftime("%Y-%m-%d %H:%M")))
+    atomic.write_text(index, T.render_index(entries, figs, time.strftime("%Y-%m-%d %H:%M"),
+                                            [p for e in entries for p in e["provenance"]]))
     written["index"] = index
     return written
 

@@ -54,6 +54,35 @@ class Table:
     notes: list[str] = field(default_factory=list)
     values: Optional[pd.DataFrame] = None  # numbers behind the cells (csv)
     findings: list[str] = field(default_factory=list)  # the study's questions answered (findings.py), Markdown
+    provenance: list[str] = field(default_factory=list)  # which runs, commit, environment, dates (``provenance``)
+
+    @property
+    def finding_groups(self) -> list[dict]:
+        """The findings as a reader takes them: each headline with its per-setting lines, then the footnote."""
+        groups: list[dict] = []
+        for line in self.findings:
+            if line.startswith("- ") and groups:
+                groups[-1]["items"].append(line)
+            else:
+                groups.append({"head": line, "items": []})
+        return groups
+
+
+def provenance(df: pd.DataFrame, suite: str, scale: str) -> list[str]:
+    """One sentence naming the runs behind a table: how many, their seeds, the commit(s) and environment(s)
+    they were made with, and when they finished (from their results: the same runs give the same words)."""
+    done = df[df["status"] == "done"].drop_duplicates("run_id")
+    seeds = sorted({int(s) for s in done["seed"].dropna()}) if "seed" in done else []
+
+    def listed(col: str) -> str:
+        vals = sorted({str(v) for v in done[col].dropna()}) if col in done else []
+        return ", ".join(vals) or "unknown"
+
+    dates = sorted(str(v)[:10] for v in done["finished_at"].dropna()) if "finished_at" in done else []
+    when = (dates[0] if dates[0] == dates[-1] else f"{dates[0]} to {dates[-1]}") if dates else "unknown"
+    return [f"Suite {suite}, scale {scale}: {len(done)} finished runs"
+            + (f" (seeds {', '.join(map(str, seeds))})" if seeds else "")
+            + f"; commit {listed('git_commit')}; {listed('environment')}; finished {when}."]
 
 
 @dataclass
@@ -369,6 +398,7 @@ def _md_inline(line: str):
     from markupsafe import Markup, escape
 
     text = str(escape(line.removeprefix("- ")))
+    text = re.sub(r"`(.+?)`", r"<code>\1</code>", text)
     return Markup(re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", text))
 
 
@@ -387,5 +417,6 @@ def render(table: Table, fmt: str) -> str:
     return _env().get_template(f"table.{fmt}.j2").render(t=table, ncols=len(table.header[-1]))
 
 
-def render_index(entries: list[dict], figures: list[dict], generated: str) -> str:
-    return _env().get_template("index.html.j2").render(entries=entries, figures=figures, generated=generated)
+def render_index(entries: list[dict], figures: list[dict], generated: str, provenance: list[str] = ()) -> str:
+    return _env().get_template("index.html.j2").render(entries=entries, figures=figures, generated=generated,
+                                                        provenance=list(provenance))

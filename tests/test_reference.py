@@ -33,3 +33,23 @@ def test_every_unresolved_finding_says_how_many_seeds_would_resolve_it():
     assert unresolved and all("paired SD" in h and "seeds would resolve" in h for h in unresolved)
     effects = [l for l in report if l.startswith("- ") and "P(improvement)" in l]
     assert effects and all("seeds for 80% power" in l for l in effects)
+
+
+def test_the_html_report_reads_as_a_report(tmp_path):
+    """index.html: a header naming the runs (suite, scale, commit, environment, dates), each finding a headline
+    with its per-setting lines under it, figures with captions saying what a point is."""
+    import re
+
+    p = run_cli(MAKE, "--results", str(REF / "results"), "--out", str(tmp_path))
+    assert p.returncode == 0, p.stderr[-2000:]
+    html = (tmp_path / "index.html").read_text()
+    head = html.split("<h2>Tables</h2>")[0]
+    assert re.search(r'class="provenance">Suite degradation, scale tiny: 30 finished runs \(seeds 0, 1, 2\); '
+                     r"commit a49d78a2138d; torch [^;]+, cpu AVX512; finished 2026-12-02\.", head), head
+    findings = html.split('<div class="findings">')[1].split("</div>")[0]
+    blocks = re.findall(r'<p class="finding"><strong>(Q\d [a-z]+)\.</strong>.*?</p>\s*<ul>(.*?)</ul>', findings, re.S)
+    assert [q for q, _ in blocks] == ["Q1 gap", "Q2 augmentation", "Q3 cure"]
+    assert all(items.count("<li>") == 3 for _, items in blocks), "each headline keeps its three per-setting lines"
+    assert "<code>--axis seed=0..N</code>" in findings
+    captions = re.findall(r"<figcaption><strong>(.*?)\.</strong> (.*?)</figcaption>", html)
+    assert len(captions) == 2 and all("95% t" in c for _, c in captions), captions
