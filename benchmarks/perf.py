@@ -91,6 +91,7 @@ def core_runner(args, device, classes, method: str, cached: bool = False, **mkd)
     builds it): returns run(steps).  ``cached``: the teacher's logits come from the stream cache (read from host
     memory, as a run reads an epoch's cache file) instead of a teacher forward per step."""
     from mkd.augment import build_augment
+    from mkd.batch import Batch
     from mkd.data import MetaBatches
     from mkd.engine import build_loop, train_one_epoch
     from mkd.methods import build_method
@@ -128,7 +129,7 @@ def core_runner(args, device, classes, method: str, cached: bool = False, **mkd)
                 else:
                     with torch.no_grad(), P.autocast():
                         t = fwd(x)
-            yield x, y, t
+            yield Batch(x, y, y, teacher_logits=t)
 
     def run(steps):
         train_one_epoch(loop, feed(steps), 1, batches.steps)

@@ -6,8 +6,8 @@
 - ``strong``: the DeiT recipe: RandAugment rand-m9-mstd0.5-inc1, Mixup 0.8, CutMix 1.0, random erasing 0.25,
   label smoothing 0.1
 
-Mixup/CutMix act on a whole batch (``AugmentPreset.batch``) and return soft targets; the loop feeds the
-teacher the same mixed images.  Targets are class indices when a preset neither mixes nor smooths, class
+Mixup/CutMix act on a whole batch (``AugmentPreset.batch``) and return soft targets with the hard labels of both
+mixed images and the weight (``mkd/batch.Batch``); the loop feeds the teacher the same mixed images.  Targets are class indices when a preset neither mixes nor smooths, class
 distributions otherwise; ``F.cross_entropy`` takes both (the index path is the faster one).
 """
 from __future__ import annotations
@@ -19,8 +19,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 from timm.data import Mixup, create_transform
+from timm.data.mixup import mixup_target
 from timm.data import auto_augment as _aa
 
+from .batch import Batch
 from .config import AUGMENTS
 from .errors import UserError, suggest
 from .stream import isolated_rng, seed_globals
@@ -51,8 +53,9 @@ class AugmentPreset:
     label_smoothing: float
     num_classes: int
 
-    def batch(self, x: torch.Tensor, y: torch.Tensor, seed: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Batch-level augmentation: (images, int labels) -> (images, targets: indices or distributions).
+    def batch(self, x: torch.Tensor, y: torch.Tensor, seed: Optional[int] = None) -> Batch:
+        """Batch-level augmentation: images and int labels -> a ``Batch`` (targets: indices or distributions, the
+        hard labels of both mixed images, the mixing weight).
 
         With ``seed`` the Mixup/CutMix draw (timm's, from the global NumPy generator) is that seed's, and the
         caller's generator states are left as they were (``mkd/stream.py``)."""
@@ -61,13 +64,20 @@ class AugmentPreset:
                 raise UserError(f"augment={self.name} mixes pairs and needs an even batch per process, got "
                                 f"{x.shape[0]}: pick an even batch_size")
             if seed is None:
-                return self.mixup(x, y)
+                return self._mixed(x, y)
             with isolated_rng():
                 seed_globals(seed)
-                return self.mixup(x, y)
+                return self._mixed(x, y)
         if self.label_smoothing:
-            return x, soft_targets(y, self.num_classes, self.label_smoothing)
-        return x, y
+            return Batch(x, soft_targets(y, self.num_classes, self.label_smoothing), y)
+        return Batch(x, y, y)
+
+    def _mixed(self, x: torch.Tensor, y: torch.Tensor) -> Batch:
+        """timm's ``Mixup.__call__`` in batch mode, step by step, keeping its weight: image i is mixed with
+        image B-1-i with weight ``lam`` (CutMix: the area-corrected one)."""
+        m = self.mixup
+        lam = float(m._mix_batch(x))  # mixes x in place, as __call__ does
+        return Batch(x, mixup_target(y, self.num_classes, lam, m.label_smoothing), y, y.flip(0), lam)
 
 
 def soft_targets(y: torch.Tensor, num_classes: int, smoothing: float = 0.0) -> torch.Tensor:

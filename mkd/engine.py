@@ -153,8 +153,9 @@ class EpochPartial:
 
 def train_one_epoch(loop: Loop, feed, epoch: int, step: int, part: Optional[EpochPartial] = None,
                     after_step: Optional[Callable[[EpochPartial, int], None]] = None) -> tuple[dict[str, float], int]:
-    """Train one epoch from global ``step`` on ``feed``'s (images, targets, teacher logits or None), which the
-    stream (``mkd/stream_cache.Feed``) gives after batch augmentation; returns (mean of each loss term, next step).
+    """Train one epoch from global ``step`` on ``feed``'s ``Batch``es (``mkd/batch.py``: images, targets, hard
+    labels, mixing weight, teacher logits), which the stream (``mkd/stream_cache.Feed``) gives after batch
+    augmentation; returns (mean of each loss term, next step).
 
     ``part``: the epoch so far when it resumes mid-way (the feed then starts at ``part.step_in_epoch``);
     ``after_step(part, step)`` runs after every step (mid-epoch checkpoints, preemption)."""
@@ -168,12 +169,13 @@ def train_one_epoch(loop: Loop, feed, epoch: int, step: int, part: Optional[Epoc
     show = loop.rank == 0 and sys.stderr.isatty()
     bar = tqdm(feed, desc=f"epoch {epoch}", leave=False, disable=not show, dynamic_ncols=True,
                total=loop.steps_per_epoch, initial=part.step_in_epoch)
-    for x, targets, t_logits in bar:
+    for batch in bar:
+        x = batch.x
         m.on_step(Progress(step, loop.steps_per_epoch, loop.total_steps))
         rng = capture_rng(P.device) if m.replays_forward else None  # the meta step replays this forward's masks
         with P.autocast():
             out = M.model(x)
-            terms = m(out, t_logits, targets)
+            terms = m(out, batch)
         loss = terms["loss"]
         O.optimizer.zero_grad(set_to_none=True)
         if O.scaler is not None:
@@ -183,7 +185,7 @@ def train_one_epoch(loop: Loop, feed, epoch: int, step: int, part: Optional[Epoc
             loss.backward()
         if m.has_meta_step:
             m.meta_step(StepContext(
-                student=M.student, x=x, targets=targets, teacher_logits=t_logits,
+                student=M.student, x=x, targets=batch.targets, teacher_logits=batch.teacher_logits, batch=batch,
                 student_out=tuple(o.detach() for o in out) if isinstance(out, (tuple, list)) else out.detach(),
                 lr=O.optimizer.param_groups[0]["lr"], step=step, autocast=P.autocast,
                 meta_batches=loop.meta_batches, teacher=M.teacher_fwd, rng=rng, optimizer=O.optimizer,

@@ -36,9 +36,10 @@ import torch
 from torch import Tensor
 
 from . import atomic
+from .batch import Batch
 from .stream import mix_seed, to_device
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: input batches keep the hard labels and the mixing weight
 
 
 def key_hash(key: dict) -> str:
@@ -124,6 +125,20 @@ def to_host(t: Tensor) -> Tensor:
     return out.copy_(t, non_blocking=True)
 
 
+def _tensors_of(b: Batch) -> dict[str, Tensor]:
+    """What an input-cache file keeps of a batch: the stream's part (the teacher's logits are cached apart)."""
+    out = {"x": b.x, "targets": b.targets, "labels": b.labels, "lam": torch.tensor(b.lam, dtype=torch.float64)}
+    if b.labels_b is not None:
+        out["labels_b"] = b.labels_b
+    return out
+
+
+def _stored_batch(d: dict, i: int, device: torch.device) -> Batch:
+    def get(k):
+        return d[k][i].to(device, non_blocking=True) if k in d else None
+    return Batch(get("x"), get("targets"), get("labels"), get("labels_b"), float(d["lam"][i]))
+
+
 # ---------------------------------------------------------------------------- top-k
 def topk_compress(logits: Tensor, k: int) -> dict[str, Tensor]:
     values, index = logits.topk(k, dim=-1)
@@ -164,8 +179,8 @@ class Feed:
     hits: dict = field(default_factory=lambda: dict.fromkeys(  # what came from where, for the log and result
         ("inputs_read", "inputs_written", "teacher_read", "teacher_written"), 0))
 
-    def epoch(self, epoch: int, first_step: int = 0) -> Iterator[tuple[Tensor, object, Optional[Tensor]]]:
-        """The batches of ``epoch`` (0-based) from step ``first_step`` on."""
+    def epoch(self, epoch: int, first_step: int = 0) -> Iterator[Batch]:
+        """The batches of ``epoch`` (0-based) from step ``first_step`` on, teacher logits included."""
         dev = self.device
         stored_x = self.inputs.read(epoch) if self.inputs is not None else None
         stored_t = self.teacher.read(epoch) if (self.teacher is not None and self.teacher_fwd is not None) else None
@@ -174,22 +189,20 @@ class Feed:
         rec_t = [] if (self.teacher is not None and self.teacher_fwd is not None and stored_t is None and whole) else None
         if stored_x is not None:
             self.hits["inputs_read"] += 1
-            batches = ((stored_x["x"][i], stored_x["targets"][i]) for i in range(first_step, len(stored_x["x"])))
+            batches = (_stored_batch(stored_x, i, dev) for i in range(first_step, len(stored_x["x"])))
         else:
             batches = self._augmented(epoch, first_step)
         step = first_step
-        for x, targets in batches:
-            x = x.to(dev, non_blocking=True)
-            targets = targets.to(dev, non_blocking=True)
+        for b in batches:
             if rec_x is not None:
-                rec_x.append((to_host(x), to_host(targets)))
+                rec_x.append(b)
             t = None
             if self.teacher_fwd is not None:
                 if stored_t is not None:
                     t = self._stored_logits(stored_t, step).to(dev, non_blocking=True)
                 else:
                     with torch.no_grad(), self.autocast():
-                        t = self.teacher_fwd(x)
+                        t = self.teacher_fwd(b.x)
                     if self.topk:
                         c = topk_compress(t, self.topk)
                         t = topk_expand(c, self.num_classes)
@@ -197,15 +210,16 @@ class Feed:
                             rec_t.append({k: to_host(v) for k, v in c.items()})
                     elif rec_t is not None:
                         rec_t.append(to_host(t))
-            yield x, targets, t
+            if rec_x is not None:
+                rec_x[-1] = {k: to_host(v) for k, v in _tensors_of(b).items()}
+            yield b.with_teacher(t)
             step += 1
         if stored_t is not None:
             self.hits["teacher_read"] += 1
         if (rec_x or rec_t) and dev.type == "cuda":
             torch.cuda.synchronize(dev)  # the asynchronous copies into pinned memory are complete
         if rec_x:
-            ok = self.inputs.write(epoch, {"x": torch.stack([a for a, _ in rec_x]),
-                                           "targets": torch.stack([b for _, b in rec_x])})
+            ok = self.inputs.write(epoch, {k: torch.stack([r[k] for r in rec_x]) for k in rec_x[0]})
             self.hits["inputs_written"] += ok
         if rec_t:
             if self.topk:
@@ -215,8 +229,8 @@ class Feed:
             self.hits["teacher_written"] += ok
 
     def _augmented(self, epoch: int, first_step: int):
-        for i, batch in enumerate(self.loader(epoch, first_step), start=first_step):
-            x, y = to_device(batch, self.device, self.normalize)
+        for i, raw in enumerate(self.loader(epoch, first_step), start=first_step):
+            x, y = to_device(raw, self.device, self.normalize)
             yield self.augment.batch(x, y, seed=mix_seed(self.seed, epoch, i))
 
     def _stored_logits(self, d: dict, step: int) -> Tensor:

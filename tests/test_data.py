@@ -134,10 +134,25 @@ def test_augment_presets_shapes_dtypes_and_targets(name):
     x = torch.stack([ds[i][0] for i in range(16)])
     y = torch.tensor([ds[i][1] for i in range(16)])
     assert x.shape == (16, 3, 16, 16) and x.dtype == torch.float32
-    xm, t = aug.batch(x.clone(), y)  # timm mixes in place
-    assert xm.shape == x.shape
+    b = aug.batch(x.clone(), y)  # timm mixes in place
+    xm, t = b.x, b.targets
+    assert xm.shape == x.shape and torch.equal(b.labels, y)
     if name == "strong":  # class distributions: mixed and smoothed
         assert t.shape == (16, info.num_classes) and t.dtype == torch.float32
+        from timm.data.mixup import mixup_target
+
+        assert torch.equal(b.labels_b, y.flip(0)) and 0 <= b.lam <= 1, "image i is mixed with image 15 - i"
+        assert torch.allclose(t, mixup_target(y, info.num_classes, b.lam, 0.1)), "targets from the hard labels"
+        ref = aug.mixup.__class__(mixup_alpha=0.8, cutmix_alpha=1.0, prob=1.0, switch_prob=0.5, mode="batch",
+                                  label_smoothing=0.1, num_classes=info.num_classes)
+        for seed in range(6):  # bitwise timm's Mixup.__call__ under the same draw, CutMix and Mixup alike
+            ours = aug.batch(x.clone(), y, seed=seed)
+            from mkd.stream import isolated_rng, seed_globals
+
+            with isolated_rng():
+                seed_globals(seed)
+                tx, tt = ref(x.clone(), y)
+            assert torch.equal(ours.x, tx) and torch.equal(ours.targets, tt)
         assert torch.allclose(t.sum(-1), torch.ones(16), atol=1e-5)
         assert aug.mixup is not None and not torch.equal(xm, x), "mixup/cutmix changes the batch"
         assert (t > 0.5).sum() < 16 or (t.max(-1).values < 0.95).all(), "targets are mixed and smoothed"
@@ -145,7 +160,7 @@ def test_augment_presets_shapes_dtypes_and_targets(name):
         with pytest.raises(UserError, match="even batch"):
             aug.batch(x[:3], y[:3])
     else:  # neither mixed nor smoothed: class indices, the fast cross-entropy path
-        assert aug.mixup is None and t.dtype == torch.long and torch.equal(t, y)
+        assert aug.mixup is None and t.dtype == torch.long and torch.equal(t, y) and b.labels_b is None
         assert torch.allclose(F.cross_entropy(torch.zeros(16, 20), t), F.cross_entropy(torch.zeros(16, 20), F.one_hot(t, 20).float()))
     if name == "medium":
         assert "RandAugment" in str(aug.train_transform)

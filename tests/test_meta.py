@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import run_cli
+from mkd.batch import Batch
 from mkd.config import RunConfig
 from mkd.methods import StepContext
 from mkd.methods.mkd import MKD
@@ -56,7 +57,7 @@ def test_repeated_hypergradients_of_one_step_with_drop_path_agree_with_each_othe
         method.temps.log_tau_t.fill_(1.0)
     rng = capture_rng("cpu")
     out = student(x)
-    method(out, tl, targets)["loss"].backward()
+    method(out, Batch(x, targets, teacher_logits=tl))["loss"].backward()
     grads = [p.grad.clone() for p in student.parameters()]
     hs = {}
     for mode in ("exact", "jvp", "fd"):
@@ -89,7 +90,7 @@ def test_batchnorm_running_statistics_are_untouched_by_every_meta_mode():
     method = MKD(RunConfig(method="mkd", teacher="t"), 20)
     rng = capture_rng("cpu")
     out = student(x)
-    method(out, torch.randn(32, 20), y)["loss"].backward()
+    method(out, Batch(None, y, y, teacher_logits=torch.randn(32, 20)))["loss"].backward()
     before = {k: v.clone() for k, v in student.state_dict().items()}
     for mode in ("exact", "jvp", "fd"):
         for grads in (None, [p.grad for p in student.parameters()]):  # fd/jvp also without the real gradients
@@ -143,7 +144,7 @@ def _constructed(mode: str, steps: int = 60):
     targets = F.one_hot(y, C).float()
     for step in range(steps):
         out = student(x)
-        loss = method(out, t_logits, targets)["loss"]
+        loss = method(out, Batch(x, targets, teacher_logits=t_logits))["loss"]
         opt.zero_grad()
         loss.backward()
         method.meta_step(StepContext(student, x, targets, t_logits, out.detach(), 0.5, step,

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from conftest import TINY
 from mkd.config import load_config
 from mkd.methods import build_method, names
+from mkd.batch import Batch
 from mkd.methods.common import ce_loss, kd_term
 
 
@@ -31,7 +32,7 @@ def test_hard_distillation_uses_the_distillation_head():
     m = build_method(cfg, 5)
     cls, dist, t = torch.randn(4, 5), torch.randn(4, 5), torch.randn(4, 5)
     y = F.one_hot(torch.tensor([0, 1, 2, 3]), 5).float()
-    terms = m((cls, dist), t, y)
+    terms = m((cls, dist), Batch(None, y, teacher_logits=t))
     assert torch.allclose(terms["hard"], F.cross_entropy(dist, t.argmax(-1)))
     assert torch.allclose(terms["ce"], ce_loss(cls, y))
     assert torch.allclose(terms["loss"], 0.5 * terms["ce"] + 0.5 * terms["hard"])
@@ -80,11 +81,11 @@ def test_ctkd_reverses_the_gradient_and_its_sgd_step_scales_with_lambda():
     for lam in (0.1, 1.0):
         m = build_method(cfg, 5)
         m.lam = lam
-        m(zs, zt, y)["kd"].backward()
+        m(zs, Batch(None, y, teacher_logits=zt))["kd"].backward()
         g = m.p.grad.clone()
         m.lam = -1.0  # identity instead of reversal: the plain gradient, scaled by lambda above
         m.p.grad = None
-        m(zs, zt, y)["kd"].backward()
+        m(zs, Batch(None, y, teacher_logits=zt))["kd"].backward()
         assert torch.allclose(g, -lam * m.p.grad)
         m.p.grad = g
         p0 = float(m.p.detach())
@@ -114,3 +115,46 @@ def test_every_method_trains_on_embedded_data_and_its_loss_falls(method, tmp_pat
         assert res["teacher_top1"] is not None and res["teacher_top1"] > 100 / 20
     if method in ("mkd", "ctkd"):
         assert rec[0]["temps"] and len(rec[0]["temps"][0]) == 3, "step-level temperature samples"
+
+
+def _kd_reference(zs, zt, targets, tau_t, tau_s, alpha):
+    """(1-alpha) CE + alpha tau_t tau_s KL(p_t || p_s), batchmean, in float64 from the definitions."""
+    pt = torch.softmax(zt / tau_t, -1)
+    kl = (pt * (torch.log(pt) - torch.log_softmax(zs / tau_s, -1))).sum(-1).mean()
+    ce = -(targets * torch.log_softmax(zs, -1)).sum(-1).mean()
+    return ce, tau_t * tau_s * kl, (1 - alpha) * ce + alpha * tau_t * tau_s * kl
+
+
+@pytest.mark.parametrize("method", ["ce", "kd", "ctkd", "mkd"])
+def test_each_method_s_loss_terms_on_fixed_tensors(method):
+    """Every method's terms from its definition, float64 to 1e-12, on a Mixup batch (soft targets)."""
+    g = torch.Generator().manual_seed(0)
+    zs, zt = torch.randn(6, 5, generator=g, dtype=torch.float64), 3 * torch.randn(6, 5, generator=g, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 3, 4, 0])
+    lam = 0.7
+    targets = lam * F.one_hot(y, 5).double() + (1 - lam) * F.one_hot(y.flip(0), 5).double()
+    extra = [] if method == "ce" else ["teacher=t"]
+    m = build_method(load_config(overrides=[f"method={method}", *extra]), 5).double()
+    terms = m(zs, Batch(None, targets, y, y.flip(0), lam, zt))
+    if method == "ce":
+        ref = -(targets * torch.log_softmax(zs, -1)).sum(-1).mean()
+        assert abs(float(terms["loss"] - ref)) < 1e-12 and abs(float(terms["ce"] - ref)) < 1e-12
+        return
+    temps = m.temperatures()
+    ce, kd, loss = _kd_reference(zs, zt, targets, temps["tau_t"], temps["tau_s"], 0.5)
+    for k, v in (("ce", ce), ("kd", kd), ("loss", loss)):
+        assert abs(float(terms[k]) - float(v)) < 1e-12, (method, k, float(terms[k]), float(v))
+
+
+def test_the_toy_method_reads_the_hard_labels_of_both_mixed_images():
+    """Its CE on the hard labels, weighted by the mixing weight, is CE on the unsmoothed mixed targets."""
+    from mkd.methods.common import hard_label_ce  # what tests/toy_method.py trains on
+
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(8, 6, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 6, (8,), generator=g)
+    for lam in (1.0, 0.63, 0.2):
+        mixed = lam * F.one_hot(y, 6).double() + (1 - lam) * F.one_hot(y.flip(0), 6).double()
+        b = Batch(None, mixed, y, y.flip(0), lam)
+        assert abs(float(hard_label_ce(z, b) - F.cross_entropy(z, mixed))) < 1e-12
+    assert abs(float(hard_label_ce(z, Batch(None, y, y)) - F.cross_entropy(z, y))) < 1e-12

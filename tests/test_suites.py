@@ -234,8 +234,9 @@ def test_a_method_added_as_one_file_runs_through_a_suite_and_the_tables_without_
 
     from mkd.errors import UserError
 
+    # under Mixup/CutMix (augment=strong): the toy method reads the hard labels of both mixed images
     suite = write_suite(tmp_path / "toy.yaml", **{"axes/method": ["ce", "kd", "toy"], "axes/seed": [0],
-                                                  "table": "degradation"})
+                                                  "axes/augment": ["strong"], "table": "degradation"})
     res = tmp_path / "r"
     with pytest.raises(UserError, match="toy"):  # this process has not imported it: an unknown method
         expand(str(suite), "tiny", res)
@@ -249,14 +250,14 @@ def test_a_method_added_as_one_file_runs_through_a_suite_and_the_tables_without_
     p = cli(str(ROOT / "analysis" / "make_tables.py"), "--results", str(res), "--out", str(tmp_path / "t"))
     assert p.returncode == 0, p.stderr
     # the runs of the other methods have the ids they have without the toy method and its option section
-    without = expand(str(write_suite(tmp_path / "toy.yaml", **{"axes/method": ["ce", "kd"], "axes/seed": [0]})),
-                     "tiny", res)
+    without = expand(str(write_suite(tmp_path / "toy.yaml", **{"axes/method": ["ce", "kd"], "axes/seed": [0],
+                                                               "axes/augment": ["strong"]})), "tiny", res)
     trained = {d.name for d in (res / "toy" / "tiny").iterdir() if d.is_dir() and not d.name.startswith(".")}
     assert {r.run_id for r in without.students} < trained and len(trained) == len(without.students) + 1
     md = (tmp_path / "t" / "toy_tiny.md").read_text()
     header = next(l for l in md.splitlines() if l.startswith("| teacher"))
     row = next(l for l in md.splitlines() if l.startswith("| small"))
-    assert "augment=none: toy" in header and len(row.split("|")) == len(header.split("|"))
+    assert "augment=strong: toy" in header and len(row.split("|")) == len(header.split("|"))
     toy = json.loads(next(f for f in (res / "toy" / "tiny").glob("*/result.json")
                           if json.loads(f.read_text())["method"] == "toy").read_text())
     assert f"{toy['final_top1']:.2f}" in row

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from mkd.methods import register
 from mkd.methods.base import Method
-from mkd.methods.common import ce_loss, heads, kd_term
+from mkd.methods.common import hard_label_ce, heads, kd_term
 from mkd.options import option
 
 
@@ -22,12 +22,13 @@ class ToyConfig:
 
 @register(sections={"toy": ToyConfig})
 class Toy(Method):
-    """CE plus beta times KD at one temperature."""
+    """CE on the hard labels (both images of a Mixup/CutMix pair, by the mixing weight) plus beta times KD at one
+    temperature."""
 
     name, label, order = "toy", "Toy KD", 5
     options = ("toy",)
 
-    def forward(self, out, teacher_logits, targets):
+    def forward(self, out, batch):
         cls, dist = heads(out)
         t = self.cfg.toy
-        return self._mix(ce_loss(cls, targets), kd_term(dist, teacher_logits, t.tau, t.tau), t.beta, "kd")
+        return self._mix(hard_label_ce(cls, batch), kd_term(dist, batch.teacher_logits, t.tau, t.tau), t.beta, "kd")

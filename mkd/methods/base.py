@@ -1,7 +1,8 @@
 """The base of every method: a loss object with declarations and hooks.
 
-A method maps ``(student_out, teacher_logits, targets)`` to a dict of named loss terms, the total under
-``"loss"``.  ``targets`` are class indices or class distributions (smoothed or mixed by Mixup/CutMix).  A student
+A method maps ``(student_out, batch)`` to a dict of named loss terms, the total under ``"loss"``.  The ``Batch``
+(``mkd/batch.py``) holds the targets (class indices or distributions, smoothed or mixed by Mixup/CutMix), the
+hard labels of both mixed images and the mixing weight, and the teacher's logits.  A student
 with a distillation head (timm ``deit_*_distilled``) returns ``(cls, dist)`` logits in training.
 
 Declarations (class attributes) are what the rest of the suite reads instead of method names: config
@@ -18,6 +19,8 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional
 
 import torch
 from torch import Tensor, nn
+
+from ..batch import Batch
 
 if TYPE_CHECKING:
     from ..config import RunConfig
@@ -62,6 +65,7 @@ class StepContext:
     optimizer: Optional[torch.optim.Optimizer] = None  # the student's optimizer (its state, not to be stepped)
     scaler: Any = None  # the fp16 GradScaler, when one is used (gradients of the method's own parameters are scaled)
     amp: str = "off"  # the loop's autocast: off, bf16, fp16
+    batch: Optional[Batch] = None  # the step's whole batch (hard labels, mixing weight)
 
 
 class Method(nn.Module):
@@ -96,7 +100,8 @@ class Method(nn.Module):
         forward and backward: the plan's cost model (mkd/cost.py) reads it."""
         return 0.0
 
-    def forward(self, out, teacher_logits: Optional[Tensor], targets: Tensor) -> dict[str, Tensor]:
+    def forward(self, out, batch: Batch) -> dict[str, Tensor]:
+        """The loss terms of one step: ``out`` is the student's output, ``batch`` the step's ``Batch``."""
         raise NotImplementedError
 
     def on_step(self, progress: Progress) -> None:

@@ -11,7 +11,7 @@ class CE(Method):
     name, label, order = "ce", "CE", 0
     needs_teacher = False
 
-    def forward(self, out, teacher_logits, targets):
-        cls, dist = heads(out)
+    def forward(self, out, batch):
+        cls, dist, targets = *heads(out), batch.targets
         ce = ce_loss(cls, targets) if cls is dist else (ce_loss(cls, targets) + ce_loss(dist, targets)) / 2
         return {"ce": ce, "loss": ce}

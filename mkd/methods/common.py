@@ -100,3 +100,12 @@ def kd_term(z_s: Tensor, z_t: Tensor, tau_t: Tensor | float, tau_s: Tensor | flo
         w = tau_t * tau_s
         kl = kl * w
     return kl.mean()
+
+
+def hard_label_ce(logits: Tensor, batch) -> Tensor:
+    """Cross-entropy on the hard labels of both images of a Mixup/CutMix pair, weighted by the mixing weight
+    (``mkd/batch.Batch``): CE on the mixed targets without label smoothing, written from each image's class."""
+    ce = F.cross_entropy(fp32(logits), batch.labels)
+    if batch.labels_b is None:
+        return ce
+    return batch.lam * ce + (1 - batch.lam) * F.cross_entropy(fp32(logits), batch.labels_b)

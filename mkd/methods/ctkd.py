@@ -107,11 +107,11 @@ class CTKD(Method):
         c = self.cfg.ctkd
         self.lam = ctkd_lambda(progress, c.lambda_max, c.ramp, c.schedule)
 
-    def forward(self, out, teacher_logits, targets):
+    def forward(self, out, batch):
         cls, dist = heads(out)
         c = self.cfg.ctkd
         tau = c.tau_min + (c.tau_max - c.tau_min) * torch.sigmoid(_GradReverse.apply(self.p, self.lam))
-        return self._mix(ce_loss(cls, targets), kd_term(dist, teacher_logits, tau, tau, self.cfg.kd.weight),
+        return self._mix(ce_loss(cls, batch.targets), kd_term(dist, batch.teacher_logits, tau, tau, self.cfg.kd.weight),
                          self.cfg.kd.alpha, "kd")
 
     def meta_step(self, ctx):

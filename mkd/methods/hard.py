@@ -26,7 +26,7 @@ class Hard(Method):
     def check(cls, cfg, need):
         need(0 <= cfg.hard.alpha <= 1, "hard.alpha", f"is {cfg.hard.alpha}: it must lie in [0, 1]")
 
-    def forward(self, out, teacher_logits, targets):
+    def forward(self, out, batch):
         cls, dist = heads(out)
-        hard = F.cross_entropy(fp32(dist), teacher_logits.argmax(dim=-1))
-        return self._mix(ce_loss(cls, targets), hard, self.cfg.hard.alpha, "hard")
+        hard = F.cross_entropy(fp32(dist), batch.teacher_logits.argmax(dim=-1))
+        return self._mix(ce_loss(cls, batch.targets), hard, self.cfg.hard.alpha, "hard")

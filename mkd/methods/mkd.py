@@ -87,9 +87,9 @@ class MKD(Method):
         k = self.cfg.kd
         return self._mix(ce_loss(cls, targets), kd_term(dist, teacher_logits, tau_t, tau_s, k.weight), k.alpha, "kd")
 
-    def forward(self, out, teacher_logits, targets):
-        tau_t, tau_s = self.temps(targets)
-        return self.loss_with(out, teacher_logits, targets, tau_t.detach(), tau_s.detach())
+    def forward(self, out, batch):
+        tau_t, tau_s = self.temps(batch.targets)
+        return self.loss_with(out, batch.teacher_logits, batch.targets, tau_t.detach(), tau_s.detach())
 
     @property
     def meta_batch_size(self):
