@@ -435,12 +435,14 @@ def _student_runs(path: Path, sc: dict, scale: str, base: dict, out: Path, rows:
 def _order_producers(runs: list[Run]) -> list[Run]:
     """Name, per data stream and per (teacher, stream), the run that fills its caches first; the others wait for it.
 
-    The first run of a data stream with a teacher (a ``kd`` one when there is one: the cheapest) computes the
+    The first run of a data stream with a teacher (the one whose method declares the cheapest step: the fewest
+    extra student forwards, no meta step; KD before MKD) computes the
     stream's input batches and its teacher's logits; the first run of each other teacher on that stream waits
     for it and computes only its teacher's logits; every other run waits for the run that filled what it reads.
     Producers go first in the returned order, so the local runner starts them first."""
-    def rank(r: Run) -> tuple:
-        return (r.config.teacher_stream_key() is None, r.config.method != "kd")
+    def rank(r: Run) -> tuple:  # from the methods' declarations: the cheapest step fills the caches
+        m = methods.get(r.config.method)
+        return (r.config.teacher_stream_key() is None, m.extra_student_forwards(r.config), m.has_meta_step_class())
 
     by_stream: dict[str, Run] = {}
     by_teacher: dict[str, Run] = {}

@@ -113,7 +113,11 @@ class Method(nn.Module):
     @property
     def has_meta_step(self) -> bool:
         """Whether the loop must build a StepContext and call meta_step (kept off the plain methods' step)."""
-        return type(self).meta_step is not Method.meta_step
+        return self.has_meta_step_class()
+
+    @classmethod
+    def has_meta_step_class(cls) -> bool:
+        return cls.meta_step is not Method.meta_step
 
     @property
     def meta_batch_size(self) -> int:
