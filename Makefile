@@ -26,7 +26,7 @@ tables: $(STAMP)
 
 reference: $(STAMP)       ## rebuild the committed reference report from the committed reference results
 	rm -rf .cache/reference
-	$(PY) analysis/make_tables.py --results docs/reference/results --out .cache/reference --format md
+	$(PY) analysis/make_tables.py --results docs/reference/runs --out .cache/reference --format md
 	cp .cache/reference/degradation_tiny.md docs/reference/degradation_tiny.md
 
 test: $(STAMP)            ## every test, two workers (the Slurm ones need root + slurm/local_cluster.sh install)

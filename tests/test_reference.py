@@ -9,7 +9,7 @@ REF = ROOT / "docs" / "reference"
 
 
 def test_the_reference_report_is_what_the_analysis_makes_of_the_reference_results(tmp_path):
-    p = run_cli(MAKE, "--results", str(REF / "results"), "--out", str(tmp_path), "--format", "md")
+    p = run_cli(MAKE, "--results", str(REF / "runs"), "--out", str(tmp_path), "--format", "md")
     assert p.returncode == 0, p.stderr[-2000:]
     assert (tmp_path / "degradation_tiny.md").read_text() == (REF / "degradation_tiny.md").read_text(), \
         "docs/reference/degradation_tiny.md was edited by hand or the analysis changed: run make reference"
@@ -40,7 +40,7 @@ def test_the_html_report_reads_as_a_report(tmp_path):
     with its per-setting lines under it, figures with captions saying what a point is."""
     import re
 
-    p = run_cli(MAKE, "--results", str(REF / "results"), "--out", str(tmp_path))
+    p = run_cli(MAKE, "--results", str(REF / "runs"), "--out", str(tmp_path))
     assert p.returncode == 0, p.stderr[-2000:]
     html = (tmp_path / "index.html").read_text()
     head = html.split("<h2>Tables</h2>")[0]
