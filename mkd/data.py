@@ -368,14 +368,14 @@ class TrainStream:
         self.keys = _EpochKeys(len(src), global_batch, seed, rank, world, repeats)
         g = torch.Generator().manual_seed(seed * 7919 + rank)  # else the loader draws its base seed from the global
         self.loader = DataLoader(self.source, batch_sampler=self.keys, num_workers=num_workers, pin_memory=pin,
-                                 persistent_workers=num_workers > 0, generator=g, collate_fn=_collated)
+                                 persistent_workers=num_workers > 0, generator=g, collate_fn=collated_as_is)
 
     def epoch(self, epoch: int, first_step: int = 0):
         self.keys.epoch, self.keys.first_step = epoch, first_step
         return iter(self.loader)
 
 
-def _collated(batch):
+def collated_as_is(batch):
     """``StreamSource.__getitems__`` returns the batch already stacked."""
     return batch
 
@@ -383,7 +383,7 @@ def _collated(batch):
 def _collate_for(ds: Dataset):
     from .stream import StreamSource
 
-    return _collated if isinstance(ds, StreamSource) else None
+    return collated_as_is if isinstance(ds, StreamSource) else None
 
 
 class MetaBatches:

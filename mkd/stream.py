@@ -101,8 +101,9 @@ class StreamSource(Dataset):
     Items are keyed ``(epoch, position, repeat)``: sample ``i`` of epoch ``e`` (repeat ``r`` of repeated
     augmentation) draws its image stage from seed (seed, e, i, 1[, r]) and its random erasing from (seed, e, i,
     3[, r]).  ``__getitems__`` returns a whole batch: uint8 images [B, C, H, W], labels, and the erasing boxes
-    with their values; ``to_device`` converts, normalises and erases on the device, bitwise what the per-image
-    transform computes (tested).  Workers do the decoding and geometric work only, and ship 4x fewer bytes.
+    (timm's draws, with the seed their fills are drawn from); ``to_device`` converts, normalises and fills the
+    boxes on the device, on a CPU bitwise what the per-image transform computes (tested).  Workers do the
+    decoding and geometric work only, and ship 4x fewer bytes.
     A transform without a ``ToTensor``+``Normalize`` pair is applied whole, per image, as before.
     """
 

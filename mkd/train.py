@@ -43,7 +43,7 @@ import yaml
 from . import __version__, atomic
 from .augment import InputConfig, build_augment, model_input_config, renormalizer
 from .config import STREAM_VERSION, RunConfig, describe, load_config
-from .data import MetaBatches, TrainSource, TrainStream, _collated, load_base, load_or_make_split, materialize
+from .data import MetaBatches, TrainSource, TrainStream, collated_as_is, load_base, load_or_make_split, materialize
 from .engine import (EpochPartial, Loop, NonFiniteLoss, Timer, build_loop, evaluate, precision_for, tensor_batches,
                      train_one_epoch)
 from .errors import UserError, cli
@@ -336,7 +336,7 @@ def _eval_batches(cfg: RunConfig, base, transform, key: tuple, rank: int, world:
     if held is None:
         loader = torch.utils.data.DataLoader(src, batch_size=bs, sampler=list(range(rank, len(src), world)),
                                              num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
-                                             persistent_workers=cfg.num_workers > 0, collate_fn=_collated)
+                                             persistent_workers=cfg.num_workers > 0, collate_fn=collated_as_is)
 
     def batches():
         it = tensor_batches(held, bs, rank, world) if held is not None else (b[:2] for b in loader)
