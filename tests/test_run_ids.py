@@ -11,7 +11,9 @@ PINNED = {
     "ce": (["method=ce"], "75c8987ec8df"),
     "kd": (["method=kd", *TEACHER], "47d5c6070ded"),
     "hard": (["method=hard", "student=emb_deit_s_distilled", *TEACHER], "97ff3457a024"),
-    "ctkd": (["method=ctkd", *TEACHER], "41b20171c645"),
+    "ctkd": (["method=ctkd", *TEACHER], "3648b7f72101"),  # was 41b20171c645 before ctkd.weights (official CE/KD)
+    "dist": (["method=dist", *TEACHER], "f586d91fb207"),
+    "dkd": (["method=dkd", *TEACHER], "a0c7c3f207c6"),
     "mkd": (["method=mkd", *TEACHER], "b04339141d66"),
     "mkd, cifar, strong, jvp": (["method=mkd", *TEACHER, "augment=strong", "dataset=cifar100", "data_root=/x",
                                  "mkd.hypergrad=jvp"], "9d3770fbe094"),

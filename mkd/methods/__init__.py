@@ -19,7 +19,7 @@ from .base import Method, Progress, StepContext
 if TYPE_CHECKING:
     from ..config import RunConfig
 
-BUILTIN = ("ce", "kd", "hard", "ctkd", "mkd")
+BUILTIN = ("ce", "kd", "hard", "dist", "dkd", "ctkd", "mkd")
 REGISTRY: dict[str, type[Method]] = {}
 SECTIONS: dict[str, type] = {}  # option section name -> dataclass, in registration order
 _loaded = False

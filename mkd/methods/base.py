@@ -7,7 +7,7 @@ with a distillation head (timm ``deit_*_distilled``) returns ``(cls, dist)`` log
 
 Declarations (class attributes) are what the rest of the suite reads instead of method names: config
 validation and run-id hashing (``options``), suite expansion and the loop (``needs_teacher``,
-``needs_meta_split``, ``replays_forward``), logging and the analysis (``learns_temperature``, ``label``, ``order``).
+``needs_meta_split``, ``replays_forward``), logging and the analysis (``learns_temperature``, ``label``, ``order``, ``role``).
 Hooks the loop calls for every method: ``on_step(progress)`` before the forward, ``meta_step(ctx)`` after the
 backward and before the optimizer step, ``temperatures()`` for logging, ``train_parameters()`` for parameters
 the student's optimizer owns.
@@ -74,6 +74,9 @@ class Method(nn.Module):
     name: ClassVar[str] = ""  # registry key, the value of ``method=``
     label: ClassVar[str] = ""  # how tables and figures name it
     order: ClassVar[int] = 100  # column order in tables (lower first)
+    # what the analysis compares it as: baseline (the student alone, no teacher), reference (the method every
+    # other is compared with: KD), subject (the method under study: MKD), rival (a competing cure)
+    role: ClassVar[str] = "rival"
     options: ClassVar[tuple[str, ...]] = ()  # option sections that determine its result (hashed into its run id)
     needs_teacher: ClassVar[bool] = True
     needs_meta_split: ClassVar[bool] = False  # the loop streams batches of the held-out split to meta_step
@@ -91,8 +94,8 @@ class Method(nn.Module):
     @classmethod
     def declarations(cls) -> dict:
         """What results record about the method (the analysis reads these, never the classes)."""
-        return {"label": cls.label or cls.name, "order": cls.order, "learns_temperature": cls.learns_temperature,
-                "needs_teacher": cls.needs_teacher}
+        return {"label": cls.label or cls.name, "order": cls.order, "role": cls.role,
+                "learns_temperature": cls.learns_temperature, "needs_teacher": cls.needs_teacher}
 
     @classmethod
     def extra_student_forwards(cls, cfg: "RunConfig") -> float:

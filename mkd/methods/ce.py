@@ -8,7 +8,7 @@ from .common import ce_loss, heads
 
 @register
 class CE(Method):
-    name, label, order = "ce", "CE", 0
+    name, label, order, role = "ce", "CE", 0, "baseline"
     needs_teacher = False
 
     def forward(self, out, batch):

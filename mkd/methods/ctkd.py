@@ -40,6 +40,14 @@ class CTKDConfig:
     lr: float = option(0.05, "SGD learning rate of p at the schedule's peak (official CIFAR 0.05, ImageNet 0.1)")
     momentum: float = option(0.9, "SGD momentum of p (official 0.9)")
     weight_decay: float = option(5e-4, "SGD weight decay of p (official CIFAR 5e-4, ImageNet 1e-4)")
+    weights: str = option("official", "CE / KD weights: official = the official scripts' (scripts/run_cifar_distill.sh "
+                                      "-r 0.1 -a 0.9 off ImageNet, run_imagenet_distill.sh -r 1 -a 1 on it); kd = "
+                                      "KD's (1 - kd.alpha) / kd.alpha", ("official", "kd"))
+
+    def ce_kd_weights(self, cfg) -> tuple[float, float]:
+        if self.weights == "kd":
+            return 1 - cfg.kd.alpha, cfg.kd.alpha
+        return (1.0, 1.0) if cfg.dataset == "imagenet" else (0.1, 0.9)
 
 
 class _GradReverse(torch.autograd.Function):
@@ -74,7 +82,7 @@ class CTKD(Method):
     With ``ctkd.optimizer=sgd`` (official) ``p`` has its own SGD, stepped in ``meta_step`` with the student's
     schedule shape; with ``student`` it joins the student's AdamW."""
 
-    name, label, order = "ctkd", "CTKD", 3
+    name, label, order, role = "ctkd", "CTKD", 50, "rival"
     options = ("kd", "ctkd")
     learns_temperature = True
 
@@ -111,8 +119,9 @@ class CTKD(Method):
         cls, dist = heads(out)
         c = self.cfg.ctkd
         tau = c.tau_min + (c.tau_max - c.tau_min) * torch.sigmoid(_GradReverse.apply(self.p, self.lam))
-        return self._mix(ce_loss(cls, batch.targets), kd_term(dist, batch.teacher_logits, tau, tau, self.cfg.kd.weight),
-                         self.cfg.kd.alpha, "kd")
+        ce, kd = ce_loss(cls, batch.targets), kd_term(dist, batch.teacher_logits, tau, tau, self.cfg.kd.weight)
+        w_ce, w_kd = c.ce_kd_weights(self.cfg)
+        return {"ce": ce, "kd": kd, "loss": w_ce * ce + w_kd * kd}
 
     def meta_step(self, ctx):
         if self.opt is None or self.p.grad is None:

@@ -19,7 +19,7 @@ class HardConfig:
 
 @register(sections={"hard": HardConfig})
 class Hard(Method):
-    name, label, order = "hard", "hard (DeiT)", 2
+    name, label, order, role = "hard", "hard (DeiT)", 20, "rival"
     options = ("hard",)
 
     @classmethod

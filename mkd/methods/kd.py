@@ -8,7 +8,7 @@ from .common import KDConfig, ce_loss, heads, kd_term
 
 @register(sections={"kd": KDConfig})
 class KD(Method):
-    name, label, order = "kd", "KD", 1
+    name, label, order, role = "kd", "KD", 10, "reference"
     options = ("kd",)
 
     @classmethod

@@ -49,7 +49,7 @@ class MKD(Method):
     the hypergradient of the meta objective after a one-step look-ahead of the student.
     """
 
-    name, label, order = "mkd", "MKD", 4
+    name, label, order, role = "mkd", "MKD", 60, "subject"
     options = ("kd", "mkd")
     needs_meta_split = True
     learns_temperature = True
