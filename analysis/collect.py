@@ -60,6 +60,7 @@ def collect(results: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
         records, bad = _jsonl(run.metrics)
         decl = info.get("method") or {}  # the method's declarations, written by the launcher (no import here)
         base.update(method_label=decl.get("label", base["method"]), method_order=decl.get("order"),
+                    method_role=decl.get("role"), needs_teacher=decl.get("needs_teacher"),
                     learns_temperature=decl.get("learns_temperature", any("temps" in r for r in records)),
                     table=info.get("table"), environment=environment_of(res) if status == "done" else None,
                     git_commit=((res or {}).get("environment") or {}).get("git_commit") if status == "done" else None,

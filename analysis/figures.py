@@ -14,7 +14,7 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 from stats import t_interval  # noqa: E402
-from tables import BASELINE, learned, methods_in  # noqa: E402
+from tables import learned, methods_in, role_of  # noqa: E402
 
 sns.set_theme(style="whitegrid", context="paper")
 
@@ -63,7 +63,7 @@ def temperature_evolution(runs: pd.DataFrame, curves: pd.DataFrame, steps: pd.Da
                 ax.plot(ep, mean, ls, color=color, label=label, lw=1.4)
                 if n > 1:
                     ax.fill_between(ep, [e.lo for e in g], [e.hi for e in g], color=color, alpha=0.2, lw=0)
-    kd = runs[runs["method"] == BASELINE]
+    kd = runs[runs["method"] == role_of(runs, "reference")]
     for ax, key in zip(axes, ("tau_t", "tau_s")):
         fixed = kd[f"kd_{key}"].dropna().unique() if f"kd_{key}" in kd else []
         if len(fixed) == 1:  # the suite's KD runs share one fixed temperature: draw it for reference
@@ -144,7 +144,8 @@ def fraction_curves(runs: pd.DataFrame, out: Path, stem: str, title: str):
 
 def grid_heatmap(runs: pd.DataFrame, out: Path, stem: str, title: str):
     """KD top-1 over the (tau_t, tau_s) grid per setting; MKD's final learned temperatures marked."""
-    kd = runs[(runs["method"] == BASELINE) & (runs["status"] == "done")]
+    ref = role_of(runs, "reference")
+    kd = runs[(runs["method"] == ref) & (runs["status"] == "done")]
     if "kd.tau_t" not in kd or not len(kd):
         return None
     settings = [c for c in ("teacher", "augment") if c in runs and runs[c].nunique() > 1] or ["teacher"]
@@ -153,7 +154,7 @@ def grid_heatmap(runs: pd.DataFrame, out: Path, stem: str, title: str):
     for ax, key in zip(axes[0], keys):
         sub = kd
         mk = learned(runs)
-        mk = mk[(mk["status"] == "done") & (mk["method"] != BASELINE)]
+        mk = mk[(mk["status"] == "done") & (mk["method"] != ref)]
         for k, v in key.items():
             sub, mk = sub[sub[k] == v], mk[mk[k] == v]
         piv = sub.drop_duplicates("run_id").pivot_table(index="kd.tau_t", columns="kd.tau_s", values="final_top1",

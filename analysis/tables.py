@@ -19,8 +19,6 @@ import pandas as pd
 from stats import INTERVAL, PAIRED_INTERVAL, by_seed, difference, paired, t_interval
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
-METHOD_ORDER = ["ce", "kd", "hard", "ctkd", "mkd"]  # for results written before methods declared their order
-BASELINE = "kd"  # the studies' questions compare every method with KD
 DASH = "—"
 
 
@@ -31,11 +29,49 @@ def methods_in(df: pd.DataFrame) -> list:
 
     def key(m):
         o = order.get(m)
-        if o is None or (isinstance(o, float) and math.isnan(o)):
-            o = METHOD_ORDER.index(m) if m in METHOD_ORDER else 100
-        return (o, str(m))
+        return (100 if o is None or (isinstance(o, float) and math.isnan(o)) else o, str(m))
 
     return sorted(names, key=key)
+
+
+def role_of(df: pd.DataFrame, role: str) -> Optional[str]:
+    """The method of the frame that declares ``role`` (``Method.role`` via run.json: baseline, reference,
+    subject, rival), None when no run of it is there; a method without a role that needs no teacher is the
+    baseline (results written before methods declared roles)."""
+    return next(iter(roles_of(df, role)), None)
+
+
+def roles_of(df: pd.DataFrame, role: str) -> list:
+    """Every method of the frame declaring ``role``, in table order."""
+    if "method" not in df or not len(df):
+        return []
+    decl = df.drop_duplicates("method").set_index("method")
+    out = []
+    for m in methods_in(df):
+        r = decl.at[m, "method_role"] if "method_role" in decl else None
+        if (r is None or (isinstance(r, float) and math.isnan(r))) and "needs_teacher" in decl \
+                and decl.at[m, "needs_teacher"] is False:
+            r = "baseline"
+        if r == role:
+            out.append(m)
+    return out
+
+
+def label_of(df: pd.DataFrame, method: str) -> str:
+    """How tables name a method: its declared label."""
+    if "method_label" in df:
+        lab = df.loc[df["method"] == method, "method_label"].dropna()
+        if len(lab):
+            return str(lab.iloc[0])
+    return str(method)
+
+
+def teacherless(df: pd.DataFrame) -> set:
+    """Methods that train without a teacher (their runs serve every teacher row)."""
+    if "needs_teacher" in df:
+        return set(df.loc[df["needs_teacher"] == False, "method"])  # noqa: E712 (a column of objects)
+    base = role_of(df, "baseline")
+    return {base} if base else set()
 
 
 def learned(df: pd.DataFrame) -> pd.DataFrame:
@@ -173,38 +209,95 @@ def degradation(df: pd.DataFrame, suite: str, scale: str) -> list[Table]:
                       if len(sizes[df["teacher"] == t].dropna()) else math.inf)
     augs = _sorted(df["augment"], ["none", "weak", "medium", "strong"]) if "augment" in df else [None]
     methods = methods_in(df)
+    ref, alone = role_of(df, "reference"), teacherless(df)
     h1 = ["teacher", "model", "params", "teacher top-1"]
     h2 = ["", "", "", ""]
     for a in augs:
         h1 += [f"augment={a}"] * len(methods)
-        h2 += methods
+        h2 += [label_of(df, m) for m in methods]
     rows, vals = [], []
     for t in teachers:
         model, size, top1 = teacher_info(df, t)
         row = [str(t), model, size, top1]
         for a in augs:
             sub = _filter(df, augment=a) if a is not None else df
-            runs = {m: sub[(sub["method"] == m) & ((sub["teacher"] == t) | (m == "ce"))] for m in methods}
-            cells = {m: cell(r) for m, r in runs.items()}
-            for m, c in cells.items():
-                d = paired(difference(by_seed(runs[m]), by_seed(runs[BASELINE]))) \
-                    if BASELINE in cells and m != BASELINE else None
+            runs = {m: sub[(sub["method"] == m) & ((sub["teacher"] == t) | (m in alone))] for m in methods}
+            for m in methods:
+                c = cell(runs[m])
+                d = paired(difference(by_seed(runs[m]), by_seed(runs[ref]))) if ref in runs and m != ref else None
                 row.append(c.text() + (f" ({d.text(True)})" if d is not None and d.mean is not None else ""))
                 vals.append({"teacher": t, "augment": a, "method": m, "top1_mean": c.mean, "top1_lo": c.lo,
                              "top1_hi": c.hi, "top1_std": c.std, "n": c.n,
                              "minus_kd": d.mean if d else None, "minus_kd_lo": d.lo if d else None,
                              "minus_kd_hi": d.hi if d else None, "p_improve_over_kd": d.p_improve if d else None})
         rows.append(row)
+    ref_label = label_of(df, ref) if ref else "the reference method"
     notes = [f"Cells: final top-1 (%) on the validation set, mean over seeds [{INTERVAL}; none with one seed]; "
-             f"in brackets the paired difference to KD with the same teacher, augmentation and seed "
-             f"[{PAIRED_INTERVAL}], * when it excludes zero.",
-             "ce trains without a teacher: its cell repeats in every teacher row."]
+             f"in brackets the paired difference to {ref_label} with the same teacher, augmentation and seed "
+             f"[{PAIRED_INTERVAL}], * when it excludes zero."]
+    notes += [f"{label_of(df, m)} trains without a teacher: its cell repeats in every teacher row." for m in methods
+              if m in alone]
     from findings import degradation_findings, findings_lines
 
     found = findings_lines(degradation_findings(df, teachers, [a for a in augs if a is not None])) \
         if "augment" in df and "seed" in df else []
     return [Table(f"{suite}_{scale}", f"{suite} ({scale}): student top-1 by teacher and augmentation", [h1, h2], rows,
                   notes, pd.DataFrame(vals), found)]
+
+
+def gap_ladder(df: pd.DataFrame, suite: str, scale: str, reference: pd.DataFrame) -> list[Table]:
+    """The degradation table of a teacher ladder, each published number (tables/paper_reference.csv, matched
+    by suite, scale, method and the teacher's model) in a column beside its method, with ours minus published
+    when the runs are like for like (architecture and epochs; ``n/c`` otherwise, and a note says why)."""
+    table = degradation(df, suite, scale)[0]
+    ref = reference
+    if len(ref):
+        ref = ref[(ref["suite"] == suite) & (ref.get("scale", pd.Series(scale, index=ref.index)).fillna(scale) == scale)]
+    methods = methods_in(df)
+    with_pub = [m for m in methods if len(ref) and (ref["method"] == m).any()]
+    if not with_pub:
+        return [table]
+    teachers = [r[0] for r in table.rows]
+    alone = teacherless(df)
+    h1, h2 = table.header[0][:4], table.header[1][:4]
+    for m in methods:
+        h1.append(table.header[0][4 + methods.index(m)])
+        h2.append(label_of(df, m))
+        if m in with_pub:
+            h1.append(table.header[0][4 + methods.index(m)])
+            h2.append(f"{label_of(df, m)} published")
+    sources: dict = {}
+    rows, unlike = [], []
+    for t, row in zip(teachers, table.rows):
+        out = row[:4]
+        t_model = row[1]
+        for i, m in enumerate(methods):
+            out.append(row[4 + i])
+            if m not in with_pub:
+                continue
+            pub = ref[(ref["method"] == m) & ((ref["teacher"].fillna("") == ("" if m in alone else t_model))
+                                             if "teacher" in ref else True)]
+            if not len(pub):
+                out.append(DASH)
+                continue
+            p = pub.iloc[0]
+            k = sources.setdefault(str(p["source"]), len(sources) + 1)
+            runs = df[(df["method"] == m) & ((df["teacher"] == t) | (m in alone))]
+            c = cell(runs)
+            why = _unlike(runs, p) if c.mean is not None else None
+            diff = "" if c.mean is None else (f" ({c.mean - float(p['top1']):+.2f})" if why is None else " (n/c)")
+            if why:
+                unlike.append(f"{t} {label_of(df, m)}: not compared ({why}).")
+            out.append(f"{float(p['top1']):.2f} [{k}]{diff}")
+        rows.append(out)
+    notes = table.notes + [f"[{i}] {src}" for src, i in sources.items()]
+    notes += [f"{label_of(df, r['method'])} published ({r['teacher'] or 'no teacher'}): {r['note']}."
+              for _, r in ref[ref["method"].isin(with_pub)].iterrows() if isinstance(r.get("note"), str) and r["note"]]
+    notes += sorted(set(unlike)) + ["Published cells come only from tables/paper_reference.csv (docs/published.md); "
+                                    "in brackets ours minus published, only against runs of the published "
+                                    "architecture and epochs (n/c otherwise)."]
+    return [Table(table.name, f"{suite} ({scale}): student top-1 along the teacher ladder", [h1, h2], rows, notes,
+                  table.values, table.findings)]
 
 
 def data_fraction(df: pd.DataFrame, suite: str, scale: str) -> list[Table]:
@@ -247,7 +340,7 @@ def temperature_grid(df: pd.DataFrame, suite: str, scale: str) -> list[Table]:
     keys = df[settings].drop_duplicates().to_dict("records")
     for key in keys:
         sub = _filter(df, **key)
-        kd = sub[sub["method"] == BASELINE]
+        kd = sub[sub["method"] == role_of(sub, "reference")]
         tts, tss = _sorted(kd["kd.tau_t"]), _sorted(kd["kd.tau_s"])
         rows, vals = [], []
         best = None
@@ -349,13 +442,13 @@ def generic(df: pd.DataFrame, suite: str, scale: str, axes: list[str]) -> list[T
     return [Table(f"{suite}_{scale}", f"{suite} ({scale})", [axes + ["top-1"]], rows, [], pd.DataFrame(vals))]
 
 
-KINDS = ("degradation", "data_fraction", "temperature_grid", "imagenet_main", "generic")
+KINDS = ("degradation", "gap_ladder", "data_fraction", "temperature_grid", "imagenet_main", "generic")
 
 
 def tables_for(df: pd.DataFrame, suite: str, scale: str, reference: pd.DataFrame) -> list[Table]:
     """The table the suite asks for (``table:`` in its YAML), else the one its varying axes call for."""
     axes = [c for c in df.columns if c in ("teacher", "student", "augment", "method", "fraction", "seed")
-            or c.startswith(("kd.", "mkd.", "ctkd."))]
+            or "." in c]  # a dotted axis is a key of some method's option section (kd.tau_t, dist.tau, ...)
     asked = next((t for t in df["table"].dropna().unique()), None) if "table" in df else None
     if asked is None:
         if "kd.tau_t" in df and "kd.tau_s" in df and df["kd.tau_t"].nunique() > 1:
@@ -376,6 +469,8 @@ def tables_for(df: pd.DataFrame, suite: str, scale: str, reference: pd.DataFrame
         return data_fraction(df, suite, scale)
     if asked == "degradation":
         return degradation(df, suite, scale)
+    if asked == "gap_ladder":
+        return gap_ladder(df, suite, scale, reference)
     return generic(df, suite, scale, axes)
 
 

@@ -81,10 +81,19 @@ class _GeneralConfig:
     split_seed: int = _f(0, "seed of the fraction and meta-split selection (kept fixed across run seeds)")
     epochs: int = _f(10, "training epochs (0: evaluate only)")
     batch_size: int = _f(128, "global batch size (split over DDP processes)")
-    lr: float = _f(1e-3, "peak AdamW learning rate for the global batch")
+    lr: float = _f(1e-3, "peak learning rate for the global batch")
     min_lr: float = _f(1e-5, "final learning rate of the cosine schedule")
-    weight_decay: float = _f(0.05, "AdamW weight decay")
+    weight_decay: float = _f(0.05, "weight decay (not on norms, biases, tokens)")
     warmup_epochs: float = _f(1.0, "linear warmup length in epochs")
+    # added after results existed: at their defaults these keys do not enter the run id (LATE_KEYS)
+    optimizer: str = _f("adamw", "adamw (DeiT) or sgd (momentum below; the ResNet recipes of DIST and DKD)",
+                        ("adamw", "sgd"))
+    momentum: float = _f(0.9, "SGD momentum")
+    nesterov: bool = _f(True, "SGD with Nesterov momentum (the DIST ImageNet recipe's optimizer default)")
+    lr_schedule: str = _f("cosine", "cosine (per step, to min_lr) or step (x decay_rate every decay_epochs)",
+                          ("cosine", "step"))
+    decay_epochs: float = _f(30.0, "step schedule: epochs between decays (DIST/DKD ImageNet: 30)")
+    decay_rate: float = _f(0.1, "step schedule: the factor at each decay")
     drop_path: float = _f(0.0, "stochastic depth rate of the student")
     clip_grad: Optional[float] = _f(None, "clip the gradient norm to this value")
     seed: int = _f(0, "run seed: initialisation, data order, augmentation")
@@ -177,6 +186,7 @@ def _with_method_sections():
 
 RunConfig = _with_method_sections()
 TEACHER_KEYS = ("teacher", "teacher_kwargs", "teacher_pretrained", "teacher_input")
+LATE_KEYS = ("optimizer", "momentum", "nesterov", "lr_schedule", "decay_epochs", "decay_rate")
 
 
 def identity(cfg: RunConfig) -> dict:
@@ -199,6 +209,8 @@ def identity(cfg: RunConfig) -> dict:
         if f.name == "embedded" and cfg.dataset != "embedded":
             continue
         v = getattr(cfg, f.name)
+        if f.name in LATE_KEYS and v == f.default:
+            continue
         d[f.name] = (v.identity() if hasattr(v, "identity") else dataclasses.asdict(v)) if dataclasses.is_dataclass(v) else v
     if not cfg.uses_teacher:
         d.pop("teacher_cache_topk", None)
@@ -300,6 +312,8 @@ def _check(cfg: RunConfig) -> None:
     need(cfg.epochs >= 0, "epochs", f"is {cfg.epochs}: it must be >= 0")
     need(cfg.batch_size > 0, "batch_size", f"is {cfg.batch_size}: it must be > 0")
     need(cfg.lr > 0, "lr", f"is {cfg.lr}: it must be > 0")
+    need(0 <= cfg.momentum < 1, "momentum", f"is {cfg.momentum}: it must lie in [0, 1)")
+    need(cfg.decay_epochs > 0 and 0 < cfg.decay_rate <= 1, "decay_epochs", "needs decay_epochs > 0 and decay_rate in (0, 1]")
     need(cfg.img_size >= 0, "img_size", "must be >= 0 (0: the dataset's size)")
     need(cfg.repeated_aug >= 1, "repeated_aug", f"is {cfg.repeated_aug}: it must be >= 1 (1: off, DeiT: 3)")
     need(cfg.eval_every >= 1, "eval_every", f"is {cfg.eval_every}: it must be >= 1")

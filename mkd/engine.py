@@ -15,7 +15,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 from timm.optim import param_groups_weight_decay
-from timm.scheduler import CosineLRScheduler
+from timm.scheduler import CosineLRScheduler, StepLRScheduler
 from torch import Tensor, nn
 from tqdm import tqdm
 
@@ -111,14 +111,22 @@ def build_models(cfg, student: nn.Module, teacher: Optional[nn.Module], method: 
 
 def build_optimization(cfg, student: nn.Module, method: Method, steps_per_epoch: int, amp: str,
                        device: torch.device) -> Optimization:
-    """AdamW (fused, no weight decay on norms/biases/tokens) with timm's per-step warmup + cosine."""
+    """AdamW (fused) or SGD, no weight decay on norms/biases/tokens, with timm's per-step warmup, then cosine or
+    step decay."""
     total = max(1, cfg.epochs * steps_per_epoch)
     groups = param_groups_weight_decay(student, cfg.weight_decay, getattr(student, "no_weight_decay", lambda: ())())
     if method.train_parameters():
         groups.append({"params": method.train_parameters(), "weight_decay": 0.0})
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, fused=True)  # one kernel per group, on GPU and CPU alike
-    sched = CosineLRScheduler(opt, t_initial=total, lr_min=cfg.min_lr, warmup_t=int(cfg.warmup_epochs * steps_per_epoch),
-                              warmup_lr_init=cfg.lr * 1e-3, t_in_epochs=False)
+    if cfg.optimizer == "sgd":
+        opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
+    else:
+        opt = torch.optim.AdamW(groups, lr=cfg.lr, fused=True)  # one kernel per group, on GPU and CPU alike
+    warm = dict(warmup_t=int(cfg.warmup_epochs * steps_per_epoch), warmup_lr_init=cfg.lr * 1e-3, t_in_epochs=False)
+    if cfg.lr_schedule == "step":  # x decay_rate every decay_epochs, on step counts (an epoch's steps share one lr)
+        sched = StepLRScheduler(opt, decay_t=max(1, round(cfg.decay_epochs * steps_per_epoch)),
+                                decay_rate=cfg.decay_rate, **warm)
+    else:
+        sched = CosineLRScheduler(opt, t_initial=total, lr_min=cfg.min_lr, **warm)
     scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
     return Optimization(opt, sched, scaler, cfg.clip_grad)
 

@@ -29,6 +29,12 @@ PRESETS: dict[str, tuple[str, dict]] = {
     "emb_deit_s_distilled": (_DEIT_DISTILLED, dict(patch_size=4, embed_dim=32, depth=2, num_heads=2)),
     # a BatchNorm CNN at the embedded scale (checks the meta path on buffers; any timm CNN works the same)
     "emb_resnet": ("resnet10t", dict(stem_width=8, channels=(16, 32, 64, 128), zero_init_last=False)),
+    # the gap_ladder suite's tiny teachers: the student's BatchNorm ResNet, ever wider (0.7M to 4.9M parameters;
+    # at 16 px wider beats deeper: a resnet18/34 of these widths trained worse than the resnet10t)
+    "emb_resnet_m": ("resnet10t", dict(stem_width=16, channels=(24, 48, 96, 192), zero_init_last=False)),
+    "emb_resnet_l": ("resnet10t", dict(stem_width=16, channels=(32, 64, 128, 256), zero_init_last=False)),
+    "emb_resnet_xl": ("resnet10t", dict(stem_width=24, channels=(48, 96, 192, 384), zero_init_last=False)),
+    "emb_resnet_xxl": ("resnet10t", dict(stem_width=32, channels=(64, 128, 256, 512), zero_init_last=False)),
     # CIFAR scale (32 px, 4 px patches -> 64 tokens): ViT-T/S/B/L widths at CIFAR resolution
     "cifar_vit_t": (_VIT, dict(patch_size=4, embed_dim=192, depth=12, num_heads=3)),
     "cifar_vit_s": (_VIT, dict(patch_size=4, embed_dim=384, depth=12, num_heads=6)),

@@ -16,13 +16,28 @@ sys.path.insert(0, str(ROOT / "analysis"))
 MAKE = str(ROOT / "analysis" / "make_tables.py")
 
 
+def _declared(method: str) -> dict:
+    """What the launcher writes into run.json about a method (its declarations); unknown names declare nothing."""
+    from mkd import methods
+
+    return methods.get(method).declarations() if method in methods.names() else {}
+
+
+def _declared_columns(method: str) -> dict:
+    """The frame columns analysis/collect.py makes of a method's declarations."""
+    d = _declared(method)
+    return {"method_label": d["label"], "method_order": d["order"], "method_role": d["role"],
+            "needs_teacher": d["needs_teacher"], "learns_temperature": d["learns_temperature"]}
+
+
 def fake_run(root: Path, suite: str, rid: str, rows: list[dict], method: str, result: dict | None,
              teacher: str | None = None, metrics: list[dict] | None = None, scale: str = "tiny",
              cfg_extra: dict | None = None) -> Path:
     d = root / suite / scale / rid
     d.mkdir(parents=True)
     (d / "run.json").write_text(json.dumps({"run_id": rid, "kind": "student", "scale": scale, "suite": suite,
-                                            "rows": rows, "teacher_run": None}))
+                                            "rows": rows, "teacher_run": None,
+                                            "method": {"name": method, **_declared(method)}}))
     (d / "config.yaml").write_text(yaml.safe_dump({"method": method, "student": "emb_vit_s", "teacher": teacher,
                                                    **(cfg_extra or {})}))
     if result is not None:
@@ -92,22 +107,22 @@ def test_degradation_cells_are_means_with_intervals_paired_differences_and_state
     for t in ("small", "large"):
         for m in ("kd", "mkd"):
             xs = [values[(t, m, s)] for s in (0, 1, 2)]
-            assert rows[t][col[f"augment=weak: {m}"]].startswith(_ci(xs)), (t, m, rows[t])
+            assert rows[t][col[f"augment=weak: {m.upper()}"]].startswith(_ci(xs)), (t, m, rows[t])
         ce = [values[("ce", s)] for s in (0, 1, 2)]
-        assert rows[t][col["augment=weak: ce"]].startswith(_ci(ce))
+        assert rows[t][col["augment=weak: CE"]].startswith(_ci(ce))
         # paired by seed: the seed effect (+3 per seed in both) cancels, the difference is exactly +5.00
         d = [values[(t, "mkd", s)] - values[(t, "kd", s)] for s in (0, 1, 2)]
-        assert f"(+{statistics.mean(d):.2f} [" in rows[t][col["augment=weak: mkd"]]
-        assert rows[t][col["augment=weak: mkd"]].endswith("]*)"), "an interval that excludes zero is marked"
+        assert f"(+{statistics.mean(d):.2f} [" in rows[t][col["augment=weak: MKD"]]
+        assert rows[t][col["augment=weak: MKD"]].endswith("]*)"), "an interval that excludes zero is marked"
     findings = md[md.index("#### Findings"):]
     assert "**Q1 gap.**" in findings and "**Q3 cure.**" in findings and "needs two augmentations" in findings.lower()
     # Q1: KD's gain large minus small = kd_large - kd_small per seed = -2 + small offsets: resolved, negative
     assert "KD's gain shrinks with the teacher" in findings
     assert "<h3>Findings</h3>" in (out / "degradation_tiny.html").read_text()
     assert "<h3>Findings</h3>" in (out / "index.html").read_text()
-    assert rows["small"][col["augment=weak: hard"]] == "failed"
-    assert rows["large"][col["augment=weak: ctkd"]] == "running"
-    assert rows["small"][col["augment=weak: ctkd"]] == "pending"
+    assert rows["small"][col["augment=weak: hard (DeiT)"]] == "failed"
+    assert rows["large"][col["augment=weak: CTKD"]] == "running"
+    assert rows["small"][col["augment=weak: CTKD"]] == "pending"
     assert rows["small"][col["teacher top-1"]] == "70.00" and rows["large"][col["params"]] == "500k"
     for ext in ("md", "tex", "html", "csv"):
         assert (out / f"degradation_tiny.{ext}").stat().st_size > 200
@@ -168,7 +183,7 @@ def test_every_reference_number_appears_in_the_published_facts_with_its_source()
     for v, src in zip(ref["top1"], ref["source"]):
         name = src.split(",")[0].split(" ")[0]  # "MKD", "DeiT"
         where = [body for title, body in sections.items() if name in title]
-        assert where and any(f"{v:.1f}" in body for body in where), (v, src)
+        assert where and any(f"{v:.1f}" in body or f"{v:.2f}" in body for body in where), (v, src)
 
 
 def test_empty_or_missing_results_is_one_clear_line(tmp_path):
@@ -238,7 +253,8 @@ def test_q2_is_not_answered_when_the_baseline_collapses_under_strong_augmentatio
             for t in ("small", "large"):  # KD gains 5 under weak, 61 - ce under strong: it "grows"
                 rows.append(dict(method="kd", teacher=t, augment=aug, seed=seed,
                                  final_top1=(65.0 if aug == "weak" else 61.0) + noise * 2))
-    df = pd.DataFrame([{**r, "status": "done", "run_id": f"r{i}"} for i, r in enumerate(rows)])
+    df = pd.DataFrame([{**r, "status": "done", "run_id": f"r{i}", **_declared_columns(r["method"])}
+                       for i, r in enumerate(rows)])
     q2 = {f.question: f for f in degradation_findings(df, ["small", "large"], ["weak", "strong"])}["Q2 augmentation"]
     assert q2.effects[-1][1].resolved and q2.effects[-1][1].mean > 0
     assert ("not answerable at this budget" in q2.answer) is (not answerable), q2.answer

@@ -136,4 +136,8 @@ class Method(nn.Module):
         return list(self.parameters())
 
     def _mix(self, ce: Tensor, distill: Tensor, alpha: float, name: str) -> dict[str, Tensor]:
-        return {"ce": ce, name: distill, "loss": (1 - alpha) * ce + alpha * distill}
+        return self._weighted(ce, distill, (1 - alpha, alpha), name)
+
+    @staticmethod
+    def _weighted(ce: Tensor, distill: Tensor, weights: tuple[float, float], name: str) -> dict[str, Tensor]:
+        return {"ce": ce, name: distill, "loss": weights[0] * ce + weights[1] * distill}

@@ -17,13 +17,22 @@ from ..options import option
 @dataclass
 class KDConfig:
     """The distillation term shared by kd, ctkd and mkd:
-    L = (1-alpha)*CE(z_s, y) + alpha * w(tau) * KL(softmax(z_t/tau_t) || softmax(z_s/tau_s)), batchmean."""
+    L = (1-alpha)*CE(z_s, y) + alpha * w(tau) * KL(softmax(z_t/tau_t) || softmax(z_s/tau_s)), batchmean
+    (or ce_weight*CE + kd_weight*KD when the weights are set apart)."""
 
     tau: Optional[float] = option(None, "shorthand: one temperature for teacher and student (overrides tau_t, tau_s)")
     tau_t: float = option(4.0, "teacher temperature (kd: fixed; ctkd/mkd: initial value)")
     tau_s: float = option(4.0, "student temperature (kd: fixed; mkd: initial value)")
     alpha: float = option(0.5, "weight of the distillation term; CE on labels gets 1-alpha")
     weight: str = option("tau_prod", "w(tau): tau_prod = tau_t*tau_s (Hinton's tau^2), none = 1", ("tau_prod", "none"))
+    ce_weight: Optional[float] = option(None, "weight of CE, when not 1 - alpha (DIST's KD (T=4) baseline: 0.9, "
+                                              "configs/strategies/distill/resnet_kdt4.yaml)")
+    kd_weight: Optional[float] = option(None, "weight of the distillation term, when not alpha (DIST's KD baseline: 1)")
+
+    def weights(self) -> tuple[float, float]:
+        """(CE weight, distillation weight): (1 - alpha, alpha) unless set apart."""
+        return (1 - self.alpha if self.ce_weight is None else self.ce_weight,
+                self.alpha if self.kd_weight is None else self.kd_weight)
 
     def check(self, need) -> None:
         need(0 <= self.alpha <= 1, "kd.alpha", f"is {self.alpha}: it must lie in [0, 1]")
@@ -34,7 +43,11 @@ class KDConfig:
 
     def identity(self) -> dict:
         """What the run id hashes: the resolved pair, not the shorthand."""
-        return {**dataclasses.asdict(self), "tau": None}
+        d = {**dataclasses.asdict(self), "tau": None}
+        for k in ("ce_weight", "kd_weight"):  # added later: unset, they leave the run ids as they were
+            if d[k] is None:
+                d.pop(k)
+        return d
 
 
 def check_temperature_range(section: str, lo: float, hi: float, need) -> None:

@@ -18,8 +18,8 @@ class KD(Method):
     def forward(self, out, batch):
         cls, dist = heads(out)
         k = self.cfg.kd
-        return self._mix(ce_loss(cls, batch.targets), kd_term(dist, batch.teacher_logits, k.tau_t, k.tau_s, k.weight),
-                         k.alpha, "kd")
+        return self._weighted(ce_loss(cls, batch.targets),
+                              kd_term(dist, batch.teacher_logits, k.tau_t, k.tau_s, k.weight), k.weights(), "kd")
 
     def temperatures(self):
         return {"tau_t": self.cfg.kd.tau_t, "tau_s": self.cfg.kd.tau_s}

@@ -85,7 +85,8 @@ class MKD(Method):
     def loss_with(self, out, teacher_logits, targets, tau_t, tau_s) -> dict[str, Tensor]:
         cls, dist = heads(out)
         k = self.cfg.kd
-        return self._mix(ce_loss(cls, targets), kd_term(dist, teacher_logits, tau_t, tau_s, k.weight), k.alpha, "kd")
+        return self._weighted(ce_loss(cls, targets), kd_term(dist, teacher_logits, tau_t, tau_s, k.weight), k.weights(),
+                              "kd")
 
     def forward(self, out, batch):
         tau_t, tau_s = self.temps(batch.targets)
