@@ -327,7 +327,8 @@ TEACHER_INHERITS = ("dataset", "data_root", "download", "img_size", "embedded", 
                     "num_workers", "amp", "compile", "eval_every", "eval_batch_size", "checkpoint_minutes",
                     "checkpoint_every_steps")
 # what a teacher trained by the suite takes from the scale's recipe unless its ``train:`` says otherwise
-TEACHER_RECIPE = ("batch_size", "warmup_epochs", "min_lr", "weight_decay", "clip_grad", "repeated_aug")
+TEACHER_RECIPE = ("batch_size", "warmup_epochs", "min_lr", "weight_decay", "clip_grad", "repeated_aug", "optimizer",
+                  "momentum", "nesterov", "lr_schedule", "decay_epochs", "decay_rate")
 # --set keys that describe the student's run only (everything else reaches the teachers too)
 STUDENT_ONLY = ("method", "student", "student_kwargs", "teacher", "teacher_kwargs", "teacher_checkpoint",
                 "teacher_pretrained", "teacher_input", "fraction", "seed", "init_checkpoint", "pretrained",
