@@ -17,6 +17,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from mkd.results import MetricsLine, Result, RunInfo  # noqa: E402  (the results contract; torch-free)
 from mkd.rundir import RunDir, environment_of  # noqa: E402  (no torch: the analysis imports no training code)
 
 RESULT_FIELDS = ("final_top1", "final_top5", "best_top1", "best_top5", "tau_t", "tau_s", "teacher_top1",
@@ -46,33 +47,34 @@ def collect(results: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     for info_path in sorted(results.glob("*/*/*/run.json")):
         run = RunDir(info_path.parent)
         run_dir = run.path
-        info = run.read_info()
-        res = run.read_result()  # a damaged one reads as failed, with the reason
+        info = RunInfo.from_dict(run.read_info())
+        raw = run.read_result()  # a damaged one reads as failed, with the reason
+        res = Result.from_dict(raw) if raw is not None else Result("pending")
         cfg = yaml.safe_load(run.config.read_text()) if run.config.exists() else {}
         status = run.state()
-        base = {"suite": info.get("suite") or run_dir.parent.parent.name, "scale": info.get("scale", run_dir.parent.name),
-                "run_id": run_dir.name, "kind": info.get("kind", "student"), "status": status,
-                "method": cfg.get("method"), "student_model": cfg.get("student"), "epochs": cfg.get("epochs"), "teacher_model": cfg.get("teacher"),
-                "teacher_run": info.get("teacher_run"), "path": str(run_dir),
+        base = {"suite": info.suite or run_dir.parent.parent.name, "scale": info.scale or run_dir.parent.name,
+                "run_id": run_dir.name, "kind": info.kind, "status": status, "method": cfg.get("method"),
+                "student_model": cfg.get("student"), "epochs": cfg.get("epochs"), "teacher_model": cfg.get("teacher"),
+                "teacher_run": info.teacher_run, "path": str(run_dir),
                 "kd_tau_t": (cfg.get("kd") or {}).get("tau_t"), "kd_tau_s": (cfg.get("kd") or {}).get("tau_s")}
         for k in RESULT_FIELDS:
-            base[k] = (res or {}).get(k)
+            base[k] = getattr(res, k)
         records, bad = _jsonl(run.metrics)
-        decl = info.get("method") or {}  # the method's declarations, written by the launcher (no import here)
+        decl = info.method  # the method's declarations, written by the launcher (no import here)
+        done = status == "done"
         base.update(method_label=decl.get("label", base["method"]), method_order=decl.get("order"),
                     method_role=decl.get("role"), needs_teacher=decl.get("needs_teacher"),
                     learns_temperature=decl.get("learns_temperature", any("temps" in r for r in records)),
-                    table=info.get("table"), environment=environment_of(res) if status == "done" else None,
-                    git_commit=((res or {}).get("environment") or {}).get("git_commit") if status == "done" else None,
-                    unreadable_lines=bad)
-        for r in info.get("rows") or [{}]:
+                    table=info.table, environment=environment_of(raw) if done else None,
+                    git_commit=(res.environment or {}).get("git_commit") if done else None, unreadable_lines=bad)
+        for r in info.rows or [{}]:
             rows.append({**base, **{f"axis:{k}": v for k, v in r.items()}})
-        for rec in records:
+        for line in map(MetricsLine.from_dict, records):
             curves.append({"run_id": run_dir.name, "suite": base["suite"], "scale": base["scale"],
-                           **{k: v for k, v in rec.items() if k != "temps"}})
-            for s, tt, ts in rec.get("temps", []):
+                           **{k: v for k, v in line.to_dict().items() if k != "temps"}})
+            for s, tt, ts in line.temps or []:
                 steps.append({"run_id": run_dir.name, "suite": base["suite"], "scale": base["scale"],
-                              "epoch": rec["epoch"], "step": s, "tau_t": tt, "tau_s": ts})
+                              "epoch": line.epoch, "step": s, "tau_t": tt, "tau_s": ts})
     runs = pd.DataFrame(rows)
     if len(runs):
         runs.columns = [c.removeprefix("axis:") if c.startswith("axis:") and c[5:] not in runs.columns else c
@@ -85,8 +87,8 @@ def _fill_teacher_info(runs: pd.DataFrame) -> None:
     """Teacher size and top-1 for rows whose own result lacks them (running / failed students)."""
     for i, r in runs[runs["teacher_run"].notna()].iterrows():
         if pd.isna(r.get("teacher_top1")) or pd.isna(r.get("teacher_params")):
-            tres = RunDir(r["teacher_run"]).read_result() or {}
+            tres = Result.from_dict(RunDir(r["teacher_run"]).read_result() or {"status": "pending"})
             if pd.isna(r.get("teacher_top1")):
-                runs.at[i, "teacher_top1"] = tres.get("final_top1")
+                runs.at[i, "teacher_top1"] = tres.final_top1
             if pd.isna(r.get("teacher_params")):
-                runs.at[i, "teacher_params"] = tres.get("student_params")
+                runs.at[i, "teacher_params"] = tres.student_params

@@ -17,6 +17,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 import pandas as pd  # noqa: E402
+from typing import Optional  # noqa: E402
 
 from mkd import atomic  # noqa: E402
 from mkd.errors import UserError, cli  # noqa: E402
@@ -48,7 +49,7 @@ def load_reference(path: Path = REFERENCE) -> pd.DataFrame:
 
 
 def build(results: Path, out: Path, suites: list[str] | None = None, formats: tuple[str, ...] = FORMATS,
-          reference: Path = REFERENCE) -> dict:
+          reference: Path = REFERENCE, filters: Optional[list[str]] = None) -> dict:
     """Write tables, figures and index; returns {'tables': [...], 'figures': [...]} of written paths."""
     from collect import collect
 
@@ -67,7 +68,7 @@ def build(results: Path, out: Path, suites: list[str] | None = None, formats: tu
     for _, r in cut.iterrows():
         print(f"warning: skipped {int(r['unreadable_lines'])} unreadable line(s) of {r['path']}/metrics.jsonl "
               "(cut short by a copy?); its other lines are used", file=sys.stderr)
-    students = runs[runs["kind"] == "student"]
+    students = _filtered(runs[runs["kind"] == "student"], filters or [])
     known = sorted(students["suite"].unique())
     for s in suites or []:
         if s not in known:
@@ -128,6 +129,24 @@ def build(results: Path, out: Path, suites: list[str] | None = None, formats: tu
     return written
 
 
+def _filtered(students: pd.DataFrame, filters: list[str]) -> pd.DataFrame:
+    """Only the runs whose axis ``AXIS`` has one of the values of ``--filter AXIS=V1,V2``."""
+    for f in filters:
+        key, sep, values = f.partition("=")
+        if not sep or not values:
+            raise UserError(f"--filter {f}: expected AXIS=VALUE[,VALUE...] (e.g. --filter student=resnet18)")
+        if key not in students:
+            axes = [c for c in students.columns if c in ("teacher", "student", "augment", "method", "fraction", "seed")
+                    or "." in c]
+            raise UserError(f"--filter {f}: no axis '{key}' in these results; axes: {', '.join(axes)}")
+        kept = students[students[key].astype(str).isin(values.split(","))]
+        if not len(kept):
+            raise UserError(f"--filter {f}: no run has that value; values: "
+                            f"{', '.join(sorted(map(str, students[key].dropna().unique())))}")
+        students = kept
+    return students
+
+
 @cli
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python analysis/make_tables.py", description=__doc__.split("\n\n")[0])
@@ -135,12 +154,15 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(HERE.parent / "tables"), help="output folder (default tables/)")
     ap.add_argument("--suite", nargs="+", help="only these suites")
     ap.add_argument("--format", default=",".join(FORMATS), help=f"comma list of {','.join(FORMATS)}")
+    ap.add_argument("--filter", action="append", default=[], metavar="AXIS=V[,V]",
+                    help="only runs with these axis values (repeatable); a table refuses to average over an axis "
+                         "it does not show, so e.g. a suite with a student axis needs --filter student=NAME")
     args = ap.parse_args(argv)
     formats = tuple(f.strip() for f in args.format.split(",") if f.strip())
     for f in formats:
         if f not in FORMATS:
             raise UserError(f"--format {f} is unknown; allowed: {', '.join(FORMATS)}")
-    written = build(Path(args.results), Path(args.out), args.suite, formats)
+    written = build(Path(args.results), Path(args.out), args.suite, formats, filters=args.filter)
     print(f"wrote {len(written['tables'])} table files and {len(written['figures'])} figure files; "
           f"open {written['index']}")
     return 0

@@ -16,6 +16,7 @@ from typing import Optional
 import jinja2
 import pandas as pd
 
+from mkd.errors import UserError
 from stats import INTERVAL, PAIRED_INTERVAL, by_seed, difference, paired, t_interval
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
@@ -445,8 +446,34 @@ def generic(df: pd.DataFrame, suite: str, scale: str, axes: list[str]) -> list[T
 KINDS = ("degradation", "gap_ladder", "data_fraction", "temperature_grid", "imagenet_main", "generic")
 
 
+SHOWN = {  # the axes each kind of table lays out (seeds are pooled into intervals); any other must not vary in a cell
+    "degradation": ("teacher", "augment", "method"), "gap_ladder": ("teacher", "augment", "method"),
+    "data_fraction": ("fraction", "augment", "method"), "temperature_grid": ("teacher", "augment", "method",
+                                                                           "kd.tau_t", "kd.tau_s"),
+    "imagenet_main": ("student", "method")}
+
+
+def refuse_hidden_axes(df: pd.DataFrame, kind: str, axes: list[str], suite: str, scale: str) -> None:
+    """A table that does not show an axis may not average over it: when an axis the kind does not lay out takes
+    several values inside one of its cells, say so in one line (the fix: ``--filter AXIS=VALUE``, one table per
+    value, or the generic table, which shows every axis), rather than pool, e.g., two students into one mean."""
+    shown = [a for a in SHOWN.get(kind, axes) if a in df]
+    for a in axes:
+        if a in shown or a == "seed":
+            continue
+        vals = df[[*shown, "seed", a]].dropna(subset=[a]) if "seed" in df else df[[*shown, a]].dropna(subset=[a])
+        keys = [*shown, "seed"] if "seed" in df else shown
+        spread = vals.groupby(keys, dropna=False)[a].nunique() if keys else pd.Series([vals[a].nunique()])
+        if len(spread) and spread.max() > 1:
+            values = ", ".join(sorted(map(str, df[a].dropna().unique())))
+            raise UserError(f"{suite} ({scale}): the {kind} table does not show the axis '{a}', which varies inside "
+                            f"its cells ({values}): pass --filter {a}=VALUE for one table per value, or set "
+                            f"'table: generic' in the suite file for a table that shows every axis")
+
+
 def tables_for(df: pd.DataFrame, suite: str, scale: str, reference: pd.DataFrame) -> list[Table]:
-    """The table the suite asks for (``table:`` in its YAML), else the one its varying axes call for."""
+    """The table the suite asks for (``table:`` in its YAML), else the one its varying axes call for; a table
+    that would average over an axis it does not show is refused (``refuse_hidden_axes``)."""
     axes = [c for c in df.columns if c in ("teacher", "student", "augment", "method", "fraction", "seed")
             or "." in c]  # a dotted axis is a key of some method's option section (kd.tau_t, dist.tau, ...)
     asked = next((t for t in df["table"].dropna().unique()), None) if "table" in df else None
@@ -461,6 +488,7 @@ def tables_for(df: pd.DataFrame, suite: str, scale: str, reference: pd.DataFrame
             asked = "degradation"
         else:
             asked = "generic"
+    refuse_hidden_axes(df, asked, axes, suite, scale)
     if asked == "temperature_grid":
         return temperature_grid(df, suite, scale)
     if asked == "imagenet_main":

@@ -21,12 +21,11 @@ import yaml
 from . import methods
 from .errors import UserError, suggest
 from .options import option
+from .stream import STREAM_VERSION
 
 METHODS = methods.names()  # built-ins, then those of MKD_METHODS
 DATASETS = ("embedded", "cifar100", "imagenet")
 AUGMENTS = ("none", "weak", "medium", "strong")
-# the data stream's definition (mkd/stream.py); bump when it changes, so results of the old stream get new run ids
-STREAM_VERSION = 2
 
 
 _f = option
@@ -145,14 +144,16 @@ class _GeneralConfig:
     def caches_inputs(self) -> bool:
         return self.input_cache == "on" or (self.input_cache == "auto" and self.dataset == "embedded")
 
+    @property
+    def stream(self):
+        """This run's data stream identity (``mkd.stream.StreamIdentity``): planning and cache keys derive from it."""
+        from .stream import StreamIdentity
+
+        return StreamIdentity.of(self)
+
     def stream_key(self) -> str:
         """What fixes this run's data stream (mkd/stream.py): runs with equal keys see bit-identical batches."""
-        keys = ("dataset", "embedded", "data_root", "img_size", "augment", "fraction", "split_seed", "batch_size",
-                "seed", "repeated_aug", "student_input")
-        d = {k: getattr(self, k) for k in keys}
-        d["held_out"] = self.held_out
-        d["embedded"] = dataclasses.asdict(self.embedded) if self.dataset == "embedded" else None
-        return json.dumps(d, sort_keys=True, default=str)
+        return self.stream.key()
 
     def teacher_stream_key(self) -> Optional[str]:
         """The stream plus the teacher: runs with equal keys can share the teacher-output cache."""

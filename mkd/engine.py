@@ -167,62 +167,87 @@ def train_one_epoch(loop: Loop, feed, epoch: int, step: int, part: Optional[Epoc
 
     ``part``: the epoch so far when it resumes mid-way (the feed then starts at ``part.step_in_epoch``);
     ``after_step(part, step)`` runs after every step (mid-epoch checkpoints, preemption)."""
-    M, O, P = loop.models, loop.optim, loop.precision
-    M.model.train()
-    m = loop.method
-    part = part or EpochPartial()
-    loop.temp_samples = part.temp_samples
-    sums: dict[str, Tensor] = part.sums
-    n = part.n
+    steps = EpochSteps(loop, epoch, step, part)
     show = loop.rank == 0 and sys.stderr.isatty()
     bar = tqdm(feed, desc=f"epoch {epoch}", leave=False, disable=not show, dynamic_ncols=True,
-               total=loop.steps_per_epoch, initial=part.step_in_epoch)
+               total=loop.steps_per_epoch, initial=steps.part.step_in_epoch)
     for batch in bar:
-        x = batch.x
-        m.on_step(Progress(step, loop.steps_per_epoch, loop.total_steps))
-        rng = capture_rng(P.device) if m.replays_forward else None  # the meta step replays this forward's masks
-        with P.autocast():
-            out = M.model(x)
-            terms = m(out, batch)
-        loss = terms["loss"]
-        O.optimizer.zero_grad(set_to_none=True)
-        if O.scaler is not None:
-            O.scaler.scale(loss).backward()
-            O.scaler.unscale_(O.optimizer)
-        else:
-            loss.backward()
-        if m.has_meta_step:
-            m.meta_step(StepContext(
-                student=M.student, x=x, targets=batch.targets, teacher_logits=batch.teacher_logits, batch=batch,
-                student_out=tuple(o.detach() for o in out) if isinstance(out, (tuple, list)) else out.detach(),
-                lr=O.optimizer.param_groups[0]["lr"], step=step, autocast=P.autocast,
-                meta_batches=loop.meta_batches, teacher=M.teacher_fwd, rng=rng, optimizer=O.optimizer,
-                scaler=O.scaler, amp=P.amp))
-        if O.clip_grad:
-            torch.nn.utils.clip_grad_norm_(M.student.parameters(), O.clip_grad)
-        if O.scaler is not None:
-            O.scaler.step(O.optimizer)
-            O.scaler.update()
-        else:
-            O.optimizer.step()
-        step += 1
-        O.scheduler.step_update(num_updates=step)
-        for k, v in terms.items():
-            sums[k] = sums.get(k, 0.0) + v.detach()
-        n += 1
-        if step % loop.log_every == 0:
-            _check_finite(_all_sum(sums["loss"]), epoch, step)  # collective: every rank stops together
-            if m.learns_temperature:
-                temps = m.temperatures()
-                loop.temp_samples.append([step, round(temps["tau_t"], 5), round(temps["tau_s"], 5)])
-            if show:
-                bar.set_postfix(loss=f"{float(sums['loss']) / n:.3f}", lr=f"{O.optimizer.param_groups[0]['lr']:.2e}")
-        part.n, part.step_in_epoch = n, part.step_in_epoch + 1
+        steps.take(batch)
+        if show and steps.step % loop.log_every == 0:
+            bar.set_postfix(loss=f"{float(steps.part.sums['loss']) / steps.part.n:.3f}",
+                            lr=f"{loop.optim.optimizer.param_groups[0]['lr']:.2e}")
         if after_step is not None:
-            after_step(part, step)
-    means = {k: float(_all_sum(v)) / (n * _world()) for k, v in sums.items()}
-    _check_finite(torch.tensor(means.get("loss", 0.0)), epoch, step)
-    return means, step
+            after_step(steps.part, steps.step)
+    return steps.finish()
+
+
+class EpochSteps:
+    """One epoch of one student, a step at a time: the loop above takes them from its feed; a cohort
+    (``mkd/cohort.py``) hands the same batch to each of its members in turn."""
+
+    def __init__(self, loop: Loop, epoch: int, step: int, part: Optional[EpochPartial] = None):
+        self.loop, self.epoch, self.step = loop, epoch, step
+        self.part = part or EpochPartial()
+        loop.models.model.train()
+        loop.temp_samples = self.part.temp_samples
+
+    def take(self, batch) -> None:
+        """One optimizer step on ``batch``; every ``log_every`` steps the loss is checked (a collective: every rank
+        stops together) and the learned temperatures sampled."""
+        loop, part = self.loop, self.part
+        terms = train_step(loop, batch, self.step)
+        self.step += 1
+        for k, v in terms.items():
+            part.sums[k] = part.sums.get(k, 0.0) + v.detach()
+        part.n += 1
+        if self.step % loop.log_every == 0:
+            _check_finite(_all_sum(part.sums["loss"]), self.epoch, self.step)
+            if loop.method.learns_temperature:
+                temps = loop.method.temperatures()
+                loop.temp_samples.append([self.step, round(temps["tau_t"], 5), round(temps["tau_s"], 5)])
+        part.step_in_epoch += 1
+
+    def finish(self) -> tuple[dict[str, float], int]:
+        """(mean of each loss term over the epoch and every rank, the next global step)."""
+        n = self.part.n
+        means = {k: float(_all_sum(v)) / (n * _world()) for k, v in self.part.sums.items()}
+        _check_finite(torch.tensor(means.get("loss", 0.0)), self.epoch, self.step)
+        return means, self.step
+
+
+def train_step(loop: Loop, batch, step: int) -> dict[str, Tensor]:
+    """One optimizer step of the student on ``batch`` at global ``step``: forward, the method's loss, backward,
+    the meta step (methods with one), clipping, the optimizer and the schedule; returns the loss terms."""
+    M, O, P, m = loop.models, loop.optim, loop.precision, loop.method
+    x = batch.x
+    m.on_step(Progress(step, loop.steps_per_epoch, loop.total_steps))
+    rng = capture_rng(P.device) if m.replays_forward else None  # the meta step replays this forward's masks
+    with P.autocast():
+        out = M.model(x)
+        terms = m(out, batch)
+    loss = terms["loss"]
+    O.optimizer.zero_grad(set_to_none=True)
+    if O.scaler is not None:
+        O.scaler.scale(loss).backward()
+        O.scaler.unscale_(O.optimizer)
+    else:
+        loss.backward()
+    if m.has_meta_step:
+        m.meta_step(StepContext(
+            student=M.student, x=x, targets=batch.targets, teacher_logits=batch.teacher_logits, batch=batch,
+            student_out=tuple(o.detach() for o in out) if isinstance(out, (tuple, list)) else out.detach(),
+            lr=O.optimizer.param_groups[0]["lr"], step=step, autocast=P.autocast,
+            meta_batches=loop.meta_batches, teacher=M.teacher_fwd, rng=rng, optimizer=O.optimizer,
+            scaler=O.scaler, amp=P.amp))
+    if O.clip_grad:
+        torch.nn.utils.clip_grad_norm_(M.student.parameters(), O.clip_grad)
+    if O.scaler is not None:
+        O.scaler.step(O.optimizer)
+        O.scaler.update()
+    else:
+        O.optimizer.step()
+    O.scheduler.step_update(num_updates=step + 1)
+    return terms
 
 
 def _world() -> int:

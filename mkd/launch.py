@@ -20,6 +20,7 @@ import yaml
 
 from . import atomic
 from .errors import UserError
+from .results import Result, RunInfo
 from .rundir import ACTIVE_SLURM, RunDir, environment_of, mixed_environments
 from .suites import Plan, Run
 
@@ -42,11 +43,11 @@ def prepare(plan: Plan) -> None:
             if r not in rows:
                 rows.append(r)
         suites = sorted(set(info.get("suites", [])) | {plan.suite})
-        new = {"run_id": run.run_id, "kind": run.kind, "scale": plan.scale, "suites": suites,
-               "suite": plan.suite if run.kind == "student" else None, "rows": rows, "label": run.label,
-               "teacher_run": str(plan_teacher(plan, run).out) if run.teacher else None,
-               "method": {"name": run.config.method, **methods.get(run.config.method).declarations()},
-               "table": plan.table}
+        new = RunInfo(run.run_id, kind=run.kind, scale=plan.scale, suites=suites,
+                      suite=plan.suite if run.kind == "student" else None, rows=rows, label=run.label,
+                      teacher_run=str(plan_teacher(plan, run).out) if run.teacher else None,
+                      method={"name": run.config.method, **methods.get(run.config.method).declarations()},
+                      table=plan.table).to_dict()
         if new != info:
             atomic.write_json(d.info, new)
 
@@ -146,6 +147,11 @@ def _worker_init(threads: int, gpu_slots) -> None:
     torch.set_num_threads(threads)
 
 
+def _teacher_dir(run_dir: str) -> Optional[str]:
+    """The teacher's run directory the plan recorded (``run.json``): where the teacher's stream cache lives."""
+    return RunInfo.from_dict(RunDir(run_dir).read_info()).teacher_run
+
+
 def local_job(run_dir: str) -> tuple[bool, str]:
     """Train one run inside a pool worker, its output (Python and C level) appended to the run's train.log.
 
@@ -162,7 +168,7 @@ def local_job(run_dir: str) -> tuple[bool, str]:
     os.dup2(log.fileno(), 1)
     os.dup2(log.fileno(), 2)
     try:
-        train(load_config(RunDir(run_dir).config), run_dir)
+        train(load_config(RunDir(run_dir).config), run_dir, teacher_dir=_teacher_dir(run_dir))
         return True, ""
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -287,7 +293,7 @@ class LocalRunner:
             if not ok:
                 self.failed.append(run)
                 if run.dir.read_result() is None:
-                    atomic.write_json(run.dir.result, {"status": "failed", "run_id": run.run_id, "reason": why})
+                    atomic.write_json(run.dir.result, Result.failed(run.run_id, why).to_dict())
             self.report(run, ok, time.time() - start, "" if ok else f"see {run.dir.log}")
 
     def run(self) -> list[Run]:
@@ -355,7 +361,7 @@ class TrainJob(submitit.helpers.Checkpointable):
         if env.num_tasks > 1:  # overwrite: a MASTER_PORT the cluster or user set is kept (submitit reads it)
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
         try:
-            return train(load_config(RunDir(run_dir).config), run_dir)
+            return train(load_config(RunDir(run_dir).config), run_dir, teacher_dir=_teacher_dir(run_dir))
         except Preempted:
             if env.global_rank == 0:
                 raise

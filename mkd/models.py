@@ -35,6 +35,9 @@ PRESETS: dict[str, tuple[str, dict]] = {
     "emb_resnet_l": ("resnet10t", dict(stem_width=16, channels=(32, 64, 128, 256), zero_init_last=False)),
     "emb_resnet_xl": ("resnet10t", dict(stem_width=24, channels=(48, 96, 192, 384), zero_init_last=False)),
     "emb_resnet_xxl": ("resnet10t", dict(stem_width=32, channels=(64, 128, 256, 512), zero_init_last=False)),
+    # CIFAR-100 ResNets: timm's ResNets with the CIFAR stem (a 3x3 stride-1 convolution, no max pool: He et al.'s
+    # CIFAR setting, and that of the CIFAR ResNets the distillation papers train), so 32 px keeps 4x4 maps at the end
+    **{f"cifar_resnet{d}": (f"resnet{d}", dict(_stem="cifar")) for d in (18, 34, 50, 101, 152)},
     # CIFAR scale (32 px, 4 px patches -> 64 tokens): ViT-T/S/B/L widths at CIFAR resolution
     "cifar_vit_t": (_VIT, dict(patch_size=4, embed_dim=192, depth=12, num_heads=3)),
     "cifar_vit_s": (_VIT, dict(patch_size=4, embed_dim=384, depth=12, num_heads=6)),
@@ -64,6 +67,7 @@ def create_model(name: str, num_classes: int, img_size: Optional[int] = None, pr
     arch, kw = resolve(name)
     kw.update(kwargs)
     kw["num_classes"] = num_classes
+    stem = kw.pop("_stem", None)
     if drop_path:
         kw["drop_path_rate"] = drop_path
     if img_size:
@@ -81,9 +85,19 @@ def create_model(name: str, num_classes: int, img_size: Optional[int] = None, pr
             raise UserError(f"could not get pretrained weights for '{name}' ({type(e).__name__}; offline?): "
                             "pass a local checkpoint instead (teacher_checkpoint=PATH)") from None
         raise UserError(f"could not build model '{name}' with {kw}: {e}") from None
+    if stem == "cifar":
+        _cifar_stem(model)
     if hasattr(model, "set_distilled_training"):
         model.set_distilled_training(True)  # train-mode forward returns (cls, dist) logits
     return model
+
+
+def _cifar_stem(model: nn.Module) -> None:
+    """Replace a timm ResNet's stride-4 stem (7x7/2 convolution, 3x3/2 max pool) by one 3x3 stride-1 convolution."""
+    width = model.conv1.out_channels
+    model.conv1 = nn.Conv2d(model.conv1.in_channels, width, 3, 1, 1, bias=False)
+    nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")  # timm's ResNet init
+    model.maxpool = nn.Identity()
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:

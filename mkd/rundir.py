@@ -142,14 +142,16 @@ class RunLock:
 
 
 def environment_of(result: dict) -> Optional[str]:
-    """'torch X, timm Y, DEVICE' of a finished run: for a CPU its kernel level (AVX2, AVX512) and its intra-op
-    thread count, both of which change float results."""
+    """'torch X, timm Y, DEVICE' of a finished run: for a CPU its kernel level (AVX2, AVX512), its model and its
+    intra-op thread count, each of which changes float results."""
     env = (result or {}).get("environment") or {}
     if not env:
         return None
     device = str(env.get("device", "?"))
     if device.startswith("cpu"):
         device = f"cpu {env['cpu_capability']}" if env.get("cpu_capability") else "cpu"
+        if env.get("cpu_model"):
+            device += f" ({env['cpu_model']})"
         if env.get("cpu_threads"):
             device += f", {env['cpu_threads']} thread{'s' if env['cpu_threads'] > 1 else ''}"
     return f"torch {env.get('torch', '?')}, timm {env.get('timm', '?')}, {device}"

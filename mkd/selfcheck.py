@@ -70,34 +70,16 @@ def selfcheck(device: str = "cpu", dtype: str = "float64", lr: Optional[float] =
     lr = lr or (0.5 if lookahead == "sgd" else 0.01)  # a step of the size each look-ahead takes in training
     cfg = RunConfig(method="mkd", teacher="emb_vit_m")
     cfg.mkd.granularity = granularity
-    train, _, info = load_base(cfg)
-    aug = build_augment("none", info.img_size, info.mean, info.std, info.num_classes)
-    ds = Transformed(train, None, aug.eval_transform)
-    xs = torch.stack([ds[i][0] for i in range(96)]).to(device, dt)
-    ys = torch.tensor([ds[i][1] for i in range(96)], device=device)
-    x, y, xm, ym = xs[:64], ys[:64], xs[64:], ys[64:]
-    kw = {"drop_rate": dropout}
-    student = create_model(student_name, info.num_classes, info.img_size, drop_path=drop_path, **kw)
-    if dropout and is_vit(student):  # ViTs take dropout in three places; attention dropout stays 0 (see README)
-        student = create_model(student_name, info.num_classes, info.img_size, drop_path=drop_path,
-                               proj_drop_rate=dropout, pos_drop_rate=dropout, **kw)
-    student = student.to(device, dt).train()
+    (x, y, xm, ym), student, info = _batches_and_student(cfg, device, dt, student_name, drop_path, dropout)
     teacher = create_model("emb_vit_m", info.num_classes, info.img_size).to(device, dt).eval()
     with torch.no_grad():
         tl = 3 * teacher(x)  # sharpen the untrained teacher so the KD term matters
     targets = F.one_hot(y, info.num_classes).to(dt)
-    method = MKD(cfg, info.num_classes).to(device, dt)
-    with torch.no_grad():  # start away from tau_t == tau_s, where symmetric cancellations can hide bugs
-        method.temps.log_tau_t.fill_(math.log(3.0))
-        method.temps.log_tau_s.fill_(math.log(5.0))
+    method = _mkd_away_from_equal_temperatures(cfg, info.num_classes, device, dt)
     temps, loss_fn = method.temps, method.loss_with
     params = [p for p in student.parameters() if p.requires_grad]
     P = None
-    if lookahead == "adam":  # one earlier AdamW step on the meta batch gives the optimizer a second moment
-        opt = torch.optim.AdamW(params, lr=1e-3)
-        F.cross_entropy(eval_logits(student(xm)), ym).backward()
-        opt.step()
-        opt.zero_grad()
+    opt = _adam_with_a_second_moment(student, params, xm, ym) if lookahead == "adam" else None
 
     # the real training step: fused attention on, its RNG state recorded, gradients in .grad
     rng = capture_rng(device)
@@ -110,43 +92,77 @@ def selfcheck(device: str = "cpu", dtype: str = "float64", lr: Optional[float] =
     if lookahead == "adam":
         P = adam_preconditioner(opt, params, grads)
     before = _buffers(student)
+    def hyper(mode: str, fd_eps: float, precision: str) -> torch.Tensor:
+        h, _ = hypergradient(mode, student, x, targets, tl, temps, loss_fn, lr, xm, ym,
+                             out=tuple(o.detach() for o in out) if isinstance(out, tuple) else out.detach(),
+                             grads=grads, fd_eps=fd_eps, rng=rng, precond=(lambda g: P) if P is not None else None,
+                             autocast=autocast, precision=precision)
+        return torch.cat([t.reshape(-1) for t in h])
+
     hg = {}
     for mode in ("exact", "jvp", "fd"):
         torch.manual_seed(seed + 1000 + len(hg))  # a different current RNG state for each: replay must not care
-        h, _ = hypergradient(mode, student, x, targets, tl, temps, loss_fn, lr, xm, ym,
-                             out=tuple(o.detach() for o in out) if isinstance(out, tuple) else out.detach(),
-                             grads=grads, fd_eps=1e-6 if dtype == "float64" else 1e-2, rng=rng,
-                             precond=(lambda g: P) if P is not None else None, autocast=autocast,
-                             precision=meta_precision("auto", student))
-        hg[mode] = torch.cat([t.reshape(-1) for t in h])
+        hg[mode] = hyper(mode, 1e-6 if dtype == "float64" else 1e-2, meta_precision("auto", student))
     if amp != "off":  # each mode of the same (bf16) step with its meta forwards in bf16 and in fp32
-        for mode in ("exact", "jvp", "fd"):
-            for prec in ("loop", "fp32"):
-                h, _ = hypergradient(mode, student, x, targets, tl, temps, loss_fn, lr, xm, ym,
-                                     out=tuple(o.detach() for o in out) if isinstance(out, tuple) else out.detach(),
-                                     grads=grads, fd_eps=1e-2, rng=rng, precond=(lambda g: P) if P is not None else None,
-                                     autocast=autocast, precision=prec)
-                hg[f"{mode}_{prec}"] = torch.cat([t.reshape(-1) for t in h])
+        hg.update({f"{mode}_{prec}": hyper(mode, 1e-2, prec) for mode in ("exact", "jvp", "fd") for prec in ("loop", "fp32")})
     buffers_changed = any(not torch.equal(a, b) for a, b in zip(before, _buffers(student)))
     # finite difference of the real meta loss in each log-tau coordinate
-    delta = 1e-5 if dtype == "float64" else 1e-2
-    fd_real = []
+    fd_real = _fd_of_meta_loss(lambda: real_meta_loss(student, x, targets, tl, temps, loss_fn, lr, xm, ym, rng=rng,
+                                                      precond=P), temps, 1e-5 if dtype == "float64" else 1e-2)
+    extra = {f"{m}_meta_{amp}_vs_{dtype}": _rel(hg[f"{m}_loop"], hg[f"{m}_fp32"]) for m in ("exact", "jvp", "fd")} \
+        if amp != "off" else {}
+    return {**extra, "jvp_vs_exact": _rel(hg["jvp"], hg["exact"]), "fd_vs_exact": _rel(hg["fd"], hg["exact"]),
+            "exact_vs_fd_of_meta_loss": _rel(hg["exact"], fd_real), "hypergrad_exact": hg["exact"].tolist(),
+            "fd_of_meta_loss": fd_real.tolist(), "buffers_changed": buffers_changed}
+
+
+def _batches_and_student(cfg: RunConfig, device: str, dt, student_name: str, drop_path: float, dropout: float):
+    """96 embedded images (64 to train on, 32 as the meta batch) and the student, in the check's dtype."""
+    train, _, info = load_base(cfg)
+    aug = build_augment("none", info.img_size, info.mean, info.std, info.num_classes)
+    ds = Transformed(train, None, aug.eval_transform)
+    xs = torch.stack([ds[i][0] for i in range(96)]).to(device, dt)
+    ys = torch.tensor([ds[i][1] for i in range(96)], device=device)
+    kw = {"drop_rate": dropout}
+    student = create_model(student_name, info.num_classes, info.img_size, drop_path=drop_path, **kw)
+    if dropout and is_vit(student):  # ViTs take dropout in three places; attention dropout stays 0 (see README)
+        student = create_model(student_name, info.num_classes, info.img_size, drop_path=drop_path,
+                               proj_drop_rate=dropout, pos_drop_rate=dropout, **kw)
+    return (xs[:64], ys[:64], xs[64:], ys[64:]), student.to(device, dt).train(), info
+
+
+def _mkd_away_from_equal_temperatures(cfg: RunConfig, num_classes: int, device: str, dt) -> MKD:
+    """MKD with tau_t 3 and tau_s 5: away from tau_t == tau_s, where symmetric cancellations can hide bugs."""
+    method = MKD(cfg, num_classes).to(device, dt)
+    with torch.no_grad():
+        method.temps.log_tau_t.fill_(math.log(3.0))
+        method.temps.log_tau_s.fill_(math.log(5.0))
+    return method
+
+
+def _adam_with_a_second_moment(student, params, xm, ym) -> torch.optim.AdamW:
+    """An AdamW after one earlier step on the meta batch, so the Adam look-ahead has a second moment."""
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    F.cross_entropy(eval_logits(student(xm)), ym).backward()
+    opt.step()
+    opt.zero_grad()
+    return opt
+
+
+def _fd_of_meta_loss(meta_loss, temps, delta: float) -> torch.Tensor:
+    """Central finite difference of the real meta loss in each log-tau coordinate."""
+    fd = []
     for p in temps.parameters():
         for i in range(p.numel()):
             vals = []
             for sgn in (1, -1):
                 with torch.no_grad():
                     p.view(-1)[i] += sgn * delta
-                vals.append(real_meta_loss(student, x, targets, tl, temps, loss_fn, lr, xm, ym, rng=rng, precond=P))
+                vals.append(meta_loss())
                 with torch.no_grad():
                     p.view(-1)[i] -= sgn * delta
-            fd_real.append((vals[0] - vals[1]) / (2 * delta))
-    fd_real = torch.stack(fd_real)
-    extra = {f"{m}_meta_{amp}_vs_{dtype}": _rel(hg[f"{m}_loop"], hg[f"{m}_fp32"]) for m in ("exact", "jvp", "fd")} \
-        if amp != "off" else {}
-    return {**extra, "jvp_vs_exact": _rel(hg["jvp"], hg["exact"]), "fd_vs_exact": _rel(hg["fd"], hg["exact"]),
-            "exact_vs_fd_of_meta_loss": _rel(hg["exact"], fd_real), "hypergrad_exact": hg["exact"].tolist(),
-            "fd_of_meta_loss": fd_real.tolist(), "buffers_changed": buffers_changed}
+            fd.append((vals[0] - vals[1]) / (2 * delta))
+    return torch.stack(fd)
 
 
 TOLERANCES = {"float64": {"jvp_vs_exact": 1e-6, "fd_vs_exact": 1e-4, "exact_vs_fd_of_meta_loss": 1e-4},

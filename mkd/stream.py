@@ -200,3 +200,61 @@ def normalizer_of(src: StreamSource) -> Optional[DeviceNormalize]:
 def mix_seed(seed: int, epoch: int, step: int) -> int:
     """The seed of one batch's Mixup/CutMix draw."""
     return stream_seed(seed, epoch, step, 2)
+
+
+# ---------------------------------------------------------------------------- the stream's identity
+STREAM_VERSION = 2  # the stream's definition: results and caches of another definition are other runs
+
+
+@dataclass(frozen=True)
+class StreamIdentity:
+    """What fixes a run's batches, written once: the planner's key (runs with equal keys see bit-identical
+    batches and share a teacher stream), the stream caches' key (the same, resolved, plus what decides the bytes
+    on this machine: the split, world size, kernels, thread count, packages) and the evaluation data's key.
+
+    Built from a config (``StreamIdentity.of(cfg)``); the fields are the config keys that define the stream."""
+
+    fields: tuple  # sorted (key, value) pairs of the stream's config keys
+
+    KEYS = ("dataset", "embedded", "data_root", "img_size", "augment", "fraction", "split_seed", "batch_size",
+            "seed", "repeated_aug", "student_input")
+
+    @classmethod
+    def of(cls, cfg) -> "StreamIdentity":
+        import dataclasses
+
+        d = {k: getattr(cfg, k) for k in cls.KEYS}
+        d["held_out"] = cfg.held_out
+        d["embedded"] = dataclasses.asdict(cfg.embedded) if cfg.dataset == "embedded" else None
+        return cls(tuple(sorted(d.items())))
+
+    def __getitem__(self, key: str):
+        return dict(self.fields)[key]
+
+    def key(self) -> str:
+        """The planner's key: runs with equal keys see the same batches (the stream version is in their run id)."""
+        import json
+
+        return json.dumps(dict(self.fields), sort_keys=True, default=str)
+
+    def data(self, img_size: int) -> dict:
+        """The evaluation data (dataset, its source, resolution): the key of the held evaluation tensors and of a
+        teacher's cached validation accuracy."""
+        source = self["embedded"] if self["dataset"] == "embedded" else self["data_root"]
+        return {"dataset": self["dataset"], "source": source, "img_size": img_size}
+
+    def cache(self, *, num_examples: int, train_indices, img_size: int, world: int, device: torch.device,
+              kernels: str, packages: dict, cache_version: int) -> dict:
+        """The stream caches' key: a cached epoch is bitwise what this run computes only under all of it."""
+        import hashlib
+
+        key = {"stream": STREAM_VERSION, "cache": cache_version, "dataset": self["dataset"],
+               "embedded": self["embedded"], "num_examples": int(num_examples),
+               "train_sha": hashlib.sha256(np.asarray(train_indices, np.int64).tobytes()).hexdigest()[:16],
+               "augment": self["augment"], "img_size": img_size, "batch_size": self["batch_size"], "world": world,
+               "seed": self["seed"], "device": device.type, "student_input": self["student_input"],
+               "kernels": kernels, "threads": torch.get_num_threads() if device.type == "cpu" else None,
+               "packages": packages}
+        if self["repeated_aug"] > 1:
+            key["repeated_aug"] = self["repeated_aug"]
+        return key

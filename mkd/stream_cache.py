@@ -179,6 +179,15 @@ class Feed:
     hits: dict = field(default_factory=lambda: dict.fromkeys(  # what came from where, for the log and result
         ("inputs_read", "inputs_written", "teacher_read", "teacher_written"), 0))
 
+    def summary(self) -> Optional[str]:
+        """What the run read from and wrote to the stream caches (None without caches), for its log."""
+        h, parts = self.hits, []
+        if self.teacher is not None:
+            parts.append(f"teacher logits {h['teacher_read']} epochs read, {h['teacher_written']} written")
+        if self.inputs is not None:
+            parts.append(f"input batches {h['inputs_read']} epochs read, {h['inputs_written']} written")
+        return "stream cache: " + "; ".join(parts) if parts else None
+
     def epoch(self, epoch: int, first_step: int = 0) -> Iterator[Batch]:
         """The batches of ``epoch`` (0-based) from step ``first_step`` on, teacher logits included."""
         dev = self.device

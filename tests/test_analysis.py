@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from conftest import ROOT, assert_user_error, run_cli
+from mkd.results import MetricsLine, Result, RunInfo
 
 sys.path.insert(0, str(ROOT / "analysis"))
 MAKE = str(ROOT / "analysis" / "make_tables.py")
@@ -32,23 +33,22 @@ def _declared_columns(method: str) -> dict:
 
 def fake_run(root: Path, suite: str, rid: str, rows: list[dict], method: str, result: dict | None,
              teacher: str | None = None, metrics: list[dict] | None = None, scale: str = "tiny",
-             cfg_extra: dict | None = None) -> Path:
+             cfg_extra: dict | None = None, table: str | None = None) -> Path:
     d = root / suite / scale / rid
     d.mkdir(parents=True)
-    (d / "run.json").write_text(json.dumps({"run_id": rid, "kind": "student", "scale": scale, "suite": suite,
-                                            "rows": rows, "teacher_run": None,
-                                            "method": {"name": method, **_declared(method)}}))
+    (d / "run.json").write_text(json.dumps(RunInfo(rid, scale=scale, suite=suite, suites=[suite], rows=rows,
+                                                   table=table, method={"name": method, **_declared(method)}).to_dict()))
     (d / "config.yaml").write_text(yaml.safe_dump({"method": method, "student": "emb_vit_s", "teacher": teacher,
                                                    **(cfg_extra or {})}))
     if result is not None:
-        (d / "result.json").write_text(json.dumps(result))
-    (d / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics or []))
+        (d / "result.json").write_text(json.dumps(Result.from_dict(result).to_dict()))
+    (d / "metrics.jsonl").write_text("".join(json.dumps(MetricsLine.from_dict(m).to_dict()) + "\n" for m in metrics or []))
     return d
 
 
 def done(top1, tau=None, t_top1=None, t_params=None):
-    return {"status": "done", "final_top1": top1, "final_top5": 90.0, "best_top1": top1, "tau_t": tau, "tau_s": tau,
-            "teacher_top1": t_top1, "teacher_params": t_params}
+    return Result("done", final_top1=top1, final_top5=90.0, best_top1=top1, tau_t=tau, tau_s=tau,
+                  teacher_top1=t_top1, teacher_params=t_params).to_dict()
 
 
 @pytest.fixture
@@ -175,6 +175,38 @@ def test_imagenet_table_puts_published_and_reproduced_numbers_in_the_right_cells
     assert src in md and "2202.07940" in src
 
 
+def test_gap_ladder_table_puts_each_published_number_beside_its_like_for_like_cell(tmp_path):
+    """The ladder's published KD (T=4) and DIST numbers sit beside the runs with the same teacher; the difference
+    is shown for runs of the published architecture and epochs, ``n/c`` with the reason otherwise."""
+    import make_tables
+
+    res = tmp_path / "results"
+    ladder = {"t1": ("resnet34.tv_in1k", 73.31, 2.18e7), "t2": ("resnet50.tv_in1k", 76.13, 2.56e7)}
+    for t, (model, t_top1, t_params) in ladder.items():
+        for m, epochs in (("kd", 100), ("dist", 90)):
+            for seed in (0, 1):
+                fake_run(res, "gap_ladder", f"{t}{m}{seed}", [{"teacher": t, "augment": "weak", "method": m,
+                                                                "seed": seed}], m,
+                         done(71.0 + seed, None, t_top1, t_params), model, scale="imagenet",
+                         cfg_extra={"student": "resnet18", "epochs": epochs}, table="gap_ladder")
+    for seed in (0, 1):
+        fake_run(res, "gap_ladder", f"ce{seed}", [{"teacher": t, "augment": "weak", "method": "ce", "seed": seed}
+                                                  for t in ladder], "ce", done(69.0 + seed), None, scale="imagenet",
+                 cfg_extra={"student": "resnet18", "epochs": 100}, table="gap_ladder")
+    make_tables.build(res, tmp_path / "t")
+    md = (tmp_path / "t" / "gap_ladder_imagenet.md").read_text()
+    lines = [l for l in md.splitlines() if l.startswith("| ")]
+    header = [c.strip() for c in lines[0].split("|")[1:-1]]
+    rows = {l.split("|")[1].strip(): [c.strip() for c in l.split("|")[1:-1]] for l in lines[1:]}
+    kd, dist, ce = (header.index(f"augment=weak: {x} published") for x in ("KD", "DIST", "CE"))
+    assert rows["t1"][kd].startswith("71.21 [") and rows["t1"][kd].endswith("(+0.29)")  # mean 71.5 - 71.21
+    assert rows["t2"][kd].startswith("71.35 [") and rows["t2"][kd].endswith("(+0.15)")
+    assert rows["t1"][dist].startswith("72.07 [") and rows["t1"][dist].endswith("(n/c)")
+    assert "t1 DIST: not compared (epochs: ours 90, published 100)." in md
+    assert rows["t1"][ce].startswith("69.76 [") and rows["t1"][ce].endswith("(-0.26)")  # no teacher: every row
+    assert "hunto/DIST_KD README" in md
+
+
 def test_every_reference_number_appears_in_the_published_facts_with_its_source():
     """tables/paper_reference.csv holds only numbers of docs/published.md, each under the source it names."""
     text = (ROOT / "docs" / "published.md").read_text()
@@ -190,6 +222,27 @@ def test_empty_or_missing_results_is_one_clear_line(tmp_path):
     assert_user_error(run_cli(MAKE, "--results", str(tmp_path / "missing")), "not found")
     (tmp_path / "empty").mkdir()
     assert_user_error(run_cli(MAKE, "--results", str(tmp_path / "empty")), "no runs under")
+
+
+def test_a_table_refuses_to_average_over_an_axis_it_does_not_show(tmp_path):
+    """A degradation suite with a student axis: the degradation table lays out teacher, augmentation and method,
+    so two students in one cell are refused in one line naming the axis and the fix; --filter picks one."""
+    res = tmp_path / "results"
+    for student, base in (("emb_vit_s", 40.0), ("emb_vit_m", 50.0)):
+        for m in ("kd", "mkd"):
+            for seed in (0, 1):
+                fake_run(res, "deg2", f"{student}{m}{seed}", [{"teacher": "large", "augment": "weak", "method": m,
+                                                                "student": student, "seed": seed}], m,
+                         done(base + seed, 4.0 if m == "mkd" else None, 80.0, 5e5), "emb_vit_xl",
+                         cfg_extra={"student": student}, table="degradation")
+    assert_user_error(run_cli(MAKE, "--results", str(res), "--out", str(tmp_path / "t")),
+                      "degradation table does not show the axis 'student'", "emb_vit_m, emb_vit_s",
+                      "--filter student=VALUE")
+    p = run_cli(MAKE, "--results", str(res), "--out", str(tmp_path / "t"), "--filter", "student=emb_vit_m")
+    assert p.returncode == 0, p.stderr
+    md = (tmp_path / "t" / "deg2_tiny.md").read_text()
+    assert "50.50 [" in md and "40.50" not in md, "only the filtered student's runs"
+    assert_user_error(run_cli(MAKE, "--results", str(res), "--filter", "studnt=x"), "no axis 'studnt'")
 
 
 @pytest.mark.slow

@@ -51,7 +51,7 @@ def _crash_before_finishing(monkeypatch, cfg, out):
     def boom(*a, **k):
         raise RuntimeError("simulated crash")
 
-    monkeypatch.setattr(T, "_finish", boom)
+    monkeypatch.setattr(T.Trainer, "finish", boom)
     with pytest.raises(RuntimeError, match="simulated crash"):
         T.train(cfg, out, quiet=True)
     monkeypatch.undo()
@@ -128,11 +128,12 @@ def test_a_damaged_split_is_made_again_identically(tmp_path):
 @pytest.mark.slow
 def test_metrics_cut_short_keep_their_readable_lines_and_the_run_is_named(tmp_path, clean_run):
     from conftest import ROOT as R
+    from mkd.results import RunInfo
 
     res = tmp_path / "results" / "s" / "tiny" / clean_run.name
     shutil.copytree(clean_run, res)
-    (res / "run.json").write_text(json.dumps({"run_id": clean_run.name, "kind": "student", "scale": "tiny",
-                                              "suite": "s", "rows": [{"method": "mkd", "seed": 0}]}))
+    (res / "run.json").write_text(json.dumps(RunInfo(clean_run.name, scale="tiny", suite="s",
+                                                     rows=[{"method": "mkd", "seed": 0}]).to_dict()))
     m = res / "metrics.jsonl"
     m.write_text(m.read_text()[:-40])
     p = run_cli(str(R / "analysis" / "make_tables.py"), "--results", str(tmp_path / "results"),

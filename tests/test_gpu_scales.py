@@ -140,3 +140,16 @@ def test_a_compiled_student_replays_its_drop_path_masks_in_the_meta_step():
     other = student(x)  # the generator has moved on: other masks
     assert torch.allclose(compiled, eager, atol=1e-5), (compiled - eager).abs().max()
     assert not torch.allclose(compiled, other, atol=1e-3), "drop path draws masks (the check is not vacuous)"
+
+
+def test_cifar_resnets_keep_the_cifar_stem_resolution():
+    """``cifar_resnetN``: timm's ResNet with a 3x3 stride-1 stem and no max pool, so 32 px ends at 4x4 maps (the
+    ImageNet stem would leave 1x1), with timm's own weights and blocks otherwise."""
+    import torch
+
+    from mkd.models import create_model
+
+    m = create_model("cifar_resnet18", 100, 32).eval()
+    assert m.forward_features(torch.zeros(1, 3, 32, 32)).shape[-2:] == (4, 4)
+    assert create_model("resnet18", 100, 32).eval().forward_features(torch.zeros(1, 3, 32, 32)).shape[-2:] == (1, 1)
+    assert m.conv1.kernel_size == (3, 3) and m.conv1.stride == (1, 1)

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, RUN, assert_user_error, cli_error, env, load_script, run_cli, write_suite
+from mkd.results import Result
 from mkd.suites import expand, known_suites
 
 def test_degradation_suite_expands_to_a_teacher_ladder_and_shares_ce_runs():
@@ -35,6 +36,30 @@ def test_imagenet_hard_rows_train_the_distillation_token_students_of_the_publish
     assert student[("ViT-B", "hard")] == "deit_base_distilled_patch16_224"
     assert student[("ViT-T", "kd")] == student[("ViT-T", "ce")] == "deit_tiny_patch16_224"
     assert student[("ViT-L", "hard")] == "vit_large_patch16_224"  # no published ViT-L hard number to match
+
+
+def test_gap_ladder_plans_the_published_ladder_at_each_scale_offline(tmp_path):
+    """imagenet: the DIST README's ladder (ResNet-18 from scratch, torchvision ResNet-34..152 teachers through timm,
+    DIST's recipe); cifar: the CIFAR-stem ResNets; tiny: a BatchNorm ResNet width ladder. Planning needs no
+    network (pretrained teachers are not downloaded to plan)."""
+    inet = expand("gap_ladder", "imagenet", data_root=str(tmp_path))
+    teachers = {r.rows[0]["teacher"]: (r.config.student, r.config.pretrained) for r in inet.teachers}
+    assert teachers == {f"t{i}": (f"resnet{d}.tv_in1k", True) for i, d in enumerate((34, 50, 101, 152), 1)}
+    methods = {r.config.method for r in inet.students}
+    assert methods == {"ce", "kd", "dist", "dkd", "ctkd", "mkd"}
+    c = next(r.config for r in inet.students if r.config.method == "kd")
+    assert (c.student, c.epochs, c.batch_size, c.optimizer, c.lr, c.weight_decay, c.lr_schedule, c.decay_epochs) == \
+        ("resnet18", 100, 256, "sgd", 0.1, 1e-4, "step", 30), "DIST's ImageNet recipe (resnet_dist.yaml)"
+    assert (c.kd.tau_t, c.kd.tau_s) == (4.0, 4.0), "the ladder's KD baseline is KD (T=4)"
+    d = next(r.config for r in inet.students if r.config.method == "dist")
+    assert d.dist.tau == 1.0 and d.dist.loss_weight == 2.0
+    k = next(r.config for r in inet.students if r.config.method == "dkd")
+    assert (k.dkd.beta, k.dkd.T) == (0.5, 1.0)
+    cifar = expand("gap_ladder", "cifar", data_root=str(tmp_path))
+    assert {r.config.student for r in cifar.teachers} == {f"cifar_resnet{d}" for d in (34, 50, 101, 152)}
+    assert next(r.config for r in cifar.students if r.config.method == "dkd").dkd.beta == 8.0
+    tiny = expand("gap_ladder", "tiny")
+    assert len(tiny.teachers) == 4 and len(tiny.students) == 3 * (1 + 4 * 5)
 
 
 def test_teachers_are_shared_across_suites():
@@ -201,7 +226,7 @@ def test_failed_runs_are_retried_and_locked_runs_skipped(small_suite_results, tm
     shutil.copytree(d / "results", res)
     runs = sorted((res / "small" / "tiny").glob("*/result.json"))
     failed_dir, locked_dir = runs[0].parent, runs[1].parent
-    failed_dir.joinpath("result.json").write_text(json.dumps({"status": "failed", "reason": "test"}))
+    failed_dir.joinpath("result.json").write_text(json.dumps(Result.failed(failed_dir.name, "test").to_dict()))
     locked_dir.joinpath("result.json").unlink()
     p = run_cli(RUN, "--suite", str(suite), "--results", str(res), "--status")
     assert p.returncode == 1 and "failed" in p.stdout and "pending" in p.stdout

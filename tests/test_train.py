@@ -73,8 +73,8 @@ def test_checkpoint_minutes_skips_epoch_checkpoints_but_not_the_metrics(tmp_path
     import mkd.train as tr
 
     saved, metrics = [], []
-    real = tr._checkpoint
-    monkeypatch.setattr(tr, "_checkpoint", lambda cfg, run, b, p, *a: (saved.append(p.epoch), real(cfg, run, b, p, *a)))
+    real = tr.Trainer.checkpoint
+    monkeypatch.setattr(tr.Trainer, "checkpoint", lambda self: (saved.append(self.state.epoch), real(self)))
     real_write = tr.atomic.write_jsonl
     monkeypatch.setattr(tr.atomic, "write_jsonl", lambda path, recs: (metrics.append(len(recs)), real_write(path, recs)))
     for minutes, out in ((0, "every"), (1e6, "rare")):

@@ -1,0 +1,253 @@
+"""Cohorts: the runs of a plan that share a teacher stream train in lockstep in one process, so the teacher's
+forward (the bulk of a KD step at the imagenet scale) is paid once per step for all of them.
+
+Each step the cohort's first member's feed gives the batch (the stream's augmentation and the teacher's logits,
+computed once or read from the stream cache); then each member takes its step with its own RNG state, put back
+before and saved after, so its drop path and dropout masks, and every other draw, are those of the run trained
+alone: each member ends with the weights and records of its separate run (``tests/test_cohort.py``).  Each keeps
+its run directory, metrics, checkpoints and result; one that fails (a non-finite loss, bad input) leaves the
+cohort and the others go on; a preemption checkpoints every member at the same step, and the requeued job
+resumes them all.  Members that resume from different points train one after another instead.
+"""
+from __future__ import annotations
+
+import json
+import signal
+import time
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Callable, Optional
+
+from .errors import UserError
+
+MODES = ("auto", "on", "off")
+
+
+def cohort_key(cfg) -> Optional[str]:
+    """Runs with equal keys can train as one cohort: the same data stream and the same teacher (weights, input,
+    precision, compilation) for the same number of epochs; None for a run without a teacher (nothing to share)."""
+    from . import methods
+
+    if not methods.get(cfg.method).needs_teacher:
+        return None
+    return json.dumps([cfg.stream_key(), cfg.teacher, cfg.teacher_kwargs, cfg.teacher_checkpoint,
+                       cfg.teacher_pretrained, cfg.teacher_input, cfg.amp, cfg.compile, cfg.epochs], default=str)
+
+
+def wanted(cfg, mode: str) -> bool:
+    """``auto``: cohorts where the teacher's logits are not cached (the imagenet scale by default: there the
+    teacher runs every step of every run; where a stream cache holds them, separate runs read them for free and
+    the local pool keeps its parallelism); ``on``: wherever runs share a teacher stream; ``off``: never."""
+    return mode == "on" or (mode == "auto" and not cfg.caches_teacher)
+
+
+def plan_cohorts(students: list, mode: str = "auto", max_size: int = 8) -> list[list]:
+    """The plan's students as units of work: cohorts of runs with one ``cohort_key`` (at most ``max_size``), in
+    plan order, and every other run alone.  All runs of a plan share its scale's resources (the profile's nodes,
+    GPUs and time limit), and runs of different epochs never share a key, so a cohort never mixes resources."""
+    if mode not in MODES:
+        raise UserError(f"--cohorts {mode}: use one of {', '.join(MODES)}")
+    units: list[list] = []
+    open_: dict[str, list] = {}
+    for r in students:
+        key = cohort_key(r.config) if wanted(r.config, mode) else None
+        if key is None:
+            units.append([r])
+            continue
+        unit = open_.get(key)
+        if unit is None or len(unit) >= max_size:
+            unit = open_[key] = []
+            units.append(unit)
+        unit.append(r)
+    return units
+
+
+# ---------------------------------------------------------------------------- training a cohort
+def train_cohort(run_dirs: list[str], teacher_dirs: Optional[list[Optional[str]]] = None, quiet: bool = False,
+                 say: Optional[Callable] = None) -> dict[str, tuple[bool, str]]:
+    """Train the runs in ``run_dirs`` (one cohort) to their ends; returns {run_dir: (finished, why not)}."""
+    from .config import load_config
+    from .environment import init_distributed
+    from .prepare import prepare_dir
+    from .rundir import RunDir, RunLocked
+    from .train import Trainer
+
+    ctx = init_distributed()
+    teacher_dirs = teacher_dirs or [None] * len(run_dirs)
+    keys = {cohort_key(load_config(RunDir(d).config)) for d in run_dirs}
+    if len(keys) != 1 or None in keys:
+        raise UserError(f"runs {', '.join(Path(d).name for d in run_dirs)} do not share one teacher stream (data "
+                        "stream, teacher, epochs): they cannot train as one cohort; train them separately")
+    out: dict[str, tuple[bool, str]] = {}
+    with ExitStack() as stack:
+        members = []
+        for d, td in zip(run_dirs, teacher_dirs):
+            run, cfg = RunDir(d), load_config(RunDir(d).config)
+            log = _member_log(run, quiet or ctx.rank, say)
+            done = _broadcast(prepare_dir(cfg, run, log) if ctx.main else None, ctx)
+            if done is not None:
+                out[d] = (True, "")
+                continue
+            locked = None
+            if ctx.main:
+                try:
+                    stack.enter_context(run.lock())
+                except RunLocked as e:  # trained by another process: the cohort goes on without it
+                    locked = str(e)
+            locked = _broadcast(locked, ctx)  # every rank leaves the same members out
+            if locked:
+                out[d] = (False, locked)
+                continue
+            members.append(Trainer(cfg, run, ctx, log, td))
+        shared = None
+        for m in list(members):
+            if not _guarded(m, out, lambda m=m: m.start(shared)):
+                members.remove(m)
+            elif shared is None:
+                shared = m.parts.teacher
+        lockstep, alone = _by_position(members)
+        if lockstep:
+            _lockstep(lockstep, out)
+        for m in alone:
+            _guarded(m, out, lambda m=m: _finish_alone(m))
+    if ctx.world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+    return out
+
+
+def _finish_alone(m) -> None:
+    with m.guard:
+        while m.state.epoch < m.cfg.epochs:
+            m.after_epoch(m.epoch())
+    _finish(m)
+
+
+def _finish(m) -> None:
+    from . import messages
+
+    result = m.finish()
+    for line in messages.done_lines(m.parts.feed, result, m.state.wall, m.dir.path):
+        m.say(line)
+
+
+def _lockstep(members: list, out: dict) -> None:
+    """Epoch after epoch, step after step: one batch from the first member's feed, then each member's step."""
+    from .engine import NonFiniteLoss
+    from .environment import rng_state, set_rng_state
+    from .preempt import PreemptGuard
+
+    active = list(members)
+    feed_hits = active[0].parts.feed.hits
+    for m in active:
+        m.parts.feed.hits = feed_hits  # every member read what the shared feed read
+    guard = PreemptGuard()
+    for m in active:
+        m.guard = guard  # one signal stops the cohort, at one step for all
+    with guard:
+        while active and active[0].state.epoch < active[0].cfg.epochs:
+            steps, rngs = {}, {}
+            for m in active:
+                steps[m] = m.begin_epoch()
+                rngs[m] = rng_state()
+            lead = active[0]
+            feed = lead.parts.feed.epoch(lead.state.epoch, steps[lead].part.step_in_epoch)
+            for batch in feed:
+                for m in list(active):
+                    set_rng_state(rngs[m])
+                    try:
+                        steps[m].take(batch)
+                        m.after_step(steps[m], stop=False)
+                    except (NonFiniteLoss, UserError, OSError) as e:
+                        _fail(m, e, out)
+                        active.remove(m)
+                        continue
+                    rngs[m] = rng_state()
+                if active and active[0].stop_requested(steps[active[0]]):  # DDP: every rank agrees
+                    _checkpoint_all(active, steps, rngs)
+                    guard.requested = guard.requested or signal.SIGTERM  # another rank's signal
+                    guard.stop(f"at step {steps[active[0]].part.step_in_epoch} of epoch {active[0].state.epoch + 1}")
+            for m in list(active):
+                set_rng_state(rngs[m])
+                if not _guarded(m, out, lambda m=m: m.after_epoch(m.end_epoch(steps[m]))):
+                    active.remove(m)
+    for m in active:
+        if _guarded(m, out, lambda m=m: _finish(m)):
+            out[str(m.dir.path)] = (True, "")
+
+
+def _checkpoint_all(active: list, steps: dict, rngs: dict) -> None:
+    """Every member's checkpoint at the step where the cohort stops, each with its own RNG state."""
+    from .environment import set_rng_state
+
+    for m in active:
+        set_rng_state(rngs[m])
+        p = m.state
+        p.step = steps[m].step
+        p.in_epoch, p.in_epoch_seconds = steps[m].part, m.timer.now() - m._t0
+        m.checkpoint()
+
+
+def _guarded(m, out: dict, fn: Callable) -> bool:
+    """``fn()`` for member ``m``; a failure is recorded as the member's (result.json says why), not the cohort's."""
+    from .preempt import Preempted
+    from .prepare import failures_recorded
+
+    try:
+        with failures_recorded(m.dir, m.cfg, m.ctx.main):
+            fn()
+        out.setdefault(str(m.dir.path), (True, ""))
+        return True
+    except Preempted:
+        raise
+    except UserError as e:
+        out[str(m.dir.path)] = (False, str(e))
+        return False
+
+
+def _fail(m, e: Exception, out: dict) -> None:
+    """A member that failed mid-step: its result says why; the cohort goes on without it."""
+    def boom():
+        raise e
+    _guarded(m, out, boom)
+
+
+def _by_position(members: list) -> tuple[list, list]:
+    """The members that resume from the most common (epoch, step) train in lockstep; the others alone."""
+    from collections import Counter
+
+    pos = {m: (m.state.epoch, m.state.step) for m in members}
+    if not members:
+        return [], []
+    common = Counter(pos.values()).most_common(1)[0][0]
+    together = [m for m in members if pos[m] == common]
+    return (together, [m for m in members if pos[m] != common]) if len(together) > 1 else ([], members)
+
+
+def _broadcast(obj, ctx):
+    if ctx.world > 1:
+        import torch.distributed as dist
+
+        box = [obj]
+        dist.broadcast_object_list(box)
+        return box[0]
+    return obj
+
+
+def _member_log(run, quiet, say: Optional[Callable]) -> Callable:
+    """A member's lines go to its own train.log and, prefixed with its run id, to the cohort's output."""
+    if quiet:
+        return lambda *a: None
+
+    def log(*a):
+        line = " ".join(str(x) for x in a)
+        with open(run.log, "a") as f:
+            f.write(f"{time.strftime('%H:%M:%S')} {line}\n")
+        (say or _print)(f"[{Path(run.path).name}] {line}")
+    return log
+
+
+def _print(line: str) -> None:
+    print(line, flush=True)
+

@@ -1,0 +1,128 @@
+"""Cohorts: runs of one teacher stream trained in lockstep in one process end exactly as they do alone."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import TINY
+from mkd.config import load_config
+
+
+def _configs(teacher_ckpt) -> list:
+    """kd, mkd and ctkd with drop path under Mixup/CutMix (every step draws masks and mixing), dkd without; every
+    method on the same images (``holdout=all``: MKD's meta split is then the training set, so all share a stream)."""
+    common = ["teacher=emb_vit_m", f"teacher_checkpoint={teacher_ckpt}", "epochs=2", "batch_size=64",
+              "augment=strong", "eval_every=1", "log_every=3", "teacher_cache=off", "holdout=all", *TINY]
+    return [load_config(overrides=[f"method={m}", *common, *extra]) for m, extra in
+            (("kd", ["drop_path=0.1"]), ("mkd", ["drop_path=0.1", "mkd.meta_interval=2"]),
+             ("ctkd", ["drop_path=0.1"]), ("dkd", []))]
+
+
+def _same_run(a, b) -> None:
+    wa = torch.load(a / "model.pt", weights_only=False)["model"]
+    wb = torch.load(b / "model.pt", weights_only=False)["model"]
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), f"weights differ: {a.name}"
+    ra, rb = ([{k: v for k, v in json.loads(l).items() if k != "seconds"} for l in (d / "metrics.jsonl").open()]
+              for d in (a, b))
+    assert ra == rb and len(ra) == 2, f"per-epoch records differ: {a.name}"
+
+
+@pytest.mark.slow
+def test_each_member_of_a_cohort_ends_bitwise_as_its_run_alone(tmp_path, teacher_ckpt):
+    from mkd.cohort import train_cohort
+    from mkd.train import train
+
+    cfgs = _configs(teacher_ckpt)
+    dirs = []
+    for c in cfgs:
+        d = tmp_path / "cohort" / c.method
+        d.mkdir(parents=True)
+        (d / "config.yaml").write_text(c.to_yaml())
+        dirs.append(str(d))
+    out = train_cohort(dirs, quiet=True)
+    assert all(ok for ok, _ in out.values()) and len(out) == 4, out
+    for c in cfgs:
+        train(c, tmp_path / "alone" / c.method, quiet=True)
+        _same_run(tmp_path / "cohort" / c.method, tmp_path / "alone" / c.method)
+    res = json.loads((tmp_path / "cohort" / "mkd" / "result.json").read_text())
+    assert res["status"] == "done" and res["tau_t"] is not None
+
+
+@pytest.mark.slow
+def test_a_member_that_fails_leaves_the_cohort_and_a_stopped_cohort_resumes_every_member(tmp_path, teacher_ckpt):
+    """A diverging member (lr 1e6) fails with its reason while the others finish; a cohort stopped at a step
+    (a preemption) checkpoints every member there, and the rerun resumes them all to the uninterrupted result."""
+    from mkd import cohort as C
+    from mkd.preempt import Preempted
+    from mkd.train import train
+
+    kd, mkd = _configs(teacher_ckpt)[:2]
+    bad = load_config(overrides=[*[f"{k}={v}" for k, v in (("method", "kd"), ("lr", 1e6))],
+                                 f"teacher=emb_vit_m", f"teacher_checkpoint={teacher_ckpt}", "epochs=2",
+                                 "batch_size=64", "augment=strong", "log_every=1", "teacher_cache=off", "holdout=all", *TINY])
+    dirs = []
+    for name, c in (("kd", kd), ("bad", bad), ("mkd", mkd)):
+        d = tmp_path / "c" / name
+        d.mkdir(parents=True)
+        (d / "config.yaml").write_text(c.to_yaml())
+        dirs.append(str(d))
+    out = C.train_cohort(dirs, quiet=True)
+    assert out[dirs[0]][0] and out[dirs[2]][0] and not out[dirs[1]][0] and "non-finite" in out[dirs[1]][1]
+    assert json.loads((tmp_path / "c" / "bad" / "result.json").read_text())["status"] == "failed"
+
+    # stop the cohort of kd and mkd at its 5th step, as a preemption signal would, then rerun it
+    dirs2 = []
+    for name, c in (("kd", kd), ("mkd", mkd)):
+        d = tmp_path / "p" / name
+        d.mkdir(parents=True)
+        (d / "config.yaml").write_text(c.to_yaml())
+        dirs2.append(str(d))
+    import mkd.train as T
+
+    real, calls = T.Trainer.stop_requested, []
+
+    def stop_at_5(self, steps):
+        calls.append(steps.step)
+        return steps.step == 5 or real(self, steps)
+    T.Trainer.stop_requested = stop_at_5
+    try:
+        with pytest.raises(Preempted):
+            C.train_cohort(dirs2, quiet=True)
+    finally:
+        T.Trainer.stop_requested = real
+    for d in dirs2:
+        state = torch.load(f"{d}/checkpoint.pt", weights_only=False)
+        assert state["step"] == 5 and state["in_epoch"] is not None, "every member checkpointed at the same step"
+    out = C.train_cohort(dirs2, quiet=True)
+    assert all(ok for ok, _ in out.values())
+    train(kd, tmp_path / "alone_kd", quiet=True)
+    train(mkd, tmp_path / "alone_mkd", quiet=True)
+    _same_run(tmp_path / "p" / "kd", tmp_path / "alone_kd")
+    _same_run(tmp_path / "p" / "mkd", tmp_path / "alone_mkd")
+
+
+def test_the_planner_groups_runs_of_one_teacher_stream_and_nothing_else(tmp_path):
+    """auto: cohorts where the teacher's logits are not cached (ImageNet); a run without a teacher, another teacher,
+    augmentation or seed, or another training set (MKD holds out its meta split unless holdout=all) is another
+    unit."""
+    from mkd.cohort import plan_cohorts
+    from mkd.suites import expand
+
+    six = {"method": ["ce", "kd", "dist", "dkd", "ctkd", "mkd"]}
+    inet = expand("degradation", "imagenet", data_root=str(tmp_path), axes=six)
+    units = plan_cohorts(inet.students, "auto")
+    multi = [u for u in units if len(u) > 1]
+    assert len(multi) == 2 * 2 * 3, "one cohort per teacher, augmentation and seed"
+    assert all(len({(r.rows[0]["teacher"], r.config.seed, r.config.augment) for r in u}) == 1 for u in multi)
+    assert all({r.config.method for r in u} == {"kd", "dist", "dkd", "ctkd"} for u in multi)
+    assert all(len(u) == 1 for u in units if u[0].config.method in ("ce", "mkd"))
+    assert sum(len(u) for u in units) == len(inet.students)
+    same = expand("degradation", "imagenet", data_root=str(tmp_path), axes=six, overrides={"holdout": "all"})
+    assert all({r.config.method for r in u} == {"kd", "dist", "dkd", "ctkd", "mkd"}
+               for u in plan_cohorts(same.students, "auto") if len(u) > 1), "one training set: MKD joins"
+    tiny = expand("degradation", "tiny")
+    assert all(len(u) == 1 for u in plan_cohorts(tiny.students, "auto")), "cached teacher streams: no cohorts"
+    assert any(len(u) == 2 for u in plan_cohorts(tiny.students, "on"))
+    assert all(len(u) == 1 for u in plan_cohorts(inet.students, "off"))
