@@ -162,6 +162,7 @@ def _rivals(df, mkd, kd, rivals, teachers, augs) -> Finding:
     names = ", ".join(label_of(df, r) for r in rivals)
     q4 = Finding("Q4 rivals", f"Is {MKD}'s gain over {KD} larger than the best rival's ({names}), per setting?")
     wins = losses = unresolved = 0
+    open_: list[Estimate] = []
     for t in teachers:
         for a in augs:
             gains = {r: paired(difference(_series(df, r, t, a), _series(df, kd, t, a))) for r in rivals}
@@ -176,6 +177,7 @@ def _rivals(df, mkd, kd, rivals, teachers, augs) -> Finding:
                                f"{gains[best].text(True)}; {MKD} minus {label_of(df, best)}", e))
             if e.mean is None or e.n < 2 or not e.resolved:
                 unresolved += 1
+                open_.append(e)
             elif e.mean > 0:
                 wins += 1
             else:
@@ -183,6 +185,12 @@ def _rivals(df, mkd, kd, rivals, teachers, augs) -> Finding:
     n = wins + losses + unresolved
     q4.answer = (f"in {n} settings, {MKD}'s gain over {KD} is larger than the best rival's in {wins}, smaller in "
                  f"{losses}, and not resolved at this budget in {unresolved}")
+    needs = sorted(k for k in (seeds_needed(e) for e in open_) if k is not None)
+    if needs:  # what would resolve the open settings: the easiest and the hardest of them
+        span = f"{needs[0]}" if needs[0] == needs[-1] else f"{needs[0]} to {needs[-1] if needs[-1] <= 1000 else '>1000'}"
+        q4.answer += (f" (paired SD {min(e.sd for e in open_ if e.sd is not None):.2f} to "
+                      f"{max(e.sd for e in open_ if e.sd is not None):.2f}: about {span} seeds would resolve "
+                      "effects of these sizes)")
     return q4
 
 

@@ -66,6 +66,11 @@ def parse_args(argv):
     ap.add_argument("--no-teacher-cache", action="store_true",
                     help="run the teacher at every step instead of reusing its logits on the stream "
                          "(same as --set teacher_cache=off; the results are the same, only slower)")
+    ap.add_argument("--cohorts", choices=["auto", "on", "off"], default="auto",
+                    help="train the runs of one teacher stream together, one teacher forward per step for all "
+                         "(mkd/cohort.py): auto = where the teacher's logits are not cached (the imagenet scale), "
+                         "on = wherever runs share a teacher stream, off = every run alone (default auto)")
+    ap.add_argument("--no-cohorts", dest="cohorts", action="store_const", const="off", help="same as --cohorts off")
     ap.add_argument("--no-input-cache", action="store_true",
                     help="augment every run's batches itself instead of reading the stream's stored batches")
     return ap.parse_args(argv)
@@ -79,13 +84,22 @@ def print_plan(plan, gpu: str, mfu, cores: int) -> int:
     print(f"suite {plan.suite} ({plan.scale}) from {plan.path}: {len(plan.teachers)} teachers + "
           f"{len(plan.students)} students")
     total = evals = 0.0
+    units = plan.units()
+    cohort_of = {r.run_id: (i, u) for i, u in enumerate(units) if len(u) > 1 for r in u}
     for r in plan.runs:
         wait = f" after teacher {r.teacher}" if r.teacher else ""
         wait += f" after {r.after} (reads the stream caches it fills)" if r.after else ""
-        c = run_cost(r.config, teacher_cached=bool(r.after) and r.config.teacher_stream_key() is not None)
+        i, u = cohort_of.get(r.run_id, (None, []))
+        shared = bool(u) and u[0] is not r  # a cohort computes the teacher's logits once, for its first member
+        wait += f" [cohort {i}: {len(u)} runs, one teacher forward]" if u else ""
+        c = run_cost(r.config, teacher_cached=shared or (bool(r.after) and r.config.teacher_stream_key() is not None))
         h, e = c.gpu_hours(rate, cores)
         total, evals = total + h, evals + e
         print(f"{r.kind:<7} {r.run_id}  {r.label}  {h:,.2f} GPU-h  -> {r.out}{wait}")
+    n = sum(1 for u in units if len(u) > 1)
+    if n:
+        print(f"cohorts ({plan.cohorts}): {n} of {sum(len(u) for u in units if len(u) > 1)} runs, each one process "
+              f"with one teacher forward per step (--no-cohorts: every run alone)")
     print(f"estimated cost: {total:,.1f} {gpu} GPU-hours ({evals:,.1f} of them evaluation) at {how}, "
           f"{cores} CPU cores per GPU (mkd/cost.py)")
     return 0
@@ -111,6 +125,7 @@ def main(argv=None) -> int:
     plan = expand(args.suite, args.scale, args.results, axis_values(args.filter, "--filter", "method=mkd"),
                   overrides, data_root, axis_values(args.axis, "--axis", "seed=0,1,2", yaml.safe_load), checkpoints)
 
+    plan.cohorts = args.cohorts
     if args.dry_run:
         return print_plan(plan, args.gpu, args.mfu, int(profile.get("cpus_per_task") or args.cores))
     if args.status:

@@ -251,3 +251,39 @@ def _member_log(run, quiet, say: Optional[Callable]) -> Callable:
 def _print(line: str) -> None:
     print(line, flush=True)
 
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """``python -m mkd.cohort RUN_DIR...``: train run directories (each with its config.yaml) as one cohort;
+    under torchrun, with DDP."""
+    import argparse
+
+    from .errors import cli
+
+    @cli
+    def run(argv):
+        ap = argparse.ArgumentParser(prog="python -m mkd.cohort", description=main.__doc__.split(";")[0])
+        ap.add_argument("run_dirs", nargs="+", help="run directories holding config.yaml")
+        ap.add_argument("--teacher-dir", help="where the teacher's stream cache lives (default: beside its checkpoint)")
+        args = ap.parse_args(argv)
+        for d in args.run_dirs:
+            if not (Path(d) / "config.yaml").is_file():
+                raise UserError(f"{d}: no config.yaml: write one with python -m mkd.train --print-config > {d}/config.yaml")
+        out = train_cohort(args.run_dirs, [args.teacher_dir] * len(args.run_dirs))
+        bad = [f"{Path(d).name}: {why}" for d, (ok, why) in out.items() if not ok]
+        if bad:
+            raise UserError("cohort members failed: " + "; ".join(bad))
+        return 0
+    try:
+        return run(argv)
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

@@ -188,6 +188,40 @@ def local_job(run_dir: str) -> tuple[bool, str]:
         log.close()
 
 
+def local_cohort_job(run_dirs: list[str]) -> tuple[bool, str]:
+    """Train one cohort inside a pool worker (``mkd/cohort.py``): each member's lines go to its own train.log,
+    the cohort's output (and any traceback) to ``cohort.log`` beside its first member."""
+    from .cohort import train_cohort
+    from .errors import UserError
+
+    log = open(RunDir(run_dirs[0]).path / "cohort.log", "ab", buffering=0)
+    saved = os.dup(1), os.dup(2)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(log.fileno(), 1)
+    os.dup2(log.fileno(), 2)
+    try:
+        out = train_cohort(run_dirs, [_teacher_dir(d) for d in run_dirs])
+        bad = [f"{Path(d).name}: {why}" for d, (ok, why) in out.items() if not ok]
+        return not bad, "; ".join(bad)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return False, str(e)
+    except Exception as e:  # a bug: keep the traceback in the log, tell the runner
+        import traceback
+
+        traceback.print_exc()
+        return False, f"{type(e).__name__}: {e}"
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        os.close(saved[0])
+        os.close(saved[1])
+        log.close()
+
+
 class _Pool:
     """A spawn-context process pool of persistent workers (one GPU each, or a share of the CPU threads) that is
     rebuilt when a worker dies (killed, out of memory)."""
@@ -210,8 +244,10 @@ class _Pool:
         return ProcessPoolExecutor(self.n, mp_context=self.ctx, initializer=_worker_init,
                                    initargs=(self.threads, self.gpu_q))
 
-    def submit(self, run: Run):
-        return self.pool.submit(local_job, str(run.out))
+    def submit(self, unit: list[Run]):
+        if len(unit) == 1:
+            return self.pool.submit(local_job, str(unit[0].out))
+        return self.pool.submit(local_cohort_job, [str(r.out) for r in unit])
 
     def restart(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
@@ -237,8 +273,8 @@ class LocalRunner:
         self.plan, self.n = plan, max_parallel or n_default
         self.by_id = {r.run_id: r for r in plan.runs}
         self.failed: list[Run] = []
-        self.running: dict = {}  # future -> (run, start)
-        self.queue: list[Run] = []
+        self.running: dict = {}  # future -> (unit, start): a unit is a run or a cohort (Plan.units)
+        self.queue: list[list[Run]] = []
         self.count, self.total = 0, 0
         self.tty = sys.stderr.isatty() and not quiet
         self.bar = tqdm(total=0, desc=f"{plan.suite}/{plan.scale}", unit="run", disable=not self.tty, dynamic_ncols=True)
@@ -253,48 +289,56 @@ class LocalRunner:
         self.bar.write(msg) if self.tty else print(msg, flush=True)
 
     def schedule(self, pool: _Pool) -> None:
-        """Start every queued run whose teacher is done and whose cache producer has ended (a failed producer
-        only means the run computes the stream itself); fail those whose teacher failed."""
+        """Start every queued unit (a run, or a cohort) whose teachers are done and whose cache producers outside
+        it have ended (a failed producer only means the run computes the stream itself); fail the runs whose
+        teacher failed."""
         def busy(run_id: Optional[str]) -> bool:
-            return run_id is not None and (any(r.run_id == run_id for r in self.queue) or
-                                           any(r.run_id == run_id for r, _ in self.running.values()))
+            return run_id is not None and (any(r.run_id == run_id for u in self.queue for r in u) or
+                                           any(r.run_id == run_id for u, _ in self.running.values() for r in u))
 
-        for run in list(self.queue):
+        for unit in list(self.queue):
             if len(self.running) >= self.n:
                 break
-            ts = "done" if run.teacher is None else self.by_id[run.teacher].dir.state()
-            producer = self.by_id.get(run.after) if run.after else None
-            if producer is not None and (busy(run.after) or producer.dir.state() == "running"):
+            ids = {r.run_id for r in unit}
+            waits = [self.by_id[r.after] for r in unit if r.after and r.after not in ids and r.after in self.by_id]
+            if any(busy(w.run_id) or w.dir.state() == "running" for w in waits):
                 continue
-            if ts == "done":
-                self.queue.remove(run)
-                self.running[pool.submit(run)] = (run, time.time())
-            elif not busy(run.teacher) and ts != "running":
-                self.queue.remove(run)
-                self.failed.append(run)
-                self.report(run, False, 0, f"(teacher {run.teacher} failed: see {self.by_id[run.teacher].dir.log_path()})")
+            state = {r.run_id: "done" if r.teacher is None else self.by_id[r.teacher].dir.state() for r in unit}
+            dead = [r for r in unit if state[r.run_id] not in ("done", "running") and not busy(r.teacher)]
+            for r in dead:  # its teacher failed: it can never start
+                self.failed.append(r)
+                self.report(r, False, 0, f"(teacher {r.teacher} failed: see {self.by_id[r.teacher].dir.log_path()})")
+            left = [r for r in unit if r not in dead]
+            i = self.queue.index(unit)
+            self.queue.remove(unit)
+            if left and all(state[r.run_id] == "done" for r in left):
+                self.running[pool.submit(left)] = (left, time.time())
+            elif left:
+                self.queue.insert(i, left)
 
     def collect(self, pool: _Pool, finished) -> None:
-        """Record finished runs; a dead worker breaks the pool: requeue the others and rebuild it."""
+        """Record finished units; a dead worker breaks the pool: requeue the others and rebuild it."""
         from concurrent.futures.process import BrokenProcessPool
 
         for fut in finished:
-            run, start = self.running.pop(fut)
+            unit, start = self.running.pop(fut)
             try:
-                ok, why = fut.result()
+                _, why = fut.result()
             except BrokenProcessPool:
-                ok, why = False, ("the worker process died (killed, or out of memory): rerun the suite to resume "
+                why = ("the worker process died (killed, or out of memory): rerun the suite to resume "
                                   "this run from its last checkpoint")
-                for f2, (r2, _) in list(self.running.items()):
-                    self.queue.insert(0, r2)
+                for f2, (u2, _) in list(self.running.items()):
+                    self.queue.insert(0, u2)
                     self.running.pop(f2)
                 pool.restart()
-            ok = ok and (run.dir.read_result() or {}).get("status") == "done"
-            if not ok:
-                self.failed.append(run)
-                if run.dir.read_result() is None:
-                    atomic.write_json(run.dir.result, Result.failed(run.run_id, why).to_dict())
-            self.report(run, ok, time.time() - start, "" if ok else f"see {run.dir.log}")
+            for run in unit:
+                done = (run.dir.read_result() or {}).get("status") == "done"
+                if not done:
+                    self.failed.append(run)
+                    if run.dir.read_result() is None:
+                        atomic.write_json(run.dir.result, Result.failed(run.run_id, why or "unfinished").to_dict())
+                log = run.dir.log if len(unit) == 1 else f"{run.dir.log} and {unit[0].dir.path / 'cohort.log'}"
+                self.report(run, done, time.time() - start, "" if done else f"see {log}")
 
     def run(self) -> list[Run]:
         from concurrent.futures import FIRST_COMPLETED, wait
@@ -309,7 +353,9 @@ class LocalRunner:
                 print(f"suite {self.plan.suite} ({self.plan.scale}): all {len(self.plan.runs)} runs finished; nothing to do")
             return []
         prepare(self.plan)
-        self.queue, self.total = list(todo), len(todo)
+        pending = {r.run_id for r in todo}
+        self.queue = [u for u in ([[r for r in unit if r.run_id in pending] for unit in self.plan.units()]) if u]
+        self.total = len(todo)
         self.bar.total = len(todo)
         t0 = time.time()
         pool = _Pool(self.n, threads_per_run(self.n, self.slots), self.slots)
@@ -349,10 +395,11 @@ def run_local(plan: Plan, max_parallel: Optional[int] = None, quiet: bool = Fals
 
 # ---------------------------------------------------------------------------- Slurm execution
 class TrainJob(submitit.helpers.Checkpointable):
-    """A submitit job training one run directory; requeued on timeout/preemption, it resumes from the
-    run's last checkpoint (Checkpointable resubmits the same call)."""
+    """A submitit job training one run directory, or a cohort's (a list: ``mkd/cohort.py``); requeued on
+    timeout/preemption, it resumes from the last checkpoints (Checkpointable resubmits the same call)."""
 
-    def __call__(self, run_dir: str) -> Optional[dict]:
+    def __call__(self, run_dir: str | list[str]) -> Optional[dict]:
+        from .cohort import train_cohort
         from .config import load_config
         from .preempt import Preempted
         from .train import train
@@ -361,6 +408,9 @@ class TrainJob(submitit.helpers.Checkpointable):
         if env.num_tasks > 1:  # overwrite: a MASTER_PORT the cluster or user set is kept (submitit reads it)
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
         try:
+            if isinstance(run_dir, list):  # a cohort: its members' results are in their run directories
+                out = train_cohort(run_dir, [_teacher_dir(d) for d in run_dir])
+                return {Path(d).name: {"finished": ok, "reason": why} for d, (ok, why) in out.items()}
             return train(load_config(RunDir(run_dir).config), run_dir, teacher_dir=_teacher_dir(run_dir))
         except Preempted:
             if env.global_rank == 0:
@@ -455,43 +505,54 @@ def submit_slurm(plan: Plan, profile: dict, max_parallel: Optional[int] = None) 
     submitted: list[submitit.Job] = []
     job_of: dict[str, str] = {r.run_id: _active_job(r, states) for r in skipped}
 
-    def submit(runs: list[Run], dependency: Optional[str]) -> None:
+    def submit(units: list[list[Run]], dependency: Optional[str]) -> None:
+        """One array element per unit: a run, or a cohort (every member's job.json names the element)."""
         ex.update_parameters(slurm_dependency=dependency)
         with ex.batch():
-            jobs = [ex.submit(TrainJob(), str(r.out)) for r in runs]
-        for r, j in zip(runs, jobs):
-            job_of[r.run_id] = j.job_id
-            atomic.write_json(r.dir.job, {"executor": "slurm", "job_id": j.job_id, "folder": str(folder / "%j"),
-                                            "stdout": str(j.paths.stdout), "stderr": str(j.paths.stderr),
-                                            "dependency": dependency, "submitted_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+            jobs = [ex.submit(TrainJob(), str(u[0].out) if len(u) == 1 else [str(r.out) for r in u]) for u in units]
+        for u, j in zip(units, jobs):
+            for r in u:
+                job_of[r.run_id] = j.job_id
+                atomic.write_json(r.dir.job, {"executor": "slurm", "job_id": j.job_id, "folder": str(folder / "%j"),
+                                              "stdout": str(j.paths.stdout), "stderr": str(j.paths.stderr),
+                                              "dependency": dependency, "cohort": [x.run_id for x in u] if len(u) > 1 else None,
+                                              "submitted_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
         submitted.extend(jobs)
 
     teachers = [r for r in todo if r.kind == "teacher"]
     if teachers:
-        submit(teachers, None)
+        submit([[r] for r in teachers], None)
     by_id = {r.run_id: r for r in plan.runs}
 
-    def dependency(r: Run) -> Optional[str]:
-        """afterok on an unfinished teacher; afterany on the unfinished run that fills the caches it reads
-        (if that one fails, this run computes the stream itself)."""
-        deps = []
-        if r.teacher and job_of.get(r.teacher) and (by_id[r.teacher].dir.read_result() or {}).get("status") != "done":
-            deps.append(f"afterok:{job_of[r.teacher]}")
-        if r.after and job_of.get(r.after) and (by_id[r.after].dir.read_result() or {}).get("status") != "done":
-            deps.append(f"afterany:{job_of[r.after]}")
-        return ",".join(deps) or None
+    def dependency(unit: list[Run]) -> Optional[str]:
+        """afterok on each unfinished teacher; afterany on each unfinished run outside the unit that fills the
+        caches a member reads (if that one fails, the member computes the stream itself)."""
+        deps, ids = [], {r.run_id for r in unit}
+        for r in unit:
+            if r.teacher and job_of.get(r.teacher) and (by_id[r.teacher].dir.read_result() or {}).get("status") != "done":
+                deps.append(f"afterok:{job_of[r.teacher]}")
+            if r.after and r.after not in ids and job_of.get(r.after) and \
+                    (by_id[r.after].dir.read_result() or {}).get("status") != "done":
+                deps.append(f"afterany:{job_of[r.after]}")
+        return ",".join(dict.fromkeys(deps)) or None  # each once, in order
 
-    students = [r for r in todo if r.kind == "student"]
-    while students:  # waves: a run is submitted once the run it waits for has a job id
-        wave = [r for r in students if not (r.after and r.after in {s.run_id for s in students})] or students
-        groups: dict[Optional[str], list[Run]] = defaultdict(list)
-        for r in wave:
-            groups[dependency(r)].append(r)
-        for dep, runs in groups.items():
-            submit(runs, dep)
-        students = [r for r in students if r not in wave]
+    pending = {r.run_id for r in todo}
+    units = [u for u in ([r for r in unit if r.run_id in pending] for unit in plan.units()) if u and u[0].kind == "student"]
+    while units:  # waves: a unit is submitted once the runs it waits for have job ids
+        waiting = {r.run_id for u in units for r in u}
+        wave = [u for u in units if not any(r.after and r.after in waiting and r.after not in {x.run_id for x in u}
+                                            for r in u)] or units
+        groups: dict[Optional[str], list[list[Run]]] = defaultdict(list)
+        for u in wave:
+            groups[dependency(u)].append(u)
+        for dep, us in groups.items():
+            submit(us, dep)
+        units = [u for u in units if u not in wave]
+    n_students = len([r for r in todo if r.kind == "student"])
+    cohorts = len(submitted) - len(teachers)
     print(f"suite {plan.suite} ({plan.scale}): submitted {len(submitted)} jobs "
-          f"({len(teachers)} teachers, {len(submitted) - len(teachers)} students); "
+          f"({len(teachers)} teachers, {n_students} students"
+          + (f" in {cohorts} jobs: cohorts of a teacher stream" if cohorts < n_students else "") + "); "
           f"logs in {folder}; follow with --status")
     return submitted
 

@@ -85,10 +85,18 @@ class Plan:
     students: list[Run]
     root: Path = Path("results")
     table: Optional[str] = None  # the table the suite asks for (analysis/tables.py), None: chosen from the axes
+    cohorts: str = "auto"  # mkd/cohort.py: auto | on | off
 
     @property
     def runs(self) -> list[Run]:
         return self.teachers + self.students
+
+    def units(self) -> list[list[Run]]:
+        """The plan as units of work, one process (a local worker, a Slurm array element) each: every teacher
+        alone, the students in cohorts of one teacher stream where ``cohorts`` asks for them (mkd/cohort.py)."""
+        from .cohort import plan_cohorts
+
+        return [[t] for t in self.teachers] + plan_cohorts(self.students, self.cohorts)
 
 
 def known_suites() -> list[str]:

@@ -126,3 +126,45 @@ def test_the_planner_groups_runs_of_one_teacher_stream_and_nothing_else(tmp_path
     assert all(len(u) == 1 for u in plan_cohorts(tiny.students, "auto")), "cached teacher streams: no cohorts"
     assert any(len(u) == 2 for u in plan_cohorts(tiny.students, "on"))
     assert all(len(u) == 1 for u in plan_cohorts(inet.students, "off"))
+
+
+@pytest.mark.slow
+def test_under_ddp_each_member_of_a_cohort_ends_bitwise_as_its_ddp_run_alone(tmp_path, teacher_ckpt):
+    """Two processes (gloo): the cohort's members and the same runs trained alone with two processes end with
+    identical weights and records."""
+    from conftest import free_port, run_cli
+
+    cfgs = _configs(teacher_ckpt)[:2]  # kd and mkd, drop path on
+    dirs = []
+    for c in cfgs:
+        d = tmp_path / "cohort" / c.method
+        d.mkdir(parents=True)
+        (d / "config.yaml").write_text(c.to_yaml())
+        dirs.append(str(d))
+        (tmp_path / "alone" / c.method).mkdir(parents=True)
+        (tmp_path / "alone" / c.method / "config.yaml").write_text(c.to_yaml())
+        p = run_cli("-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}", "-m",
+                    "mkd.train", "--config", str(tmp_path / "alone" / c.method / "config.yaml"),
+                    "--out", str(tmp_path / "alone" / c.method))
+        assert p.returncode == 0, p.stderr[-3000:]
+    p = run_cli("-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}", "-m",
+                "mkd.cohort", *dirs)
+    assert p.returncode == 0, p.stderr[-3000:]
+    for c in cfgs:
+        res = json.loads((tmp_path / "cohort" / c.method / "result.json").read_text())
+        assert res["environment"]["world_size"] == 2
+        _same_run(tmp_path / "cohort" / c.method, tmp_path / "alone" / c.method)
+
+
+def test_a_cohort_of_runs_that_do_not_share_a_teacher_stream_is_refused(tmp_path, teacher_ckpt):
+    from conftest import assert_user_error, run_cli
+
+    kd, mkd = _configs(teacher_ckpt)[:2]
+    other = load_config(overrides=["method=kd", "seed=1", "teacher=emb_vit_m", f"teacher_checkpoint={teacher_ckpt}",
+                                   "epochs=2", "batch_size=64", "augment=strong", "holdout=all", *TINY])
+    dirs = []
+    for name, c in (("kd", kd), ("other", other)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.yaml").write_text(c.to_yaml())
+        dirs.append(str(tmp_path / name))
+    assert_user_error(run_cli("-m", "mkd.cohort", *dirs), "do not share one teacher stream", "separately")

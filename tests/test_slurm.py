@@ -188,3 +188,28 @@ def test_cifar_scale_suite_on_slurm_with_loader_workers(slurm_cluster, tmp_path)
                 timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     check_cifar_smoke(tmp_path / "results")
+
+
+def test_a_cohort_is_one_array_element_and_its_members_end_as_their_runs_alone(slurm_cluster, tmp_path):
+    """--cohorts on: kd and mkd of one teacher stream (holdout=all) train as one array element; each member keeps
+    its run directory and result, --status shows each, and both end bitwise as the same runs trained alone."""
+    suite = write_suite(tmp_path / "small.yaml", **{"axes/method": ["kd", "mkd"], "axes/seed": [0]})
+    res, alone = tmp_path / "results", tmp_path / "alone"
+    p = run_cli(RUN, "--suite", str(suite), "--results", str(res), "--profile", str(PROFILE), "--cohorts", "on",
+                "--wait", timeout=900)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "2 students in 1 jobs: cohorts of a teacher stream" in p.stdout, p.stdout
+    jobs = {json.loads(f.read_text())["job_id"] for f in (res / "small" / "tiny").glob("*/job.json")}
+    assert len(jobs) == 1
+    p = run_cli(RUN, "--suite", str(suite), "--results", str(res), "--profile", str(PROFILE), "--status")
+    assert p.returncode == 0 and p.stdout.count("\ndone") == 3, p.stdout
+    p = run_cli(RUN, "--suite", str(suite), "--results", str(alone), "--no-cohorts")
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    import torch
+
+    for d in (res / "small" / "tiny").iterdir():
+        if not (d / "model.pt").exists():
+            continue
+        a = torch.load(d / "model.pt", weights_only=False)["model"]
+        b = torch.load(alone / "small" / "tiny" / d.name / "model.pt", weights_only=False)["model"]
+        assert all(torch.equal(a[k], b[k]) for k in a), d.name
