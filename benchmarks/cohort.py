@@ -32,9 +32,9 @@ def loops(args, device, methods):
     import timm
 
     from mkd.augment import build_augment
-    from mkd.data import MetaBatches
     from mkd.engine import build_loop
     from mkd.methods import build_method
+    from perf import random_meta_batches
 
     classes = 1000
     teacher = timm.create_model(args.teacher, num_classes=classes, img_size=args.img).to(device).eval()
@@ -46,12 +46,7 @@ def loops(args, device, methods):
         student = timm.create_model(args.student, num_classes=classes, img_size=args.img, drop_path_rate=0.1).to(device)
         method = build_method(cfg, classes).to(device)
         aug = build_augment("none", args.img, (0.5,) * 3, (0.25,) * 3, classes)
-        meta = None
-        if method.needs_meta_split:
-            g = torch.Generator().manual_seed(1)
-            mx = torch.randn(max(args.batch, 8), 3, args.img, args.img, generator=g)
-            my = torch.randint(0, classes, (len(mx),), generator=g)
-            meta = MetaBatches(list(range(len(mx))), (mx, my), method.meta_batch_size, 0, 0, 1, device)
+        meta = random_meta_batches(method, max(args.batch, 8), args.img, classes, device)
         out.append(build_loop(cfg, student, teacher, method, aug, device, 1, meta))
     return out
 

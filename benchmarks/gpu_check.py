@@ -4,7 +4,8 @@
 On a GPU (about 6 minutes on one card): the hypergradient self-check on CUDA (fp32, drop path and dropout, a
 BatchNorm student; bf16 meta forwards against fp32), ``perf.py`` at batch 128 and 256 (ViT-T student, ViT-B
 teacher, 224 px, bf16, compiled; ``--record`` keeps the KD step's MFU for the cost model), the input pipeline
-against timm's loader (``pipeline.py``, normalisation on the GPU), a
+against timm's loader (``pipeline.py``, normalisation on the GPU), a cohort of four runs against the four alone
+(``cohort.py``: ViT-L/16 teacher, DeiT-Ti student, 224 px: step-time ratio and peak memory), a
 short MKD run with ``compile=on amp=bf16``, and a one-process DDP run through torchrun (NCCL).  On a CPU the same
 steps run at the embedded scale (tiny models, ``compile=on``, bf16 autocast, gloo), so CI exercises the GPU path's
 code on every submission.  Prints one summary table; exit 1 if any step failed.
@@ -108,6 +109,17 @@ def main(argv=None) -> int:
                              for x in r["rows"])
 
         rows.append(step("input pipeline (JPEG 224 px, uint8 to the device)", pipe, 600, pipe_detail))
+        # a cohort of 4 (kd, ctkd, mkd, dkd) against the 4 runs alone: ViT-L/16 teacher, DeiT-Ti student, 224 px
+        coh = [py, "benchmarks/cohort.py", "--json", f"{d}/cohort.json"]
+        coh += ["--batch", "64", "--steps", "10"] if gpu else \
+            ["--teacher", "vit_small_patch16_224", "--img", "64", "--steps", "2", "--repeats", "1"]
+
+        def cohort_detail(out, f=f"{d}/cohort.json"):
+            r = json.loads(Path(f).read_text())
+            return (f"cohort / separate {r['ratio']:.2f}x (target <= 0.40x), peak memory cohort / one run "
+                    f"{r['peak_cohort_gib'] / r['peak_one_gib']:.2f}x")
+
+        rows.append(step("cohort of 4 (one teacher forward per step)", coh, 600, cohort_detail))
         run = [py, "-m", "mkd.train", "--out", f"{d}/mkd", "method=mkd", "teacher=emb_vit_m", "compile=on",
                "amp=bf16", "drop_path=0.1", *TINY]
         teacher = [py, "-m", "mkd.train", "--out", f"{d}/teacher", "student=emb_vit_m", *TINY]

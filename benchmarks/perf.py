@@ -86,13 +86,24 @@ def reference_step_fn(args, device, classes, kd: bool):
     return step
 
 
+def random_meta_batches(method, n: int, img: int, classes: int, device):
+    """Meta batches of ``n`` random images for a method that reads a meta split (None for the others)."""
+    from mkd.data import MetaBatches
+
+    if not method.needs_meta_split:
+        return None
+    g = torch.Generator().manual_seed(1)
+    mx = torch.randn(n, 3, img, img, generator=g)
+    my = torch.randint(0, classes, (len(mx),), generator=g)
+    return MetaBatches(list(range(len(mx))), (mx, my), method.meta_batch_size, 0, 0, 1, device)
+
+
 def core_runner(args, device, classes, method: str, cached: bool = False, **mkd):
     """The suite's engine on the same models and batches (the loop built by ``engine.build_loop``, as a run
     builds it): returns run(steps).  ``cached``: the teacher's logits come from the stream cache (read from host
     memory, as a run reads an epoch's cache file) instead of a teacher forward per step."""
     from mkd.augment import build_augment
     from mkd.batch import Batch
-    from mkd.data import MetaBatches
     from mkd.engine import build_loop, train_one_epoch
     from mkd.methods import build_method
 
@@ -106,12 +117,7 @@ def core_runner(args, device, classes, method: str, cached: bool = False, **mkd)
     student, teacher = make_models(args, device, classes)
     m = build_method(cfg, classes).to(device)
     aug = build_augment("none", args.img, (0.5,) * 3, (0.25,) * 3, classes)
-    meta = None
-    if m.needs_meta_split:
-        g = torch.Generator().manual_seed(1)
-        mx = torch.randn(max(args.batch, 256), 3, args.img, args.img, generator=g)
-        my = torch.randint(0, classes, (len(mx),), generator=g)
-        meta = MetaBatches(list(range(len(mx))), (mx, my), m.meta_batch_size, 0, 0, 1, device)
+    meta = random_meta_batches(m, max(args.batch, 256), args.img, classes, device)
     loop = build_loop(cfg, student, teacher if m.needs_teacher else None, m, aug, device, 1, meta)
     batches = Batches(8, args.batch, args.img, classes, device)
     fwd, P = loop.models.teacher_fwd, loop.precision

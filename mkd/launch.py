@@ -157,53 +157,40 @@ def local_job(run_dir: str) -> tuple[bool, str]:
 
     The worker imports torch/timm once and trains run after run, as a Slurm job trains its one run.
     """
-    from .errors import UserError
-    from .train import train
-    from .config import load_config
+    def one() -> tuple[bool, str]:
+        from .config import load_config
+        from .train import train
 
-    log = open(RunDir(run_dir).log, "ab", buffering=0)
-    saved = os.dup(1), os.dup(2)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.dup2(log.fileno(), 1)
-    os.dup2(log.fileno(), 2)
-    try:
         train(load_config(RunDir(run_dir).config), run_dir, teacher_dir=_teacher_dir(run_dir))
         return True, ""
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return False, str(e)
-    except Exception as e:  # a bug: keep the traceback in the log, tell the runner
-        import traceback
-
-        traceback.print_exc()
-        return False, f"{type(e).__name__}: {e}"
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os.dup2(saved[0], 1)
-        os.dup2(saved[1], 2)
-        os.close(saved[0])
-        os.close(saved[1])
-        log.close()
+    return _logged(RunDir(run_dir).log, one)
 
 
 def local_cohort_job(run_dirs: list[str]) -> tuple[bool, str]:
     """Train one cohort inside a pool worker (``mkd/cohort.py``): each member's lines go to its own train.log,
     the cohort's output (and any traceback) to ``cohort.log`` beside its first member."""
-    from .cohort import train_cohort
+    def cohort() -> tuple[bool, str]:
+        from .cohort import train_cohort
+
+        out = train_cohort(run_dirs, [_teacher_dir(d) for d in run_dirs])
+        bad = [f"{Path(d).name}: {why}" for d, (ok, why) in out.items() if not ok]
+        return not bad, "; ".join(bad)
+    return _logged(RunDir(run_dirs[0]).path / "cohort.log", cohort)
+
+
+def _logged(path: Path, job) -> tuple[bool, str]:
+    """``job()`` with this process's output (Python and C level) appended to ``path``; (finished, why not): a user
+    error is its one line, a bug its traceback in the log."""
     from .errors import UserError
 
-    log = open(RunDir(run_dirs[0]).path / "cohort.log", "ab", buffering=0)
+    log = open(path, "ab", buffering=0)
     saved = os.dup(1), os.dup(2)
     sys.stdout.flush()
     sys.stderr.flush()
     os.dup2(log.fileno(), 1)
     os.dup2(log.fileno(), 2)
     try:
-        out = train_cohort(run_dirs, [_teacher_dir(d) for d in run_dirs])
-        bad = [f"{Path(d).name}: {why}" for d, (ok, why) in out.items() if not ok]
-        return not bad, "; ".join(bad)
+        return job()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return False, str(e)

@@ -20,6 +20,17 @@ def _configs(teacher_ckpt) -> list:
              ("ctkd", ["drop_path=0.1"]), ("dkd", []))]
 
 
+def _run_dirs(root, named) -> list[str]:
+    """A run directory with its config.yaml for each (name, config)."""
+    out = []
+    for name, c in named:
+        d = root / name
+        d.mkdir(parents=True)
+        (d / "config.yaml").write_text(c.to_yaml())
+        out.append(str(d))
+    return out
+
+
 def _same_run(a, b) -> None:
     wa = torch.load(a / "model.pt", weights_only=False)["model"]
     wb = torch.load(b / "model.pt", weights_only=False)["model"]
@@ -35,13 +46,7 @@ def test_each_member_of_a_cohort_ends_bitwise_as_its_run_alone(tmp_path, teacher
     from mkd.train import train
 
     cfgs = _configs(teacher_ckpt)
-    dirs = []
-    for c in cfgs:
-        d = tmp_path / "cohort" / c.method
-        d.mkdir(parents=True)
-        (d / "config.yaml").write_text(c.to_yaml())
-        dirs.append(str(d))
-    out = train_cohort(dirs, quiet=True)
+    out = train_cohort(_run_dirs(tmp_path / "cohort", [(c.method, c) for c in cfgs]), quiet=True)
     assert all(ok for ok, _ in out.values()) and len(out) == 4, out
     for c in cfgs:
         train(c, tmp_path / "alone" / c.method, quiet=True)
@@ -59,26 +64,16 @@ def test_a_member_that_fails_leaves_the_cohort_and_a_stopped_cohort_resumes_ever
     from mkd.train import train
 
     kd, mkd = _configs(teacher_ckpt)[:2]
-    bad = load_config(overrides=[*[f"{k}={v}" for k, v in (("method", "kd"), ("lr", 1e6))],
-                                 f"teacher=emb_vit_m", f"teacher_checkpoint={teacher_ckpt}", "epochs=2",
-                                 "batch_size=64", "augment=strong", "log_every=1", "teacher_cache=off", "holdout=all", *TINY])
-    dirs = []
-    for name, c in (("kd", kd), ("bad", bad), ("mkd", mkd)):
-        d = tmp_path / "c" / name
-        d.mkdir(parents=True)
-        (d / "config.yaml").write_text(c.to_yaml())
-        dirs.append(str(d))
+    bad = load_config(overrides=["method=kd", "lr=1e6", "teacher=emb_vit_m", f"teacher_checkpoint={teacher_ckpt}",
+                                 "epochs=2", "batch_size=64", "augment=strong", "log_every=1", "teacher_cache=off",
+                                 "holdout=all", *TINY])
+    dirs = _run_dirs(tmp_path / "c", (("kd", kd), ("bad", bad), ("mkd", mkd)))
     out = C.train_cohort(dirs, quiet=True)
     assert out[dirs[0]][0] and out[dirs[2]][0] and not out[dirs[1]][0] and "non-finite" in out[dirs[1]][1]
     assert json.loads((tmp_path / "c" / "bad" / "result.json").read_text())["status"] == "failed"
 
     # stop the cohort of kd and mkd at its 5th step, as a preemption signal would, then rerun it
-    dirs2 = []
-    for name, c in (("kd", kd), ("mkd", mkd)):
-        d = tmp_path / "p" / name
-        d.mkdir(parents=True)
-        (d / "config.yaml").write_text(c.to_yaml())
-        dirs2.append(str(d))
+    dirs2 = _run_dirs(tmp_path / "p", (("kd", kd), ("mkd", mkd)))
     import mkd.train as T
 
     real, calls = T.Trainer.stop_requested, []
@@ -135,14 +130,9 @@ def test_under_ddp_each_member_of_a_cohort_ends_bitwise_as_its_ddp_run_alone(tmp
     from conftest import free_port, run_cli
 
     cfgs = _configs(teacher_ckpt)[:2]  # kd and mkd, drop path on
-    dirs = []
+    dirs = _run_dirs(tmp_path / "cohort", [(c.method, c) for c in cfgs])
+    _run_dirs(tmp_path / "alone", [(c.method, c) for c in cfgs])
     for c in cfgs:
-        d = tmp_path / "cohort" / c.method
-        d.mkdir(parents=True)
-        (d / "config.yaml").write_text(c.to_yaml())
-        dirs.append(str(d))
-        (tmp_path / "alone" / c.method).mkdir(parents=True)
-        (tmp_path / "alone" / c.method / "config.yaml").write_text(c.to_yaml())
         p = run_cli("-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}", "-m",
                     "mkd.train", "--config", str(tmp_path / "alone" / c.method / "config.yaml"),
                     "--out", str(tmp_path / "alone" / c.method))
@@ -162,9 +152,5 @@ def test_a_cohort_of_runs_that_do_not_share_a_teacher_stream_is_refused(tmp_path
     kd, mkd = _configs(teacher_ckpt)[:2]
     other = load_config(overrides=["method=kd", "seed=1", "teacher=emb_vit_m", f"teacher_checkpoint={teacher_ckpt}",
                                    "epochs=2", "batch_size=64", "augment=strong", "holdout=all", *TINY])
-    dirs = []
-    for name, c in (("kd", kd), ("other", other)):
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "config.yaml").write_text(c.to_yaml())
-        dirs.append(str(tmp_path / name))
+    dirs = _run_dirs(tmp_path, (("kd", kd), ("other", other)))
     assert_user_error(run_cli("-m", "mkd.cohort", *dirs), "do not share one teacher stream", "separately")
