@@ -474,11 +474,10 @@ def _active_job(run: Run, states: dict[str, str]) -> Optional[str]:
 
 
 def submit_slurm(plan: Plan, profile: dict, max_parallel: Optional[int] = None) -> list[submitit.Job]:
-    """Submit every unfinished run: teachers as one array, students as arrays per teacher with
-    ``afterok`` dependencies on their teacher's job.  Returns the jobs submitted now."""
+    """Submit every unfinished run: teachers as one array, students (runs, or cohorts: ``Plan.units``) as arrays
+    with ``afterok`` dependencies on their teacher's job.  Returns the jobs submitted now."""
     states = slurm_states(plan.runs)
     folder = plan.root / plan.suite / plan.scale / ".submitit"
-    ex = make_executor(profile, folder, max_parallel)
     todo = [r for r in plan.runs if state_of(r, states) in ("pending", "failed") and not _active_job(r, states)]
     skipped = [r for r in plan.runs if _active_job(r, states)]
     if not todo:
@@ -489,40 +488,11 @@ def submit_slurm(plan: Plan, profile: dict, max_parallel: Optional[int] = None) 
         return []
     prepare(plan)
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT), os.environ.get("PYTHONPATH")]))
-    submitted: list[submitit.Job] = []
-    job_of: dict[str, str] = {r.run_id: _active_job(r, states) for r in skipped}
-
-    def submit(units: list[list[Run]], dependency: Optional[str]) -> None:
-        """One array element per unit: a run, or a cohort (every member's job.json names the element)."""
-        ex.update_parameters(slurm_dependency=dependency)
-        with ex.batch():
-            jobs = [ex.submit(TrainJob(), str(u[0].out) if len(u) == 1 else [str(r.out) for r in u]) for u in units]
-        for u, j in zip(units, jobs):
-            for r in u:
-                job_of[r.run_id] = j.job_id
-                atomic.write_json(r.dir.job, {"executor": "slurm", "job_id": j.job_id, "folder": str(folder / "%j"),
-                                              "stdout": str(j.paths.stdout), "stderr": str(j.paths.stderr),
-                                              "dependency": dependency, "cohort": [x.run_id for x in u] if len(u) > 1 else None,
-                                              "submitted_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
-        submitted.extend(jobs)
-
+    sub = _Submitter(make_executor(profile, folder, max_parallel), folder, plan,
+                     {r.run_id: _active_job(r, states) for r in skipped})
     teachers = [r for r in todo if r.kind == "teacher"]
     if teachers:
-        submit([[r] for r in teachers], None)
-    by_id = {r.run_id: r for r in plan.runs}
-
-    def dependency(unit: list[Run]) -> Optional[str]:
-        """afterok on each unfinished teacher; afterany on each unfinished run outside the unit that fills the
-        caches a member reads (if that one fails, the member computes the stream itself)."""
-        deps, ids = [], {r.run_id for r in unit}
-        for r in unit:
-            if r.teacher and job_of.get(r.teacher) and (by_id[r.teacher].dir.read_result() or {}).get("status") != "done":
-                deps.append(f"afterok:{job_of[r.teacher]}")
-            if r.after and r.after not in ids and job_of.get(r.after) and \
-                    (by_id[r.after].dir.read_result() or {}).get("status") != "done":
-                deps.append(f"afterany:{job_of[r.after]}")
-        return ",".join(dict.fromkeys(deps)) or None  # each once, in order
-
+        sub.submit([[r] for r in teachers], None)
     pending = {r.run_id for r in todo}
     units = [u for u in ([r for r in unit if r.run_id in pending] for unit in plan.units()) if u and u[0].kind == "student"]
     while units:  # waves: a unit is submitted once the runs it waits for have job ids
@@ -531,17 +501,54 @@ def submit_slurm(plan: Plan, profile: dict, max_parallel: Optional[int] = None) 
                                             for r in u)] or units
         groups: dict[Optional[str], list[list[Run]]] = defaultdict(list)
         for u in wave:
-            groups[dependency(u)].append(u)
+            groups[sub.dependency(u)].append(u)
         for dep, us in groups.items():
-            submit(us, dep)
+            sub.submit(us, dep)
         units = [u for u in units if u not in wave]
-    n_students = len([r for r in todo if r.kind == "student"])
-    cohorts = len(submitted) - len(teachers)
-    print(f"suite {plan.suite} ({plan.scale}): submitted {len(submitted)} jobs "
+    n_students, jobs = len([r for r in todo if r.kind == "student"]), len(sub.submitted) - len(teachers)
+    print(f"suite {plan.suite} ({plan.scale}): submitted {len(sub.submitted)} jobs "
           f"({len(teachers)} teachers, {n_students} students"
-          + (f" in {cohorts} jobs: cohorts of a teacher stream" if cohorts < n_students else "") + "); "
+          + (f" in {jobs} jobs: cohorts of a teacher stream" if jobs < n_students else "") + "); "
           f"logs in {folder}; follow with --status")
-    return submitted
+    return sub.submitted
+
+
+class _Submitter:
+    """Submits units as array elements and knows each run's job, for the dependencies of the next wave."""
+
+    def __init__(self, ex, folder: Path, plan: Plan, job_of: dict[str, str]):
+        self.ex, self.folder, self.job_of, self.submitted = ex, folder, job_of, []
+        self.by_id = {r.run_id: r for r in plan.runs}
+
+    def submit(self, units: list[list[Run]], dependency: Optional[str]) -> None:
+        """One array element per unit: a run, or a cohort (every member's job.json names the element)."""
+        self.ex.update_parameters(slurm_dependency=dependency)
+        with self.ex.batch():
+            jobs = [self.ex.submit(TrainJob(), str(u[0].out) if len(u) == 1 else [str(r.out) for r in u])
+                    for u in units]
+        for u, j in zip(units, jobs):
+            for r in u:
+                self.job_of[r.run_id] = j.job_id
+                atomic.write_json(r.dir.job, {
+                    "executor": "slurm", "job_id": j.job_id, "folder": str(self.folder / "%j"),
+                    "stdout": str(j.paths.stdout), "stderr": str(j.paths.stderr), "dependency": dependency,
+                    "cohort": [x.run_id for x in u] if len(u) > 1 else None,
+                    "submitted_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        self.submitted.extend(jobs)
+
+    def dependency(self, unit: list[Run]) -> Optional[str]:
+        """afterok on each unfinished teacher; afterany on each unfinished run outside the unit that fills the
+        caches a member reads (if that one fails, the member computes the stream itself)."""
+        deps, ids = [], {r.run_id for r in unit}
+        for r in unit:
+            if r.teacher and self._unfinished(r.teacher):
+                deps.append(f"afterok:{self.job_of[r.teacher]}")
+            if r.after and r.after not in ids and self._unfinished(r.after):
+                deps.append(f"afterany:{self.job_of[r.after]}")
+        return ",".join(dict.fromkeys(deps)) or None  # each once, in order
+
+    def _unfinished(self, run_id: str) -> bool:
+        return bool(self.job_of.get(run_id)) and (self.by_id[run_id].dir.read_result() or {}).get("status") != "done"
 
 
 def wait_slurm(plan: Plan, jobs: list[submitit.Job], poll_s: float = 5.0) -> list[Run]:
