@@ -67,7 +67,7 @@ def train_cohort(run_dirs: list[str], teacher_dirs: Optional[list[Optional[str]]
                  say: Optional[Callable] = None) -> dict[str, tuple[bool, str]]:
     """Train the runs in ``run_dirs`` (one cohort) to their ends; returns {run_dir: (finished, why not)}."""
     from .config import load_config
-    from .environment import init_distributed
+    from .environment import init_distributed, rng_state, set_rng_state
     from .prepare import prepare_dir
     from .rundir import RunDir, RunLocked
     from .train import Trainer
@@ -86,7 +86,7 @@ def train_cohort(run_dirs: list[str], teacher_dirs: Optional[list[Optional[str]]
             log = _member_log(run, quiet or ctx.rank, say)
             done = _broadcast(prepare_dir(cfg, run, log) if ctx.main else None, ctx)
             if done is not None:
-                out[d] = (True, "")
+                out[str(run.path)] = (True, "")
                 continue
             locked = None
             if ctx.main:
@@ -96,19 +96,21 @@ def train_cohort(run_dirs: list[str], teacher_dirs: Optional[list[Optional[str]]
                     locked = str(e)
             locked = _broadcast(locked, ctx)  # every rank leaves the same members out
             if locked:
-                out[d] = (False, locked)
+                out[str(run.path)] = (False, locked)
                 continue
             members.append(Trainer(cfg, run, ctx, log, td))
-        shared = None
+        shared, resumed = None, {}
         for m in list(members):
             if not _guarded(m, out, lambda m=m: m.start(shared)):
                 members.remove(m)
-            elif shared is None:
-                shared = m.parts.teacher
+                continue
+            shared = shared or m.parts.teacher
+            resumed[m] = rng_state()  # a member resumed mid-epoch continues with the RNG state its checkpoint held
         lockstep, alone = _by_position(members)
         if lockstep:
-            _lockstep(lockstep, out)
+            _lockstep(lockstep, out, resumed)
         for m in alone:
+            set_rng_state(resumed[m])
             _guarded(m, out, lambda m=m: _finish_alone(m))
     if ctx.world > 1:
         import torch.distributed as dist
@@ -132,8 +134,9 @@ def _finish(m) -> None:
         m.say(line)
 
 
-def _lockstep(members: list, out: dict) -> None:
-    """Epoch after epoch, step after step: one batch from the first member's feed, then each member's step."""
+def _lockstep(members: list, out: dict, resumed: dict) -> None:
+    """Epoch after epoch, step after step: one batch from the first member's feed, then each member's step.
+    ``resumed``: each member's RNG state once resumed (a fresh epoch reseeds; a resumed one continues from it)."""
     from .engine import NonFiniteLoss
     from .environment import rng_state, set_rng_state
     from .preempt import PreemptGuard
@@ -149,6 +152,7 @@ def _lockstep(members: list, out: dict) -> None:
         while active and active[0].state.epoch < active[0].cfg.epochs:
             steps, rngs = {}, {}
             for m in active:
+                set_rng_state(resumed.pop(m, None) or rng_state())
                 steps[m] = m.begin_epoch()
                 rngs[m] = rng_state()
             lead = active[0]

@@ -72,8 +72,10 @@ def test_a_member_that_fails_leaves_the_cohort_and_a_stopped_cohort_resumes_ever
     assert out[dirs[0]][0] and out[dirs[2]][0] and not out[dirs[1]][0] and "non-finite" in out[dirs[1]][1]
     assert json.loads((tmp_path / "c" / "bad" / "result.json").read_text())["status"] == "failed"
 
-    # stop the cohort of kd and mkd at its 5th step, as a preemption signal would, then rerun it
-    dirs2 = _run_dirs(tmp_path / "p", (("kd", kd), ("mkd", mkd)))
+    # stop the cohort at its 5th step, as a preemption signal would, then rerun it; dkd draws no drop-path masks,
+    # so its RNG state at the stop differs from the others' (each member must resume with its own)
+    dkd = _configs(teacher_ckpt)[3]
+    dirs2 = _run_dirs(tmp_path / "p", (("kd", kd), ("mkd", mkd), ("dkd", dkd)))
     import mkd.train as T
 
     real, calls = T.Trainer.stop_requested, []
@@ -92,10 +94,9 @@ def test_a_member_that_fails_leaves_the_cohort_and_a_stopped_cohort_resumes_ever
         assert state["step"] == 5 and state["in_epoch"] is not None, "every member checkpointed at the same step"
     out = C.train_cohort(dirs2, quiet=True)
     assert all(ok for ok, _ in out.values())
-    train(kd, tmp_path / "alone_kd", quiet=True)
-    train(mkd, tmp_path / "alone_mkd", quiet=True)
-    _same_run(tmp_path / "p" / "kd", tmp_path / "alone_kd")
-    _same_run(tmp_path / "p" / "mkd", tmp_path / "alone_mkd")
+    for c in (kd, mkd, dkd):
+        train(c, tmp_path / f"alone_{c.method}", quiet=True)
+        _same_run(tmp_path / "p" / c.method, tmp_path / f"alone_{c.method}")
 
 
 def test_the_planner_groups_runs_of_one_teacher_stream_and_nothing_else(tmp_path):
