@@ -17,7 +17,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mkd.results import MetricsLine, Result, RunInfo  # noqa: E402  (the results contract; torch-free)
+from mkd.results import MetricsLine, Result  # noqa: E402  (the results contract; torch-free)
 from mkd.rundir import RunDir, environment_of  # noqa: E402  (no torch: the analysis imports no training code)
 
 RESULT_FIELDS = ("final_top1", "final_top5", "best_top1", "best_top5", "tau_t", "tau_s", "teacher_top1",
@@ -47,9 +47,9 @@ def collect(results: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     for info_path in sorted(results.glob("*/*/*/run.json")):
         run = RunDir(info_path.parent)
         run_dir = run.path
-        info = RunInfo.from_dict(run.read_info())
+        info = run.run_info()
         raw = run.read_result()  # a damaged one reads as failed, with the reason
-        res = Result.from_dict(raw) if raw is not None else Result("pending")
+        res = run.outcome() or Result("pending")
         cfg = yaml.safe_load(run.config.read_text()) if run.config.exists() else {}
         status = run.state()
         base = {"suite": info.suite or run_dir.parent.parent.name, "scale": info.scale or run_dir.parent.name,
@@ -87,7 +87,7 @@ def _fill_teacher_info(runs: pd.DataFrame) -> None:
     """Teacher size and top-1 for rows whose own result lacks them (running / failed students)."""
     for i, r in runs[runs["teacher_run"].notna()].iterrows():
         if pd.isna(r.get("teacher_top1")) or pd.isna(r.get("teacher_params")):
-            tres = Result.from_dict(RunDir(r["teacher_run"]).read_result() or {"status": "pending"})
+            tres = RunDir(r["teacher_run"]).outcome() or Result("pending")
             if pd.isna(r.get("teacher_top1")):
                 runs.at[i, "teacher_top1"] = tres.final_top1
             if pd.isna(r.get("teacher_params")):

@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mkd.config import parse_overrides  # noqa: E402
 from mkd.errors import UserError, cli  # noqa: E402
+from mkd.results import Result  # noqa: E402
 from mkd.launch import load_profile, print_status, run_local, slurm_reachable, submit_slurm, wait_slurm  # noqa: E402
 from mkd.suites import SCALES, expand, known_suites  # noqa: E402
 
@@ -142,7 +143,7 @@ def main(argv=None) -> int:
     if failed:
         print(f"{len(failed)} run(s) failed:", file=sys.stderr)
         for r in failed:
-            why = (r.dir.read_result() or {}).get("reason", "")
+            why = (r.dir.outcome() or Result("pending")).reason or ""
             print(f"  {r.name} {r.label}: {why}  log: {r.dir.log_path()}", file=sys.stderr)
         return 1
     return 0

@@ -81,14 +81,14 @@ def status_rows(plan: Plan) -> list[dict]:
     slurm = slurm_states(plan.runs)
     rows = []
     for run in plan.runs:
-        res = run.dir.read_result() or {}
-        state, reason = state_of(run, slurm), res.get("reason")
+        res = run.dir.outcome() or Result("pending")
+        state, reason = state_of(run, slurm), res.reason
         teacher = plan_teacher(plan, run) if run.teacher else None
         if teacher is not None and state in ("pending", "failed") and state_of(teacher, slurm) == "failed":
-            why = (teacher.dir.read_result() or {}).get("reason") or slurm.get(teacher.run_id) or "see its log"
+            why = (teacher.dir.outcome() or Result("pending")).reason or slurm.get(teacher.run_id) or "see its log"
             state, reason = "blocked", f"teacher {teacher.run_id} failed ({why})"
         rows.append({"state": state, "run": run.run_id, "kind": run.kind, "label": run.label,
-                     "top1": res.get("final_top1"), "log": run.dir.log_path(), "reason": reason,
+                     "top1": res.final_top1, "log": run.dir.log_path(), "reason": reason,
                      "slurm": slurm.get(run.run_id)})
     return rows
 
@@ -149,7 +149,7 @@ def _worker_init(threads: int, gpu_slots) -> None:
 
 def _teacher_dir(run_dir: str) -> Optional[str]:
     """The teacher's run directory the plan recorded (``run.json``): where the teacher's stream cache lives."""
-    return RunInfo.from_dict(RunDir(run_dir).read_info()).teacher_run
+    return RunDir(run_dir).run_info().teacher_run
 
 
 def local_job(run_dir: str) -> tuple[bool, str]:
@@ -269,9 +269,9 @@ class LocalRunner:
     def report(self, run: Run, ok: bool, secs: float, why: str = "") -> None:
         self.count += 1
         self.bar.update(1)
-        res = run.dir.read_result() or {}
+        top1 = (run.dir.outcome() or Result("pending")).final_top1
         msg = (f"[{self.count}/{self.total}] {'done' if ok else 'FAILED'} {run.name} {run.label}"
-               + (f" top1 {res['final_top1']:.2f}" if ok and res.get("final_top1") is not None else "")
+               + (f" top1 {top1:.2f}" if ok and top1 is not None else "")
                + f" ({secs:.0f}s){' ' + why if why else ''}")
         self.bar.write(msg) if self.tty else print(msg, flush=True)
 
@@ -319,10 +319,10 @@ class LocalRunner:
                     self.running.pop(f2)
                 pool.restart()
             for run in unit:
-                done = (run.dir.read_result() or {}).get("status") == "done"
+                done = run.dir.done
                 if not done:
                     self.failed.append(run)
-                    if run.dir.read_result() is None:
+                    if run.dir.outcome() is None:
                         atomic.write_json(run.dir.result, Result.failed(run.run_id, why or "unfinished").to_dict())
                 log = run.dir.log if len(unit) == 1 else f"{run.dir.log} and {unit[0].dir.path / 'cohort.log'}"
                 self.report(run, done, time.time() - start, "" if done else f"see {log}")
@@ -548,7 +548,7 @@ class _Submitter:
         return ",".join(dict.fromkeys(deps)) or None  # each once, in order
 
     def _unfinished(self, run_id: str) -> bool:
-        return bool(self.job_of.get(run_id)) and (self.by_id[run_id].dir.read_result() or {}).get("status") != "done"
+        return bool(self.job_of.get(run_id)) and not self.by_id[run_id].dir.done
 
 
 def wait_slurm(plan: Plan, jobs: list[submitit.Job], poll_s: float = 5.0) -> list[Run]:
@@ -566,4 +566,4 @@ def wait_slurm(plan: Plan, jobs: list[submitit.Job], poll_s: float = 5.0) -> lis
         if pending:
             time.sleep(poll_s)
     bar.close()
-    return [r for r in plan.runs if (r.dir.read_result() or {}).get("status") != "done"]
+    return [r for r in plan.runs if not r.dir.done]

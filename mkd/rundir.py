@@ -20,6 +20,7 @@ from typing import Optional
 
 from . import atomic
 from .errors import UserError
+from .results import Result, RunInfo
 
 ACTIVE_SLURM = ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED",
                 "REQUEUE_HOLD", "REQUEUE_FED")
@@ -72,6 +73,20 @@ class RunDir:
         except atomic.Damaged:
             return {}
 
+    def outcome(self) -> Optional[Result]:
+        """``result.json`` through the results contract (``mkd/results.py``); None when there is none yet."""
+        raw = self.read_result()
+        return None if raw is None else Result.from_dict(raw)
+
+    def run_info(self) -> RunInfo:
+        """``run.json`` through the results contract (empty for a run planned by no suite)."""
+        return RunInfo.from_dict(self.read_info())
+
+    @property
+    def done(self) -> bool:
+        res = self.outcome()
+        return res is not None and res.done
+
     def read_job(self) -> Optional[dict]:
         try:
             return atomic.read_json(self.job)
@@ -98,14 +113,13 @@ class RunDir:
 
     def state(self, slurm: str = "") -> str:
         """One of STATES; ``slurm`` is the Slurm state of its job, if it has one (``launch.slurm_states``)."""
-        res = self.read_result()
-        if res is not None and res.get("status") == "done":
+        if self.done:
             return "done"
         if self.is_locked():
             return "running"
         if slurm.split(" ")[0] in ACTIVE_SLURM:
             return "running" if slurm.startswith("RUNNING") else "pending"
-        if res is not None:
+        if self.result.exists():
             return "failed"
         if slurm and slurm not in ("UNKNOWN", "COMPLETED"):
             return "failed"
