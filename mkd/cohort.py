@@ -266,7 +266,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     @cli
     def run(argv):
-        ap = argparse.ArgumentParser(prog="python -m mkd.cohort", description=main.__doc__.split(";")[0])
+        ap = argparse.ArgumentParser(prog="python -m mkd.cohort", description="Train run directories (each with its "
+                                     "config.yaml) as one cohort of a teacher stream; under torchrun, with DDP.")
         ap.add_argument("run_dirs", nargs="+", help="run directories holding config.yaml")
         ap.add_argument("--teacher-dir", help="where the teacher's stream cache lives (default: beside its checkpoint)")
         args = ap.parse_args(argv)
