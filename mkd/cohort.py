@@ -187,10 +187,7 @@ def _checkpoint_all(active: list, steps: dict, rngs: dict) -> None:
 
     for m in active:
         set_rng_state(rngs[m])
-        p = m.state
-        p.step = steps[m].step
-        p.in_epoch, p.in_epoch_seconds = steps[m].part, m.timer.now() - m._t0
-        m.checkpoint()
+        m.checkpoint_in_epoch(steps[m])
 
 
 def _guarded(m, out: dict, fn: Callable) -> bool:

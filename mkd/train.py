@@ -68,10 +68,8 @@ class Trainer:
         self.teacher_dir = Path(teacher_dir) if teacher_dir else None
         self.parts = None
         self.state = checkpoint.RunState()
-        self.timer = Timer(ctx.device)
-        self.guard = PreemptGuard()
-        self.t_start = time.time()
-        self._t0 = self._last_save = 0.0
+        self.timer, self.guard = Timer(ctx.device), PreemptGuard()
+        self.t_start, self._t0, self._last_save = time.time(), 0.0, 0.0
 
     @property
     def loop(self):
@@ -131,20 +129,22 @@ class Trainer:
     def after_step(self, steps: EpochSteps, stop: Optional[bool] = None) -> None:
         """A mid-epoch checkpoint every ``checkpoint_every_steps`` steps, and one before stopping when a signal
         asked to (``stop``: a cohort's decision, taken once for all its members)."""
-        L, p = self.loop, self.state
-        part = steps.part
-        p.step = steps.step
-        if stop is None:
-            stop = self.stop_requested(steps)
-        every = self.cfg.checkpoint_every_steps
-        last = part.step_in_epoch == L.steps_per_epoch  # the epoch's own checkpoint follows unless we stop now
+        part, every = steps.part, self.cfg.checkpoint_every_steps
+        self.state.step = steps.step
+        stop = self.stop_requested(steps) if stop is None else stop
+        last = part.step_in_epoch == self.loop.steps_per_epoch  # the epoch's own checkpoint follows unless we stop
         if stop or (every and part.step_in_epoch % every == 0 and not last):
-            p.in_epoch, p.in_epoch_seconds = part, self.timer.now() - self._t0
-            self.checkpoint()
-            p.in_epoch = None
+            self.checkpoint_in_epoch(steps)
         if stop:
             self.guard.requested = self.guard.requested or signal.SIGTERM  # another rank's signal
-            self.guard.stop(f"at step {part.step_in_epoch}/{L.steps_per_epoch} of epoch {p.epoch + 1}")
+            self.guard.stop(f"at step {part.step_in_epoch}/{self.loop.steps_per_epoch} of epoch {self.state.epoch + 1}")
+
+    def checkpoint_in_epoch(self, steps: EpochSteps) -> None:
+        """A checkpoint of the step ``steps`` stands at, inside the epoch (resuming continues from that step)."""
+        p = self.state
+        p.step, p.in_epoch, p.in_epoch_seconds = steps.step, steps.part, self.timer.now() - self._t0
+        self.checkpoint()
+        p.in_epoch = None
 
     def stop_requested(self, steps: EpochSteps) -> bool:
         """Whether a signal asked to stop; under DDP every rank agrees, at a step where they all look."""
