@@ -116,7 +116,8 @@ def main(argv=None) -> int:
 
         def cohort_detail(out, f=f"{d}/cohort.json"):
             r = json.loads(Path(f).read_text())
-            return (f"cohort / separate {r['ratio']:.2f}x (target <= 0.40x), peak memory cohort / one run "
+            return (f"cohort / separate {r['ratio']:.2f}x with {r['args']['teacher']} at {r['args']['img']} px (the "
+                    f"target, <= 0.40x, is for vit_large_patch16_224 at 224 px), peak memory cohort / one run "
                     f"{r['peak_cohort_gib'] / r['peak_one_gib']:.2f}x")
 
         rows.append(step("cohort of 4 (one teacher forward per step)", coh, 600, cohort_detail))
