@@ -1,4 +1,5 @@
-"""The paper's three questions, answered from a degradation study's runs with an effect and its interval.
+"""The paper's three questions and the reviewer's fourth, answered from a degradation study's runs, each with
+an effect and its interval.
 
 - Q1 gap: does KD's gain over the student trained alone shrink as the teacher grows?  Effect: KD's gain with
   the largest teacher minus its gain with the smallest (the CE run cancels: kd_large - kd_small per seed).
