@@ -30,8 +30,7 @@ def cohort_key(cfg) -> Optional[str]:
 
     if not methods.get(cfg.method).needs_teacher:
         return None
-    return json.dumps([cfg.stream_key(), cfg.teacher, cfg.teacher_kwargs, cfg.teacher_checkpoint,
-                       cfg.teacher_pretrained, cfg.teacher_input, cfg.amp, cfg.compile, cfg.epochs], default=str)
+    return json.dumps([cfg.stream_key(), *cfg.teacher_identity(), cfg.epochs], default=str)
 
 
 def wanted(cfg, mode: str) -> bool:
@@ -74,15 +73,16 @@ def train_cohort(run_dirs: list[str], teacher_dirs: Optional[list[Optional[str]]
 
     ctx = init_distributed()
     teacher_dirs = teacher_dirs or [None] * len(run_dirs)
-    keys = {cohort_key(load_config(RunDir(d).config)) for d in run_dirs}
+    cfgs = [load_config(RunDir(d).config) for d in run_dirs]
+    keys = {cohort_key(c) for c in cfgs}
     if len(keys) != 1 or None in keys:
         raise UserError(f"runs {', '.join(Path(d).name for d in run_dirs)} do not share one teacher stream (data "
                         "stream, teacher, epochs): they cannot train as one cohort; train them separately")
     out: dict[str, tuple[bool, str]] = {}
     with ExitStack() as stack:
         members = []
-        for d, td in zip(run_dirs, teacher_dirs):
-            run, cfg = RunDir(d), load_config(RunDir(d).config)
+        for d, td, cfg in zip(run_dirs, teacher_dirs, cfgs):
+            run = RunDir(d)
             log = _member_log(run, quiet or ctx.rank, say)
             done = _broadcast(prepare_dir(cfg, run, log) if ctx.main else None, ctx)
             if done is not None:

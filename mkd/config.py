@@ -159,9 +159,12 @@ class _GeneralConfig:
         """The stream plus the teacher: runs with equal keys can share the teacher-output cache."""
         if not (self.uses_teacher and self.caches_teacher):
             return None
-        return json.dumps([self.stream_key(), self.teacher, self.teacher_kwargs, self.teacher_checkpoint,
-                           self.teacher_pretrained, self.teacher_input, self.teacher_cache_topk, self.amp,
-                           self.compile], default=str)
+        return json.dumps([self.stream_key(), *self.teacher_identity(), self.teacher_cache_topk], default=str)
+
+    def teacher_identity(self) -> list:
+        """What fixes the teacher's logits on a stream: the model, its weights, its input, precision, compilation."""
+        return [self.teacher, self.teacher_kwargs, self.teacher_checkpoint, self.teacher_pretrained,
+                self.teacher_input, self.amp, self.compile]
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -168,16 +168,7 @@ def train_one_epoch(loop: Loop, feed, epoch: int, step: int, part: Optional[Epoc
     ``part``: the epoch so far when it resumes mid-way (the feed then starts at ``part.step_in_epoch``);
     ``after_step(part, step)`` runs after every step (mid-epoch checkpoints, preemption)."""
     steps = EpochSteps(loop, epoch, step, part)
-    show = loop.rank == 0 and sys.stderr.isatty()
-    bar = tqdm(feed, desc=f"epoch {epoch}", leave=False, disable=not show, dynamic_ncols=True,
-               total=loop.steps_per_epoch, initial=steps.part.step_in_epoch)
-    for batch in bar:
-        steps.take(batch)
-        if show and steps.step % loop.log_every == 0:
-            bar.set_postfix(loss=f"{float(steps.part.sums['loss']) / steps.part.n:.3f}",
-                            lr=f"{loop.optim.optimizer.param_groups[0]['lr']:.2e}")
-        if after_step is not None:
-            after_step(steps.part, steps.step)
+    steps.take_all(feed, after_step and (lambda s: after_step(s.part, s.step)))
     return steps.finish()
 
 
@@ -206,6 +197,20 @@ class EpochSteps:
                 temps = loop.method.temperatures()
                 loop.temp_samples.append([self.step, round(temps["tau_t"], 5), round(temps["tau_s"], 5)])
         part.step_in_epoch += 1
+
+    def take_all(self, feed, after_step: Optional[Callable[["EpochSteps"], None]] = None) -> None:
+        """A step on every batch of ``feed`` (a progress bar on a terminal), ``after_step(self)`` after each."""
+        loop = self.loop
+        show = loop.rank == 0 and sys.stderr.isatty()
+        bar = tqdm(feed, desc=f"epoch {self.epoch}", leave=False, disable=not show, dynamic_ncols=True,
+                   total=loop.steps_per_epoch, initial=self.part.step_in_epoch)
+        for batch in bar:
+            self.take(batch)
+            if show and self.step % loop.log_every == 0:
+                bar.set_postfix(loss=f"{float(self.part.sums['loss']) / self.part.n:.3f}",
+                                lr=f"{loop.optim.optimizer.param_groups[0]['lr']:.2e}")
+            if after_step is not None:
+                after_step(self)
 
     def finish(self) -> tuple[dict[str, float], int]:
         """(mean of each loss term over the epoch and every rank, the next global step)."""

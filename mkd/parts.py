@@ -41,8 +41,11 @@ class Parts:
     split: dict
     val_len: int
     val_batches: Callable
-    teacher_top1: Optional[float]
     teacher: Optional[tuple] = None  # (module, renormaliser, top-1): what another run of the stream can share
+
+    @property
+    def teacher_top1(self) -> Optional[float]:
+        return self.teacher[2] if self.teacher else None
 
     def result(self, cfg: RunConfig, final: dict, best: dict, wall: float, total: float, world: int) -> Result:
         """The finished run's ``result.json``: its numbers, its parts' sizes and the environment it ran in."""
@@ -111,7 +114,7 @@ def build(cfg: RunConfig, run: RunDir, ctx: Context, say, teacher_dir: Optional[
     where = teacher_dir or (Path(cfg.teacher_checkpoint).parent if cfg.teacher_checkpoint else run.path.parent)
     feed = _feed(cfg, run, loop, TrainSource(data.train_base, data.split["train"], aug.train_transform), data,
                  ctx, say, Path(where))
-    return Parts(loop, feed, data.split, len(data.val_base), val_batches, teacher_top1,
+    return Parts(loop, feed, data.split, len(data.val_base), val_batches,
                  (teacher, renorm, teacher_top1) if teacher is not None else None)
 
 

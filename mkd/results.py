@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Optional
 
 
 class _Record:
@@ -126,6 +126,3 @@ class MetricsLine(_Record):
     extra: dict = field(default_factory=dict)
     _always = ()
 
-
-FIELDS: dict[str, Any] = {c.__name__: [f.name for f in dataclasses.fields(c) if f.name != "extra"]
-                          for c in (RunInfo, Result, MetricsLine)}

@@ -21,7 +21,6 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
 from . import atomic, checkpoint, messages
 from .config import RunConfig, describe, load_config
@@ -86,12 +85,7 @@ class Trainer:
         """Train and evaluate epoch ``state.epoch`` (from where a mid-epoch checkpoint left it); returns its
         metrics record."""
         steps = self.begin_epoch()
-        show = self.ctx.main and sys.stderr.isatty()
-        for batch in tqdm(self.parts.feed.epoch(self.state.epoch, steps.part.step_in_epoch), leave=False,
-                          desc=f"epoch {steps.epoch}", disable=not show, total=self.loop.steps_per_epoch,
-                          initial=steps.part.step_in_epoch, dynamic_ncols=True):
-            steps.take(batch)
-            self.after_step(steps)
+        steps.take_all(self.parts.feed.epoch(self.state.epoch, steps.part.step_in_epoch), self.after_step)
         return self.end_epoch(steps)
 
     def begin_epoch(self) -> EpochSteps:
