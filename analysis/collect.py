@@ -66,6 +66,9 @@ def collect(results: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
                     method_role=decl.get("role"), needs_teacher=decl.get("needs_teacher"),
                     learns_temperature=decl.get("learns_temperature", any("temps" in r for r in records)),
                     table=info.table, environment=environment_of(raw) if done else None,
+                    tuned_setting=_setting_text(info.tuned), tuning=_tuning_text(info.tuned),
+                    smallest_effect=(info.smallest_effect or {}).get("points"),
+                    smallest_effect_rule=(info.smallest_effect or {}).get("rule"),
                     git_commit=(res.environment or {}).get("git_commit") if done else None, unreadable_lines=bad)
         for r in info.rows or [{}]:
             rows.append({**base, **{f"axis:{k}": v for k, v in r.items()}})
@@ -81,6 +84,24 @@ def collect(results: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
                         for c in runs.columns]
         _fill_teacher_info(runs)
     return runs, pd.DataFrame(curves), pd.DataFrame(steps)
+
+
+def _setting_text(tuned) -> "str | None":
+    """The setting a final run's tuning chose ('lr 0.002, kd.tau 4'), None for an untuned run."""
+    if not tuned or tuned.get("setting") is None:
+        return None
+    return ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in tuned["setting"].items()) \
+        or "the suite's own"
+
+
+def _tuning_text(tuned) -> "str | None":
+    """How it was chosen: the trials, their held-out scores."""
+    if not tuned:
+        return None
+    trials = tuned.get("trials") or []
+    seeds = ", ".join(map(str, tuned.get("seeds") or []))
+    return (f"{len(trials)} trials scored by top-1 on a held-out {tuned.get('holdout', 0):.0%} of the training set "
+            f"(seed{'s' if len(tuned.get('seeds') or []) > 1 else ''} {seeds})")
 
 
 def _fill_teacher_info(runs: pd.DataFrame) -> None:

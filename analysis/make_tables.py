@@ -90,6 +90,7 @@ def build(results: Path, out: Path, suites: list[str] | None = None, formats: tu
             print(f"warning: {suite} ({scale}): {mixed}", file=sys.stderr)
         for table in T.tables_for(df, suite, scale, ref):
             table.provenance = T.provenance(df, suite, scale)
+            table.notes += T.tuning_notes(df)
             if mixed:
                 table.notes.append(f"Warning: {mixed}.")
             files = []

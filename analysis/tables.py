@@ -105,6 +105,33 @@ class Table:
         return groups
 
 
+def tuning_notes(df: pd.DataFrame) -> list[str]:
+    """How each method's setting was chosen where the suite tunes (``mkd/tuning.py``), and what was chosen, per
+    method and setting (run.json's ``tuned``)."""
+    if "tuned_setting" not in df or df["tuned_setting"].isna().all():
+        return []
+    done = df.drop_duplicates("run_id")
+    how = done["tuning"].dropna().iloc[0]
+    axes = [c for c in ("student", "teacher", "augment", "fraction") if c in df and df[c].nunique() > 1]
+    parts = []
+    for m in methods_in(df):
+        sub = df[(df["method"] == m) & df["tuned_setting"].notna()]
+        if not len(sub):
+            continue
+        if m in teacherless(df):
+            sub = sub.drop_duplicates([a for a in axes if a != "teacher"] + ["tuned_setting"])
+        by = sub.groupby("tuned_setting", sort=False)
+        picks = []
+        for setting, g in by:
+            where = sorted({", ".join(str(r[a]) for a in axes if not (a == "teacher" and m in teacherless(df)))
+                            for _, r in g.iterrows()} - {""})
+            picks.append(setting + (f" ({'; '.join(where)})" if where and by.ngroups > 1 else ""))
+        parts.append(f"{label_of(df, m)}: {' | '.join(picks)}")
+    per = f", chosen per {', '.join(axes)}" if axes else ""
+    return [f"Tuning: {how}{per}; the validation set this table reports plays no part. Chosen settings: "
+            + "; ".join(parts) + "."]
+
+
 def provenance(df: pd.DataFrame, suite: str, scale: str) -> list[str]:
     """One sentence naming the runs behind a table: how many, their seeds, the commit(s) and environment(s)
     they were made with, and when they finished (from their results: the same runs give the same words)."""

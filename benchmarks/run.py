@@ -72,6 +72,9 @@ def parse_args(argv):
                          "(mkd/cohort.py): auto = where the teacher's logits are not cached (the imagenet scale), "
                          "on = wherever runs share a teacher stream, off = every run alone (default auto)")
     ap.add_argument("--no-cohorts", dest="cohorts", action="store_const", const="off", help="same as --cohorts off")
+    ap.add_argument("--no-tuning", action="store_true",
+                    help="skip the suite's tuning (its tuning: section, mkd/tuning.py): every method at the suite's own "
+                         "setting, as a smoke test or a fixed recipe; the tables then say so")
     ap.add_argument("--no-input-cache", action="store_true",
                     help="augment every run's batches itself instead of reading the stream's stored batches")
     return ap.parse_args(argv)
@@ -83,11 +86,13 @@ def print_plan(plan, gpu: str, mfu, cores: int) -> int:
 
     rate, how = throughput(gpu, mfu)
     print(f"suite {plan.suite} ({plan.scale}) from {plan.path}: {len(plan.teachers)} teachers + "
-          f"{len(plan.students)} students")
+          f"{len(plan.students) + len(plan.waiting)} students"
+          + (f" + {len(plan.trials)} tuning trials ({plan.tuning.trials_per_method} per method and setting, "
+             f"mkd/tuning.py)" if plan.trials else ""))
     total = evals = 0.0
     units = plan.units()
     cohort_of = {r.run_id: (i, u) for i, u in enumerate(units) if len(u) > 1 for r in u}
-    for r in plan.runs:
+    for r in plan.runs + plan.waiting:
         wait = f" after teacher {r.teacher}" if r.teacher else ""
         wait += f" after {r.after} (reads the stream caches it fills)" if r.after else ""
         i, u = cohort_of.get(r.run_id, (None, []))
@@ -123,23 +128,41 @@ def main(argv=None) -> int:
         overrides["input_cache"] = "off"
     checkpoints = {k: v[0] for k, v in axis_values(args.teacher_checkpoint, "--teacher-checkpoint",
                                                    "large=/ckpts/vit_large.pth").items()}
-    plan = expand(args.suite, args.scale, args.results, axis_values(args.filter, "--filter", "method=mkd"),
-                  overrides, data_root, axis_values(args.axis, "--axis", "seed=0,1,2", yaml.safe_load), checkpoints)
+    def make_plan():
+        p = expand(args.suite, args.scale, args.results, axis_values(args.filter, "--filter", "method=mkd"),
+                   overrides, data_root, axis_values(args.axis, "--axis", "seed=0,1,2", yaml.safe_load), checkpoints,
+                   tune=not args.no_tuning)
+        p.cohorts = args.cohorts
+        return p
 
-    plan.cohorts = args.cohorts
+    plan = make_plan()
     if args.dry_run:
         return print_plan(plan, args.gpu, args.mfu, int(profile.get("cpus_per_task") or args.cores))
     if args.status:
         return print_status(plan)
 
-    if executor == "slurm":
-        slurm_reachable()
-        jobs = submit_slurm(plan, profile, args.max_parallel)
-        if not args.wait:
-            return 0
-        failed = wait_slurm(plan, jobs)
-    else:
-        failed = run_local(plan, args.max_parallel)
+    failed = []
+    while True:  # a tuned suite runs in two stages: the trials, then the finals with the settings they chose
+        if executor == "slurm":
+            slurm_reachable()
+            jobs = submit_slurm(plan, profile, args.max_parallel)
+            if plan.waiting and not args.wait:
+                print(f"{len(plan.waiting)} final runs wait for their tuning trials: rerun this command once the "
+                      "trials have finished (--status shows them), or pass --wait")
+            if not args.wait:
+                return 0
+            failed = wait_slurm(plan, jobs)
+        else:
+            failed = run_local(plan, args.max_parallel)
+        if failed or not plan.waiting:
+            break
+        before, plan = len(plan.waiting), make_plan()
+        if len(plan.waiting) >= before:  # the trials ended without choosing (all failed): say so below
+            break
+    for r in plan.waiting:
+        print(f"waiting {r.name} {r.label}", file=sys.stderr)
+    if plan.waiting and not failed:
+        return 1
     if failed:
         print(f"{len(failed)} run(s) failed:", file=sys.stderr)
         for r in failed:

@@ -89,10 +89,22 @@ class _GeneralConfig:
                         ("adamw", "sgd"))
     momentum: float = _f(0.9, "SGD momentum")
     nesterov: bool = _f(True, "SGD with Nesterov momentum (the DIST ImageNet recipe's optimizer default)")
-    lr_schedule: str = _f("cosine", "cosine (per step, to min_lr) or step (x decay_rate every decay_epochs)",
-                          ("cosine", "step"))
+    lr_schedule: str = _f("cosine", "cosine (per step, to min_lr), step (x decay_rate every decay_epochs) or multistep "
+                                    "(x decay_rate at each of decay_milestones or decay_fractions)",
+                          ("cosine", "step", "multistep"))
     decay_epochs: float = _f(30.0, "step schedule: epochs between decays (DIST/DKD ImageNet: 30)")
-    decay_rate: float = _f(0.1, "step schedule: the factor at each decay")
+    decay_rate: float = _f(0.1, "step and multistep schedules: the factor at each decay")
+    decay_milestones: list = _f([], "multistep: the epochs (0-based) from which the lr is x decay_rate once more "
+                                    "(DIST's and mdistiller's CIFAR recipe: 150, 180, 210 of 240)")
+    decay_fractions: list = _f([], "multistep: the milestones as fractions of training, so a shortened run keeps "
+                                   "the shape (that recipe: 0.625, 0.75, 0.875)")
+    lr_per: str = _f("step", "the schedule's clock: step (updated every optimizer step) or epoch (once an epoch, "
+                             "constant within it: DeiT's per-epoch scheduler)", ("step", "epoch"))
+    lr_epoch_lag: int = _f(0, "lr_per=epoch: epoch e trains at the schedule's value for epoch e - lag (DeiT's loop steps "
+                              "its scheduler after each epoch with that epoch's index: lag 1, facebookresearch/deit "
+                              "main.py line 432)")
+    tune_holdout: float = _f(0.0, "a tuning trial (a suite's tuning:): the class-balanced share of the training set it "
+                                  "holds out and is scored on (heldout_top1 in its result); 0: not a trial")
     drop_path: float = _f(0.0, "stochastic depth rate of the student")
     clip_grad: Optional[float] = _f(None, "clip the gradient norm to this value")
     seed: int = _f(0, "run seed: initialisation, data order, augmentation")
@@ -190,7 +202,8 @@ def _with_method_sections():
 
 RunConfig = _with_method_sections()
 TEACHER_KEYS = ("teacher", "teacher_kwargs", "teacher_pretrained", "teacher_input")
-LATE_KEYS = ("optimizer", "momentum", "nesterov", "lr_schedule", "decay_epochs", "decay_rate")
+LATE_KEYS = ("optimizer", "momentum", "nesterov", "lr_schedule", "decay_epochs", "decay_rate", "decay_milestones",
+             "decay_fractions", "lr_per", "lr_epoch_lag", "tune_holdout")
 
 
 def identity(cfg: RunConfig) -> dict:
@@ -213,7 +226,7 @@ def identity(cfg: RunConfig) -> dict:
         if f.name == "embedded" and cfg.dataset != "embedded":
             continue
         v = getattr(cfg, f.name)
-        if f.name in LATE_KEYS and v == f.default:
+        if f.name in LATE_KEYS and v == _default(f):
             continue
         d[f.name] = (v.identity() if hasattr(v, "identity") else dataclasses.asdict(v)) if dataclasses.is_dataclass(v) else v
     if not cfg.uses_teacher:
@@ -224,6 +237,10 @@ def identity(cfg: RunConfig) -> dict:
     if cfg.init_checkpoint:
         d["init_checkpoint"] = "/".join(Path(cfg.init_checkpoint).parts[-2:])
     return d
+
+
+def _default(f: dataclasses.Field):
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
 
 
 # ---------------------------------------------------------------------- building and validation
@@ -277,6 +294,11 @@ def _coerce(value: Any, tp: Any, key: str, choices: tuple | None = None) -> Any:
     elif tp is dict or origin is dict:
         if isinstance(value, dict):
             return dict(value)
+    elif tp is list or origin is list:
+        if isinstance(value, (list, tuple)):
+            return list(value)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return [value]
     raise UserError(f"config key '{key}' must be {getattr(tp, '__name__', tp)}, got {value!r}")
 
 
@@ -318,6 +340,9 @@ def _check(cfg: RunConfig) -> None:
     need(cfg.lr > 0, "lr", f"is {cfg.lr}: it must be > 0")
     need(0 <= cfg.momentum < 1, "momentum", f"is {cfg.momentum}: it must lie in [0, 1)")
     need(cfg.decay_epochs > 0 and 0 < cfg.decay_rate <= 1, "decay_epochs", "needs decay_epochs > 0 and decay_rate in (0, 1]")
+    _check_milestones(cfg, need)
+    need(cfg.lr_epoch_lag >= 0, "lr_epoch_lag", f"is {cfg.lr_epoch_lag}: it must be >= 0")
+    need(0 <= cfg.tune_holdout < 1, "tune_holdout", f"is {cfg.tune_holdout}: it must lie in [0, 1), e.g. 0.1")
     need(cfg.img_size >= 0, "img_size", "must be >= 0 (0: the dataset's size)")
     need(cfg.repeated_aug >= 1, "repeated_aug", f"is {cfg.repeated_aug}: it must be >= 1 (1: off, DeiT: 3)")
     need(cfg.eval_every >= 1, "eval_every", f"is {cfg.eval_every}: it must be >= 1")
@@ -331,6 +356,22 @@ def _check(cfg: RunConfig) -> None:
         need(bool(cfg.teacher), "teacher", f"is required by method={cfg.method}: set teacher=NAME "
                                            "(and teacher_checkpoint=PATH)")
     methods.get(cfg.method).check(cfg, need)
+
+
+def _check_milestones(cfg: RunConfig, need) -> None:
+    """A multistep schedule has its milestones one way (epochs or fractions), increasing, inside the run."""
+    ms, fs = cfg.decay_milestones, cfg.decay_fractions
+    for key, vals in (("decay_milestones", ms), ("decay_fractions", fs)):
+        need(all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals), key,
+             f"is {vals}: give a list of numbers, e.g. [150, 180, 210]")
+        need(list(vals) == sorted(vals) and len(set(vals)) == len(vals), key, f"is {vals}: milestones must increase")
+    if cfg.lr_schedule == "multistep":
+        need(bool(ms) != bool(fs), "decay_milestones", "lr_schedule=multistep needs either decay_milestones (epochs) "
+                                                        "or decay_fractions (of training), not both")
+        need(all(0 < f < 1 for f in fs), "decay_fractions", f"is {fs}: fractions of training lie in (0, 1)")
+        need(all(m > 0 for m in ms), "decay_milestones", f"is {ms}: milestones are epochs > 0")
+    else:
+        need(not ms and not fs, "decay_milestones", f"is set but lr_schedule={cfg.lr_schedule}: set lr_schedule=multistep")
 
 
 def parse_overrides(items: list[str]) -> dict:

@@ -61,6 +61,11 @@ def _images(cfg) -> tuple[int, int, int]:
     return classes, seen, val
 
 
+def validation_images(cfg) -> int:
+    """How many images the run's reported top-1 is measured on."""
+    return _images(cfg)[2]
+
+
 def img_size_of(cfg) -> int:
     return cfg.img_size or {"embedded": cfg.embedded.img_size, "cifar100": 32, "imagenet": 224}[cfg.dataset]
 

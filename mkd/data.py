@@ -217,10 +217,13 @@ def load_base(cfg: RunConfig) -> tuple[Dataset, Dataset, DatasetInfo]:
 
 
 # ---------------------------------------------------------------------------- fractions and meta split
-def make_split(labels: Sequence[int], fraction: float, meta_split: float, seed: int) -> dict[str, np.ndarray]:
-    """Class-balanced, seeded selection of the student's training subset and the held-out meta split.
+def make_split(labels: Sequence[int], fraction: float, meta_split: float, seed: int,
+               tune: float = 0.0) -> dict[str, np.ndarray]:
+    """Class-balanced, seeded selection of the student's training subset, the held-out meta split and, for a
+    tuning trial, the held-out images it is scored on.
 
-    Per class, one seeded permutation: the first ``round(meta_split * n_c)`` images form the meta split, the
+    Per class, one seeded permutation: the first ``round(meta_split * n_c)`` images form the meta split, the next
+    ``round(tune * n_c)`` a tuning trial's scoring split (none unless ``tune > 0``), the
     first ``round(fraction * rest)`` of the rest the training subset.  Subsets are therefore nested across
     fractions and disjoint from the meta split at every fraction.  A run that does not lose the meta split
     (``holdout=meta``, a method without meta batches) is made with ``meta_split=0``: its subset is the first
@@ -231,7 +234,7 @@ def make_split(labels: Sequence[int], fraction: float, meta_split: float, seed: 
     if not 0 <= meta_split < 1:
         raise UserError(f"meta_split={meta_split} is outside [0, 1): use e.g. meta_split=0.1")
     labels = np.asarray(labels)
-    train, meta = [], []
+    train, meta, held = [], [], []
     for c in np.unique(labels):
         idx = np.flatnonzero(labels == c)
         idx = idx[np.random.default_rng([seed, int(c)]).permutation(len(idx))]
@@ -241,11 +244,19 @@ def make_split(labels: Sequence[int], fraction: float, meta_split: float, seed: 
         if n_meta >= len(idx):
             raise UserError(f"meta_split={meta_split} leaves no training images for class {c} ({len(idx)} images): "
                             "use a smaller meta_split")
-        rest = idx[n_meta:]
+        n_tune = max(1, int(round(tune * len(idx)))) if tune > 0 else 0
+        if n_meta + n_tune >= len(idx):
+            raise UserError(f"tune_holdout={tune} with meta_split={meta_split} leaves no training images for class "
+                            f"{c} ({len(idx)} images): use a smaller tune_holdout")
+        rest = idx[n_meta + n_tune:]
         meta.append(idx[:n_meta])
+        held.append(idx[n_meta: n_meta + n_tune])
         train.append(rest[: max(1, int(round(fraction * len(rest))))])
-    return {"train": np.sort(np.concatenate(train)), "meta": np.sort(np.concatenate(meta)),
-            "num_examples": np.asarray(len(labels))}
+    split = {"train": np.sort(np.concatenate(train)), "meta": np.sort(np.concatenate(meta)),
+             "num_examples": np.asarray(len(labels))}
+    if tune > 0:
+        split["tune"] = np.sort(np.concatenate(held))
+    return split
 
 
 def load_or_make_split(path: Path, labels: Sequence[int], cfg: RunConfig) -> dict[str, np.ndarray]:
@@ -267,7 +278,7 @@ def load_or_make_split(path: Path, labels: Sequence[int], cfg: RunConfig) -> dic
             raise UserError(f"{path} was made for {int(split['num_examples'])} training images but the dataset has "
                             f"{len(labels)}: point data_root at the same data or use a new --out")
         return split
-    split = make_split(labels, cfg.fraction, cfg.held_out, cfg.split_seed)
+    split = make_split(labels, cfg.fraction, cfg.held_out, cfg.split_seed, cfg.tune_holdout)
     _save_npz(path, split)
     return split
 

@@ -15,7 +15,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 from timm.optim import param_groups_weight_decay
-from timm.scheduler import CosineLRScheduler, StepLRScheduler
+from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler, StepLRScheduler
 from torch import Tensor, nn
 from tqdm import tqdm
 
@@ -111,9 +111,7 @@ def build_models(cfg, student: nn.Module, teacher: Optional[nn.Module], method: 
 
 def build_optimization(cfg, student: nn.Module, method: Method, steps_per_epoch: int, amp: str,
                        device: torch.device) -> Optimization:
-    """AdamW (fused) or SGD, no weight decay on norms/biases/tokens, with timm's per-step warmup, then cosine or
-    step decay."""
-    total = max(1, cfg.epochs * steps_per_epoch)
+    """AdamW (fused) or SGD, no weight decay on norms/biases/tokens, with the run's learning-rate schedule."""
     groups = param_groups_weight_decay(student, cfg.weight_decay, getattr(student, "no_weight_decay", lambda: ())())
     if method.train_parameters():
         groups.append({"params": method.train_parameters(), "weight_decay": 0.0})
@@ -121,14 +119,67 @@ def build_optimization(cfg, student: nn.Module, method: Method, steps_per_epoch:
         opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
     else:
         opt = torch.optim.AdamW(groups, lr=cfg.lr, fused=True)  # one kernel per group, on GPU and CPU alike
-    warm = dict(warmup_t=int(cfg.warmup_epochs * steps_per_epoch), warmup_lr_init=cfg.lr * 1e-3, t_in_epochs=False)
-    if cfg.lr_schedule == "step":  # x decay_rate every decay_epochs, on step counts (an epoch's steps share one lr)
-        sched = StepLRScheduler(opt, decay_t=max(1, round(cfg.decay_epochs * steps_per_epoch)),
-                                decay_rate=cfg.decay_rate, **warm)
+    scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
+    return Optimization(opt, build_schedule(cfg, opt, steps_per_epoch), scaler, cfg.clip_grad)
+
+
+def milestone_steps(cfg, steps_per_epoch: int) -> list[int]:
+    """A multistep schedule's milestones in optimizer steps: epochs x steps per epoch, or fractions of the run's
+    steps (a shortened run keeps the shape)."""
+    total = max(1, cfg.epochs * steps_per_epoch)
+    if cfg.decay_fractions:
+        return [round(f * total) for f in cfg.decay_fractions]
+    return [round(m * steps_per_epoch) for m in cfg.decay_milestones]
+
+
+def build_schedule(cfg, opt: torch.optim.Optimizer, steps_per_epoch: int):
+    """timm's scheduler for the run, driven per update (``step_update``): a linear warm-up from lr/1000 over
+    ``warmup_epochs``, then a cosine to ``min_lr``, a decay every ``decay_epochs`` (``step``) or a decay at each
+    milestone (``multistep``).  The step that a milestone names is the first with the decayed rate, as in
+    torch's MultiStepLR and the official recipes.  ``lr_per=epoch`` holds the rate within an epoch (DeiT's
+    per-epoch scheduler), ``lr_epoch_lag`` delays it by whole epochs (``tests/test_schedules.py``)."""
+    per_epoch = cfg.lr_per == "epoch"
+    unit = 1 if per_epoch else steps_per_epoch  # the scheduler's clock: epochs, or optimizer steps
+    total = max(1, cfg.epochs * unit)
+    warm = dict(warmup_t=int(cfg.warmup_epochs * unit), warmup_lr_init=cfg.lr * 1e-3, t_in_epochs=per_epoch)
+    if cfg.lr_schedule == "step":  # x decay_rate every decay_epochs (on step counts: an epoch's steps share one lr)
+        sched = StepLRScheduler(opt, decay_t=max(1, round(cfg.decay_epochs * unit)), decay_rate=cfg.decay_rate, **warm)
+    elif cfg.lr_schedule == "multistep":
+        # timm applies milestone m at t = m - 1 (its documented historical convention): m + 1 puts it at t = m
+        sched = MultiStepLRScheduler(opt, decay_t=[m + 1 for m in milestone_steps(cfg, unit)],
+                                     decay_rate=cfg.decay_rate, warmup_prefix=False, **warm)
     else:
         sched = CosineLRScheduler(opt, t_initial=total, lr_min=cfg.min_lr, **warm)
-    scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
-    return Optimization(opt, sched, scaler, cfg.clip_grad)
+    return EpochClock(sched, steps_per_epoch, cfg.lr_epoch_lag) if per_epoch else sched
+
+
+class EpochClock:
+    """A per-epoch timm scheduler driven by the loop's per-update calls: before the first step of epoch e the
+    rate becomes the schedule's value at epoch ``max(e - lag, 0)``."""
+
+    def __init__(self, sched, steps_per_epoch: int, lag: int = 0):
+        self.sched, self.steps_per_epoch, self.lag = sched, max(1, steps_per_epoch), lag
+
+    def step_update(self, num_updates: int) -> None:
+        if num_updates % self.steps_per_epoch == 0:
+            self.sched.step(max(num_updates // self.steps_per_epoch - self.lag, 0))
+
+    def state_dict(self) -> dict:
+        return self.sched.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sched.load_state_dict(state)
+
+
+def lr_curve(cfg, steps_per_epoch: int) -> list[float]:
+    """The learning rate of every optimizer step of a run, from the scheduler the run builds (one per step)."""
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.lr)
+    sched = build_schedule(cfg, opt, steps_per_epoch)
+    out = []
+    for step in range(max(1, cfg.epochs * steps_per_epoch)):
+        out.append(opt.param_groups[0]["lr"])
+        sched.step_update(num_updates=step + 1)
+    return out
 
 
 def build_loop(cfg, student: nn.Module, teacher: Optional[nn.Module], method: Method, augment: AugmentPreset,

@@ -44,10 +44,12 @@ def prepare(plan: Plan) -> None:
                 rows.append(r)
         suites = sorted(set(info.get("suites", [])) | {plan.suite})
         new = RunInfo(run.run_id, kind=run.kind, scale=plan.scale, suites=suites,
-                      suite=plan.suite if run.kind == "student" else None, rows=rows, label=run.label,
+                      suite=plan.suite if run.kind != "teacher" else None, rows=rows, label=run.label,
                       teacher_run=str(plan_teacher(plan, run).out) if run.teacher else None,
                       method={"name": run.config.method, **methods.get(run.config.method).declarations()},
-                      table=plan.table).to_dict()
+                      table=plan.table, tuned=run.tuned or info.get("tuned"),
+                      smallest_effect=info.get("smallest_effect") or (plan.smallest_effect if run.kind == "student"
+                                                                      else None)).to_dict()
         if new != info:
             atomic.write_json(d.info, new)
 
@@ -90,6 +92,9 @@ def status_rows(plan: Plan) -> list[dict]:
         rows.append({"state": state, "run": run.run_id, "kind": run.kind, "label": run.label,
                      "top1": res.final_top1, "log": run.dir.log_path(), "reason": reason,
                      "slurm": slurm.get(run.run_id)})
+    for run in plan.waiting:  # finals whose setting their tuning trials have not chosen yet
+        rows.append({"state": "waiting", "run": run.run_id, "kind": run.kind, "label": run.label, "top1": None,
+                     "log": "-", "reason": "its tuning trials have not all ended", "slurm": None})
     return rows
 
 
@@ -98,7 +103,8 @@ def print_status(plan: Plan) -> int:
     counts = defaultdict(int)
     for r in rows:
         counts[r["state"]] += 1
-    summary = ", ".join(f"{counts[s]} {s}" for s in ("done", "running", "pending", "failed", "blocked") if counts[s])
+    summary = ", ".join(f"{counts[s]} {s}" for s in ("done", "running", "pending", "waiting", "failed", "blocked")
+                        if counts[s])
     print(f"suite {plan.suite} ({plan.scale}): {len(rows)} runs: {summary}")
     w = max(len(r["label"]) for r in rows)
     print(f"{'STATE':<8} {'RUN':<12} {'KIND':<7} {'WHAT':<{w}} {'TOP1':>6}  LOG")
@@ -494,7 +500,7 @@ def submit_slurm(plan: Plan, profile: dict, max_parallel: Optional[int] = None) 
     if teachers:
         sub.submit([[r] for r in teachers], None)
     pending = {r.run_id for r in todo}
-    units = [u for u in ([r for r in unit if r.run_id in pending] for unit in plan.units()) if u and u[0].kind == "student"]
+    units = [u for u in ([r for r in unit if r.run_id in pending] for unit in plan.units()) if u and u[0].kind != "teacher"]
     while units:  # waves: a unit is submitted once the runs it waits for have job ids
         waiting = {r.run_id for u in units for r in u}
         wave = [u for u in units if not any(r.after and r.after in waiting and r.after not in {x.run_id for x in u}
@@ -505,9 +511,10 @@ def submit_slurm(plan: Plan, profile: dict, max_parallel: Optional[int] = None) 
         for dep, us in groups.items():
             sub.submit(us, dep)
         units = [u for u in units if u not in wave]
-    n_students, jobs = len([r for r in todo if r.kind == "student"]), len(sub.submitted) - len(teachers)
+    n_students, jobs = len([r for r in todo if r.kind != "teacher"]), len(sub.submitted) - len(teachers)
+    n_trials = len([r for r in todo if r.kind == "trial"])
     print(f"suite {plan.suite} ({plan.scale}): submitted {len(sub.submitted)} jobs "
-          f"({len(teachers)} teachers, {n_students} students"
+          f"({len(teachers)} teachers, {n_students} students" + (f" of which {n_trials} tuning trials" if n_trials else "")
           + (f" in {jobs} jobs: cohorts of a teacher stream" if jobs < n_students else "") + "); "
           f"logs in {folder}; follow with --status")
     return sub.submitted

@@ -42,10 +42,18 @@ class Parts:
     val_len: int
     val_batches: Callable
     teacher: Optional[tuple] = None  # (module, renormaliser, top-1): what another run of the stream can share
+    heldout_batches: Optional[Callable] = None  # a tuning trial's scoring split (``tune_holdout``)
 
     @property
     def teacher_top1(self) -> Optional[float]:
         return self.teacher[2] if self.teacher else None
+
+    def heldout_top1(self) -> Optional[float]:
+        """A tuning trial's top-1 on the images it held out of training (what tuning selects on), else None."""
+        if self.heldout_batches is None:
+            return None
+        L = self.loop
+        return evaluate(L.models.student, self.heldout_batches(), L.precision.device, L.precision.autocast)["top1"]
 
     def result(self, cfg: RunConfig, final: dict, best: dict, wall: float, total: float, world: int) -> Result:
         """The finished run's ``result.json``: its numbers, its parts' sizes and the environment it ran in."""
@@ -55,7 +63,7 @@ class Parts:
             "done", run_id=cfg.run_id, method=cfg.method, student=cfg.student, teacher=cfg.teacher,
             dataset=cfg.dataset, augment=cfg.augment, fraction=cfg.fraction, seed=cfg.seed, epochs=cfg.epochs,
             final_top1=final["top1"], final_top5=final["top5"], best_top1=best["top1"], best_top5=best["top5"],
-            best_epoch=best["epoch"], tau_t=temps.get("tau_t"), tau_s=temps.get("tau_s"),
+            best_epoch=best["epoch"], heldout_top1=self.heldout_top1(), tau_t=temps.get("tau_t"), tau_s=temps.get("tau_s"),
             teacher_top1=self.teacher_top1, student_params=num_params(L.models.student),
             teacher_params=num_params(teacher) if teacher is not None else None,
             train_images=int(len(self.split["train"])), meta_images=int(len(self.split["meta"])),
@@ -100,6 +108,11 @@ def build(cfg: RunConfig, run: RunDir, ctx: Context, say, teacher_dir: Optional[
                         info.crop_scale, s_in.interpolation)
     data_key = json.dumps(cfg.stream.data(info.img_size), sort_keys=True, default=str)
     val_batches = eval_batches(cfg, data.val_base, aug.eval_transform, (data_key, s_in), ctx)
+    held = None
+    if cfg.tune_holdout > 0:  # a tuning trial is scored on training images it did not train on
+        tune = data.split["tune"]
+        sha = hashlib.sha256(np.asarray(tune).tobytes()).hexdigest()
+        held = eval_batches(cfg, data.train_base, aug.eval_transform, (data_key, s_in, "heldout", sha), ctx, tune)
     if cfg.init_checkpoint:
         load_weights(student, cfg.init_checkpoint, "student")
     student.to(ctx.device)
@@ -115,7 +128,7 @@ def build(cfg: RunConfig, run: RunDir, ctx: Context, say, teacher_dir: Optional[
     feed = _feed(cfg, run, loop, TrainSource(data.train_base, data.split["train"], aug.train_transform), data,
                  ctx, say, Path(where))
     return Parts(loop, feed, data.split, len(data.val_base), val_batches,
-                 (teacher, renorm, teacher_top1) if teacher is not None else None)
+                 (teacher, renorm, teacher_top1) if teacher is not None else None, held)
 
 
 def _data(cfg: RunConfig, run: RunDir, ctx: Context) -> _Data:
@@ -169,11 +182,11 @@ def teacher_top1(cfg: RunConfig, teacher, val_batches, ctx: Context, data: dict,
     return top1
 
 
-def eval_batches(cfg: RunConfig, base, transform, key: tuple, ctx: Context) -> Callable:
-    """``() -> batches`` of this process's shard of the evaluation set, normalised on the device: from uint8
-    tensors held in memory when they fit (once per process and key), else from one loader whose workers
-    persist across evaluations."""
-    src = StreamSource(base, None, transform)
+def eval_batches(cfg: RunConfig, base, transform, key: tuple, ctx: Context, indices=None) -> Callable:
+    """``() -> batches`` of this process's shard of the evaluation set (``indices`` of ``base``, default all of it),
+    normalised on the device: from uint8 tensors held in memory when they fit (once per process and key), else
+    from one loader whose workers persist across evaluations."""
+    src = StreamSource(base, indices, transform)
     norm = normalizer_of(src)
     held = _materialized(("val", *key), lambda: materialize(src, num_workers=cfg.num_workers))
     bs = max(1, cfg.eval_batch_size)

@@ -38,7 +38,7 @@ class RunInfo(_Record):
     declarations, the table its suite asks for)."""
 
     run_id: Optional[str] = None
-    kind: str = "student"  # student | teacher
+    kind: str = "student"  # student | teacher | trial (a tuning trial: mkd/tuning.py)
     scale: Optional[str] = None
     suites: list = field(default_factory=list)
     suite: Optional[str] = None
@@ -47,6 +47,8 @@ class RunInfo(_Record):
     teacher_run: Optional[str] = None  # the teacher's run directory
     method: dict = field(default_factory=dict)  # {"name": ..., **Method.declarations()}
     table: Optional[str] = None
+    tuned: Optional[dict] = None  # a final run of a tuned setting: the chosen setting and every trial's score
+    smallest_effect: Optional[dict] = None  # the suite's smallest effect of interest, fixed when the run was planned
     extra: dict = field(default_factory=dict)
     _always = ("scale", "suite", "label", "teacher_run", "table")
 
@@ -71,6 +73,7 @@ class Result(_Record):
     best_top1: Optional[float] = None
     best_top5: Optional[float] = None
     best_epoch: Optional[int] = None
+    heldout_top1: Optional[float] = None  # a tuning trial's score on its held-out split (what tuning selects on)
     tau_t: Optional[float] = None
     tau_s: Optional[float] = None
     teacher_top1: Optional[float] = None
@@ -97,7 +100,7 @@ class Result(_Record):
         if not self.done:
             return super().to_dict()
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
-        for k in ("reason", "tau_t_per_class", "tau_s_per_class"):
+        for k in ("reason", "tau_t_per_class", "tau_s_per_class", "heldout_top1"):
             if out[k] is None:
                 del out[k]
         return {**out, **self.extra}

@@ -225,6 +225,8 @@ class StreamIdentity:
 
         d = {k: getattr(cfg, k) for k in cls.KEYS}
         d["held_out"] = cfg.held_out
+        if cfg.tune_holdout:  # a tuning trial trains on fewer images (its scoring split held out)
+            d["tune_holdout"] = cfg.tune_holdout
         d["embedded"] = dataclasses.asdict(cfg.embedded) if cfg.dataset == "embedded" else None
         return cls(tuple(sorted(d.items())))
 

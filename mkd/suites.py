@@ -46,7 +46,8 @@ from .rundir import RunDir
 SUITES_DIR = Path(__file__).resolve().parent.parent / "benchmarks" / "suites"
 SCALES = ("tiny", "cifar", "imagenet")
 ABSTRACT_AXES = ("teacher", "student")
-SUITE_KEYS = ("description", "axes", "include", "exclude", "config", "scales", "table", "budget")
+SUITE_KEYS = ("description", "axes", "include", "exclude", "config", "scales", "table", "budget", "tuning",
+              "smallest_effect")
 BUDGETS = ("equal_epochs", "equal_steps")
 SCALE_KEYS = ("student", "students", "method_students", "teachers", "config", "description")
 TEACHER_KEYS = ("model", "kwargs", "train", "checkpoint", "pretrained", "input")
@@ -57,13 +58,14 @@ class Run:
     """One planned run: a teacher or a student, with the suite rows it serves."""
 
     run_id: str
-    kind: str  # "teacher" | "student"
+    kind: str  # "teacher" | "student" | "trial" (a tuning trial: mkd/tuning.py)
     config: RunConfig
     out: Path
     rows: list[dict] = field(default_factory=list)  # axis assignments this run stands for
     teacher: Optional[str] = None  # run_id of the teacher run it waits for
     after: Optional[str] = None  # run_id of the run that fills the stream caches it reads (it starts after it ends)
     label: str = ""  # one-line description for plans and status
+    tuned: Optional[dict] = None  # a final run of a tuned setting: the chosen setting and its trials (run.json)
 
     @property
     def name(self) -> str:
@@ -86,17 +88,23 @@ class Plan:
     root: Path = Path("results")
     table: Optional[str] = None  # the table the suite asks for (analysis/tables.py), None: chosen from the axes
     cohorts: str = "auto"  # mkd/cohort.py: auto | on | off
+    trials: list[Run] = field(default_factory=list)  # tuning trials (mkd/tuning.py)
+    waiting: list[Run] = field(default_factory=list)  # finals whose setting their trials have not chosen yet
+    tuning: Optional[object] = None  # mkd.tuning.Tuning where it applies at this scale
+    smallest_effect: Optional[dict] = None  # the suite's declared smallest effect of interest at this scale
 
     @property
     def runs(self) -> list[Run]:
-        return self.teachers + self.students
+        """Every run that can start now: teachers, tuning trials, students (not the finals waiting for trials)."""
+        return self.teachers + self.trials + self.students
 
     def units(self) -> list[list[Run]]:
         """The plan as units of work, one process (a local worker, a Slurm array element) each: every teacher
-        alone, the students in cohorts of one teacher stream where ``cohorts`` asks for them (mkd/cohort.py)."""
+        alone, the trials and students in cohorts of one teacher stream where ``cohorts`` asks for them
+        (mkd/cohort.py)."""
         from .cohort import plan_cohorts
 
-        return [[t] for t in self.teachers] + plan_cohorts(self.students, self.cohorts)
+        return [[t] for t in self.teachers] + plan_cohorts(self.trials + self.students, self.cohorts)
 
 
 def known_suites() -> list[str]:
@@ -207,7 +215,7 @@ def load_suite(name_or_path: str) -> tuple[Path, dict]:
 def expand(name_or_path: str, scale: str = "tiny", results: Path | str = "results",
            filters: Optional[dict[str, list[str]]] = None, overrides: Optional[dict] = None,
            data_root: Optional[str] = None, axes: Optional[dict[str, list]] = None,
-           teacher_checkpoints: Optional[dict[str, str]] = None) -> Plan:
+           teacher_checkpoints: Optional[dict[str, str]] = None, tune: bool = True) -> Plan:
     """Validate the suite and expand it into runs for one scale; nothing is written.
 
     ``axes`` replaces axes' values (e.g. ``{"seed": [0, 1, 2]}``); ``filters`` keeps rows whose axis value
@@ -250,12 +258,103 @@ def expand(name_or_path: str, scale: str = "tiny", results: Path | str = "result
     needs = _teacher_needs(base)
     teacher_of = _teacher_runs(path, sc, scale, base, Path(results), sorted({r["teacher"] for r in rows if needs(r)}),
                                overrides)
-    students = _student_runs(path, sc, scale, base, Path(results) / path.stem / scale, rows, teacher_of, needs,
-                             budget)
+    out = Path(results) / path.stem / scale
+    build = lambda items, kind="student", registry=None: _student_runs(  # noqa: E731
+        path, sc, scale, base, out, items, teacher_of, needs, budget, kind, registry)
+    tuning = _tuning(path, spec, scale, rows, base, overrides) if tune else None
+    trials, waiting = [], []
+    if tuning is None:
+        students = build([(r, {}) for r in rows])
+    else:
+        trials, students, waiting = _tuned(tuning, rows, base, build)
     teachers = list({r.run_id: r for r in teacher_of.values()}.values())
+    ordered = _order_producers(trials + students)
     return Plan(path.stem, scale, path, str(spec.get("description", "")).strip(),
-                {k: _values(path, f"axes.{k}", v) for k, v in spec["axes"].items()}, teachers, students, Path(results),
-                table=spec.get("table"))
+                {k: _values(path, f"axes.{k}", v) for k, v in spec["axes"].items()}, teachers,
+                [r for r in ordered if r.kind == "student"], Path(results), table=spec.get("table"),
+                trials=[r for r in ordered if r.kind == "trial"], waiting=waiting, tuning=tuning,
+                smallest_effect=smallest_effect(path, spec, scale, (students or waiting or trials)[0].config))
+
+
+SMALLEST_EFFECT_RULE = ("3 binomial standard errors of a top-1 near 70% on the validation set the tables report, "
+                        "3 x sqrt(0.7 x 0.3 / n) x 100 points (n validation images): a difference below it is within "
+                        "what the sampling of one evaluation moves")
+
+
+def smallest_effect(path: Path, spec: dict, scale: str, cfg: RunConfig) -> dict:
+    """The suite's smallest effect of interest at ``scale`` (points of top-1), fixed before its runs: the suite's
+    ``smallest_effect: {rule: ..., SCALE: points}`` where it states one, else ``SMALLEST_EFFECT_RULE`` on the
+    validation set the scale reports (tiny: 5,000 images -> 1.9; CIFAR-100: 10,000 -> 1.4; ImageNet: 50,000 -> 0.6).
+    Never derived from results: the launcher records it in every run's run.json, the analysis reads it there."""
+    import math
+
+    from .cost import validation_images
+
+    declared = spec.get("smallest_effect")
+    if declared is not None:
+        if not isinstance(declared, dict) or not isinstance(declared.get("rule"), str):
+            raise _fail(path, "smallest_effect", "must be a mapping with rule: <how the numbers were fixed> and a "
+                                                 "number of top-1 points per scale, e.g. {rule: ..., tiny: 2.0}")
+        for k, v in declared.items():
+            if k != "rule" and (k not in SCALES or not isinstance(v, (int, float)) or v <= 0):
+                raise _fail(path, f"smallest_effect.{k}", "give positive top-1 points per scale "
+                                                          f"({', '.join(SCALES)})")
+        if scale in declared:
+            return {"points": float(declared[scale]), "rule": declared["rule"], "source": f"{path.name}"}
+    n = validation_images(cfg)
+    return {"points": round(3 * math.sqrt(0.21 / n) * 100, 1), "rule": SMALLEST_EFFECT_RULE + f" (n = {n:,})",
+            "source": "default rule (mkd/suites.py)"}
+
+
+def _tuning(path: Path, spec: dict, scale: str, rows: list[dict], base: dict, overrides: Optional[dict]):
+    """The suite's tuning at this scale (None where it does not apply); every method of the rows needs a grid, and
+    no --set may fix a key the grid varies."""
+    from . import tuning as T
+
+    tuning = T.parse(path, spec.get("tuning"), METHODS)
+    if tuning is None or not tuning.applies(scale):
+        return None
+    tuned = sorted({k for trials in tuning.grid.values() for t in trials for k in t})
+    for k in tuned:
+        if _has_key(overrides or {}, k):
+            raise UserError(f"--set {k}=...: {path.name} tunes '{k}' at scale {scale} (tuning.grid): drop --set, "
+                            "or pass --no-tuning to run every method at the suite's own setting")
+    for m in sorted({r.get("method", base.get("method", "ce")) for r in rows}):
+        if m not in tuning.grid:
+            raise _fail(path, "tuning.grid", f"has no grid for method '{m}' (tuned at scale {scale}): add one of "
+                                             f"{tuning.trials_per_method} trials, as every method gets")
+    return tuning
+
+
+def _tuned(tuning, rows: list[dict], base: dict, build) -> tuple[list[Run], list[Run], list[Run]]:
+    """(trials, finals ready, finals waiting): each setting's trials, and its finals with the chosen setting once
+    every trial has ended (``mkd/tuning.py``)."""
+    from . import tuning as T
+
+    registry: dict[str, Run] = {}
+    groups: dict[tuple, list] = {}
+    for row in rows:
+        key = T.setting_key(row)
+        if key in groups:
+            continue
+        method = row.get("method", base.get("method", "ce"))
+        bare = {k: v for k, v in row.items() if k != "seed"}
+        groups[key] = [(build([({**bare, "seed": s}, {**ov, "tune_holdout": tuning.holdout}) for s in tuning.seeds],
+                              "trial", registry), ov) for ov in tuning.grid[method]]
+    ready, pending, choices = [], [], {}
+    for row in rows:
+        key = T.setting_key(row)
+        choice = choices.get(key) or T.choose(groups[key], lambda r: r.dir.outcome())
+        choices[key] = choice
+        (ready if choice.overrides is not None else pending).append((row, choice.overrides or {}))
+    finals = build(ready)
+    for r in finals:
+        r.tuned = choices[T.setting_key(r.rows[0])].record(tuning)
+    known = {r.run_id for r in finals}
+    waiting = [r for r in build(pending) if r.run_id not in known]
+    for r in waiting:
+        r.label += f"  [waits for its tuning trials: {choices[T.setting_key(r.rows[0])].reason}]"
+    return list(registry.values()), finals, waiting
 
 
 def _rows(path: Path, spec: dict, sc: dict) -> list[dict]:
@@ -336,7 +435,8 @@ TEACHER_INHERITS = ("dataset", "data_root", "download", "img_size", "embedded", 
                     "checkpoint_every_steps")
 # what a teacher trained by the suite takes from the scale's recipe unless its ``train:`` says otherwise
 TEACHER_RECIPE = ("batch_size", "warmup_epochs", "min_lr", "weight_decay", "clip_grad", "repeated_aug", "optimizer",
-                  "momentum", "nesterov", "lr_schedule", "decay_epochs", "decay_rate")
+                  "momentum", "nesterov", "lr_schedule", "decay_epochs", "decay_rate", "decay_milestones",
+                  "decay_fractions", "lr_per", "lr_epoch_lag")
 # --set keys that describe the student's run only (everything else reaches the teachers too)
 STUDENT_ONLY = ("method", "student", "student_kwargs", "teacher", "teacher_kwargs", "teacher_checkpoint",
                 "teacher_pretrained", "teacher_input", "fraction", "seed", "init_checkpoint", "pretrained",
@@ -407,11 +507,15 @@ def _equal_steps(d: dict) -> dict:
             "eval_every": max(1, round(every / f))}
 
 
-def _student_runs(path: Path, sc: dict, scale: str, base: dict, out: Path, rows: list[dict],
-                  teacher_of: dict[str, Run], needs, budget: str = "equal_epochs") -> list[Run]:
-    """One run per distinct student config; a run that serves several rows (CE ignores the teacher) lists them."""
+def _student_runs(path: Path, sc: dict, scale: str, base: dict, out: Path, items: list[tuple[dict, dict]],
+                  teacher_of: dict[str, Run], needs, budget: str = "equal_epochs", kind: str = "student",
+                  registry: Optional[dict] = None) -> list[Run]:
+    """One run per distinct student config; a run that serves several rows (CE ignores the teacher) lists them.
+    ``items``: (row, extra overrides: a tuning trial's setting or the chosen one); ``registry``: runs already
+    built by earlier calls (shared across a tuning's trials), extended in place."""
     students: dict[str, Run] = {}
-    for row in rows:
+    registry = {} if registry is None else registry
+    for row, extra in items:
         d = merge(base, {})
         own = (sc.get("method_students") or {}).get(row.get("method")) or {}
         if "student" in row and row["student"] in own:  # e.g. hard distillation with the distillation token
@@ -423,6 +527,7 @@ def _student_runs(path: Path, sc: dict, scale: str, base: dict, out: Path, rows:
         for k, v in row.items():
             if k not in ABSTRACT_AXES:
                 d = merge(d, _dotted({k: v}))
+        d = merge(d, _dotted(extra))
         if budget == "equal_steps":
             d = _equal_steps(d)
         trun = teacher_of[row["teacher"]] if needs(row) else None
@@ -434,11 +539,14 @@ def _student_runs(path: Path, sc: dict, scale: str, base: dict, out: Path, rows:
         cfg = _build(path, d, where)
         _model_ok(path, cfg.student, f"scales.{scale}.student ({where})")
         label = " ".join(f"{k}={v}" for k, v in row.items() if not (k == "teacher" and not cfg.uses_teacher))
-        run = students.get(cfg.run_id) or Run(cfg.run_id, "student", cfg, out / cfg.run_id,
-                                              teacher=trun.run_id if trun else None, label=label)
-        run.rows.append(row)
-        students[cfg.run_id] = run
-    return _order_producers(list(students.values()))
+        if kind == "trial":
+            label += " | trial " + ", ".join(f"{k}={v}" for k, v in extra.items() if k != "tune_holdout")
+        run = students.get(cfg.run_id) or registry.get(cfg.run_id) or Run(
+            cfg.run_id, kind, cfg, out / cfg.run_id, teacher=trun.run_id if trun else None, label=label)
+        if row not in run.rows:
+            run.rows.append(row)
+        students[cfg.run_id] = registry[cfg.run_id] = run
+    return list(students.values())
 
 
 def _order_producers(runs: list[Run]) -> list[Run]:

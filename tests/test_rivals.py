@@ -3,6 +3,8 @@ its Mixup rule, and CTKD's official CE/KD weights.  The references below are wri
 official code's definitions (docs/method.md cites the lines), independently of mkd/methods/."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -118,20 +120,44 @@ def test_dkd_on_a_mixup_batch_weights_both_classes_by_lambda_or_takes_the_domina
         assert abs(float(terms["loss"]) - (ce + tck + 8.0 * nck)) < 1e-12
 
 
-@pytest.mark.parametrize("epochs,warmup_epochs,dataset", [(240, 20, "embedded"), (100, 1, "imagenet")])
+@pytest.mark.parametrize("epochs,warmup_epochs,dataset", [(240, 20, "embedded"), (100, 0, "imagenet")])
 def test_dkd_warmup_is_the_official_min_epoch_over_warmup(epochs, warmup_epochs, dataset):
-    """mdistiller: loss_dkd * min(epoch / WARMUP, 1), epoch counted from 1 (engine/trainer.py)."""
+    """mdistiller: loss_dkd * min(epoch / WARMUP, 1), epoch counted from 1 (engine/trainer.py), at the official
+    lengths: 20 of 240 epochs on CIFAR; on ImageNet WARMUP 1 of 100, where min(e / 1, 1) is 1 from the first epoch
+    (the default warm-up there is 0, the same factor)."""
     extra = ["data_root=/x"] if dataset == "imagenet" else []
     m = build_method(load_config(overrides=["method=dkd", *T_ARGS, f"dataset={dataset}", *extra]), 5)
     spe = 3
     for e in range(epochs):
         for s in (0, spe - 1):
             m.on_step(Progress(e * spe + s, spe, epochs * spe))
-            assert m.factor == pytest.approx(min((e + 1) / warmup_epochs, 1.0), abs=1e-12), (e, s)
+            official = min((e + 1) / warmup_epochs, 1.0) if warmup_epochs else min((e + 1) / 1, 1.0)
+            assert m.factor == pytest.approx(official, abs=1e-12), (e, s)
     zs, zt, y = _fixed()
     m.on_step(Progress(0, spe, epochs * spe))
     terms = m(zs.float(), Batch(None, y, y, teacher_logits=zt.float()))
     assert float(terms["loss"]) == pytest.approx(float(terms["ce"] + m.factor * terms["dkd"]), rel=1e-6)
+
+
+def test_a_shortened_run_still_warms_up_per_step():
+    """At 10 epochs DKD's 20/240 is 0.83 of an epoch: counted in 1-based epochs the factor would be 1 from the
+    first step (no warm-up); it rises per step over those 0.83 epochs instead, and CTKD's ramp likewise."""
+    from mkd.methods.ctkd import ctkd_lambda
+
+    m = build_method(load_config(overrides=["method=dkd", *T_ARGS, "epochs=10"]), 5)
+    spe, epochs = 60, 10
+    w_steps = 20 / 240 * epochs * spe  # 50 steps
+    factors = []
+    for step in range(epochs * spe):
+        m.on_step(Progress(step, spe, epochs * spe))
+        factors.append(m.factor)
+        assert m.factor == pytest.approx(min((step + 1) / w_steps, 1.0), abs=1e-12)
+    assert factors[0] == pytest.approx(1 / 50) and factors[48] < 1 and factors[49] == 1.0
+    assert all(a <= b for a, b in zip(factors, factors[1:]))
+    lams = [ctkd_lambda(Progress(s, spe, epochs * spe), 1.0, 1 / 24, "epoch") for s in range(3 * spe)]
+    assert lams[0] < 0.01 and lams[-1] == pytest.approx(1.0) and all(a <= b for a, b in zip(lams, lams[1:]))
+    # 1/24 of 10 epochs is 25 steps: the cosine reaches its top there
+    assert lams[24] == pytest.approx(1.0) and lams[11] == pytest.approx(0.5 * (1 - math.cos(math.pi * 12 / 25)))
 
 
 @pytest.mark.parametrize("dataset,weights", [("embedded", (0.1, 0.9)), ("imagenet", (1.0, 1.0))])

@@ -11,9 +11,10 @@ PINNED = {
     "ce": (["method=ce"], "75c8987ec8df"),
     "kd": (["method=kd", *TEACHER], "47d5c6070ded"),
     "hard": (["method=hard", "student=emb_deit_s_distilled", *TEACHER], "97ff3457a024"),
-    "ctkd": (["method=ctkd", *TEACHER], "3648b7f72101"),  # was 41b20171c645 before ctkd.weights (official CE/KD)
+    # ctkd: 41b20171c645 before ctkd.weights (official CE/KD), 3648b7f72101 before a short ramp rose per step
+    "ctkd": (["method=ctkd", *TEACHER], "62689681a721"),
     "dist": (["method=dist", *TEACHER], "f586d91fb207"),
-    "dkd": (["method=dkd", *TEACHER], "a0c7c3f207c6"),
+    "dkd": (["method=dkd", *TEACHER], "5de172c11838"),  # a0c7c3f207c6 before a short warm-up rose per step
     "mkd": (["method=mkd", *TEACHER], "b04339141d66"),
     "mkd, cifar, strong, jvp": (["method=mkd", *TEACHER, "augment=strong", "dataset=cifar100", "data_root=/x",
                                  "mkd.hypergrad=jvp"], "9d3770fbe094"),

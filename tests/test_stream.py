@@ -131,7 +131,7 @@ def test_topk_is_exact_with_every_class_and_keeps_the_mass_otherwise():
 def test_plan_names_one_producer_per_stream_and_the_others_wait(tmp_path):
     from mkd.suites import expand
 
-    plan = expand("degradation", axes={"seed": [0, 1]}, results=tmp_path)
+    plan = expand("degradation", axes={"seed": [0, 1]}, results=tmp_path, tune=False)
     by_id = {r.run_id: r for r in plan.students}
     t_producers = {r.config.teacher_stream_key(): r for r in plan.students
                    if r.config.uses_teacher and (r.after is None or by_id[r.after].config.teacher != r.config.teacher)}
@@ -143,7 +143,7 @@ def test_plan_names_one_producer_per_stream_and_the_others_wait(tmp_path):
             assert p.config.stream_key() == r.config.stream_key() and p.after != r.run_id
             assert plan.students.index(p) < plan.students.index(r)
     assert sum(r.after is None for r in plan.students) == 2 * 2, "one data producer per (augmentation, seed)"
-    assert not any(r.after for r in expand("degradation", results=tmp_path,
+    assert not any(r.after for r in expand("degradation", results=tmp_path, tune=False,
                                            overrides={"teacher_cache": False, "input_cache": "off"}).students)
 
 

@@ -12,15 +12,15 @@ from mkd.results import Result
 from mkd.suites import expand, known_suites
 
 def test_degradation_suite_expands_to_a_teacher_ladder_and_shares_ce_runs():
-    plan = expand("degradation", "tiny")
-    assert len(plan.teachers) == 2 and len(plan.students) == 3 * (2 + 2 * 2 * 2), "3 seeds by default"
-    assert {r.config.seed for r in plan.students} == {0, 1, 2}
+    plan = expand("degradation", "tiny", tune=False)
+    assert len(plan.teachers) == 2 and len(plan.students) == 5 * (2 + 2 * 2 * 2), "5 seeds by default"
+    assert {r.config.seed for r in plan.students} == {0, 1, 2, 3, 4}
     ce = [r for r in plan.students if r.config.method == "ce"]
-    assert len(ce) == 2 * 3 and all(len(r.rows) == 2 for r in ce), \
+    assert len(ce) == 2 * 5 and all(len(r.rows) == 2 for r in ce), \
         "one CE run per augmentation and seed serves every teacher row"
     sizes = {r.rows[0]["teacher"]: r.config.student for r in plan.teachers}
     assert sizes == {"small": "emb_vit_m", "large": "emb_vit_xl"}
-    assert len(expand("degradation", "tiny", axes={"teacher": ["small", "medium", "large"]}).teachers) == 3
+    assert len(expand("degradation", "tiny", axes={"teacher": ["small", "medium", "large"]}, tune=False).teachers) == 3
     for r in plan.students:
         if r.config.method != "ce":
             t = next(t for t in plan.teachers if t.run_id == r.teacher)
@@ -50,7 +50,8 @@ def test_gap_ladder_plans_the_published_ladder_at_each_scale_offline(tmp_path):
     c = next(r.config for r in inet.students if r.config.method == "kd")
     assert (c.student, c.epochs, c.batch_size, c.optimizer, c.lr, c.weight_decay, c.lr_schedule, c.decay_epochs) == \
         ("resnet18", 100, 256, "sgd", 0.1, 1e-4, "step", 30), "DIST's ImageNet recipe (resnet_dist.yaml)"
-    assert (c.kd.tau_t, c.kd.tau_s) == (4.0, 4.0), "the ladder's KD baseline is KD (T=4)"
+    assert (c.kd.tau_t, c.kd.tau_s, c.kd.weights()) == (4.0, 4.0, (0.9, 1.0)), \
+        "the ladder's KD baseline is KD (T=4) as DIST ran it (resnet_kdt4.yaml: CE 0.9, KD 1.0)"
     d = next(r.config for r in inet.students if r.config.method == "dist")
     assert d.dist.tau == 1.0 and d.dist.loss_weight == 2.0
     k = next(r.config for r in inet.students if r.config.method == "dkd")
@@ -58,8 +59,12 @@ def test_gap_ladder_plans_the_published_ladder_at_each_scale_offline(tmp_path):
     cifar = expand("gap_ladder", "cifar", data_root=str(tmp_path))
     assert {r.config.student for r in cifar.teachers} == {f"cifar_resnet{d}" for d in (34, 50, 101, 152)}
     assert next(r.config for r in cifar.students if r.config.method == "dkd").dkd.beta == 8.0
-    tiny = expand("gap_ladder", "tiny")
-    assert len(tiny.teachers) == 4 and len(tiny.students) == 3 * (1 + 4 * 5)
+    cc = cifar.students[0].config
+    assert (cc.lr_schedule, cc.decay_milestones, cc.nesterov) == ("multistep", [150, 180, 210], False)
+    tiny = expand("gap_ladder", "tiny", tune=False)
+    assert len(tiny.teachers) == 4 and len(tiny.students) == 5 * (1 + 4 * 5)
+    tuned = expand("gap_ladder", "tiny")
+    assert len(tuned.trials) == 6 * (1 + 4 * 5) and len(tuned.waiting) == 5 * (1 + 4 * 5) and not tuned.students
 
 
 def test_teachers_are_shared_across_suites():
@@ -72,13 +77,15 @@ def test_teachers_are_shared_across_suites():
 def test_other_suites_expand_as_described():
     grid = expand("temperature_grid", "tiny")
     kd = [r for r in grid.students if r.config.method == "kd"]
-    assert len(kd) == 2 * 16 * 3 and len([r for r in grid.students if r.config.method == "mkd"]) == 2 * 3
+    assert len(kd) == 2 * 16 * 5 and len([r for r in grid.students if r.config.method == "mkd"]) == 2 * 5
+    assert all(r.config.tune_holdout == 0.1 for r in grid.students), "the best cell is picked on a held-out split"
     assert {(r.config.kd.tau_t, r.config.kd.tau_s) for r in kd} == {(a, b) for a in (1, 2, 4, 8) for b in (1, 2, 4, 8)}
-    frac = expand("data_fraction", "tiny")
-    assert sorted({r.config.fraction for r in frac.students}) == [0.1, 0.25, 0.5, 1.0] and len(frac.students) == 12 * 3
+    frac = expand("data_fraction", "tiny", tune=False)
+    assert sorted({r.config.fraction for r in frac.students}) == [0.1, 0.25, 0.5, 1.0] and len(frac.students) == 12 * 5
     # equal optimizer steps: epochs x 1/fraction, so every fraction trains for as many steps as the full set
     # (20 classes x 300 images, 10% held out per class; whole batches of 64: 8 steps at 0.1 where 8.4 would be exact)
     steps = {(r.config.fraction, r.config.epochs * (20 * round(r.config.fraction * 270) // 64)) for r in frac.students}
+    assert len(expand("data_fraction", "tiny").trials) == 4 * 3 * 6, "6 trials per method and fraction"
     full = next(s for f, s in steps if f == 1.0)
     assert full == 15 * 84 and all(abs(s - full) / full <= 0.05 for _, s in steps), steps
 
@@ -91,11 +98,13 @@ def test_dry_run_prints_one_line_per_run_and_filters(tmp_path, capsys):
         assert main(["--suite", "degradation", "--dry-run", "--results", str(tmp_path), *args]) == 0
         return capsys.readouterr().out.strip().splitlines()
 
-    lines = dry()
-    assert len(lines) == 1 + 2 + 30 + 1 and not any(tmp_path.iterdir()), "a dry run writes nothing"
+    lines = dry("--no-tuning")
+    assert len(lines) == 1 + 2 + 50 + 1 and not any(tmp_path.iterdir()), "a dry run writes nothing"
     assert all("GPU-h" in l for l in lines[1:-1]) and lines[-1].startswith("estimated cost: ")
-    assert len(dry("--filter", "method=mkd", "--filter", "teacher=large")) == 1 + 1 + 2 * 3 + 1
-    assert len(dry("--axis", "seed=0,1", "--filter", "method=ce")) == 1 + 2 * 2 + 1
+    assert len(dry("--no-tuning", "--filter", "method=mkd", "--filter", "teacher=large")) == 1 + 1 + 2 * 5 + 1
+    assert len(dry("--no-tuning", "--axis", "seed=0,1", "--filter", "method=ce")) == 1 + 2 * 2 + 1
+    tuned = dry("--filter", "method=ce")  # 6 trials per augmentation (one run serves both teachers), then 6 finals
+    assert sum(l.startswith("trial") for l in tuned) == 2 * 6 and sum("waits for its tuning" in l for l in tuned) == 10
 
 
 def _hours(lines: list[str]) -> float:

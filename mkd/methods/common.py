@@ -50,6 +50,25 @@ class KDConfig:
         return d
 
 
+PER_STEP_BELOW = 5.0  # a ramp shorter than this many epochs rises per step (its official per-epoch form is too coarse)
+
+
+def ramp_position(progress, fraction: float, per_step_below: float = PER_STEP_BELOW) -> float:
+    """Where an epoch-counted ramp over ``fraction`` of training stands before a step, in [0, 1].
+
+    The official form (DKD's ``min(epoch / warmup, 1)``, CTKD's cosine position ``min(epoch, L) / L``) counts 1-based
+    epochs and holds within one; it is kept exactly when the ramp spans ``W = fraction x epochs >= per_step_below``
+    epochs.  A shorter ramp (a run shortened below the recipe's length) rises per step instead,
+    ``min((step + 1) / (W x steps per epoch), 1)``: counted in epochs it would be at 1 from the first step
+    (``W < 1``) or rise in a few coarse stairs, so a short run would not warm up at all."""
+    w = fraction * progress.epochs
+    if w <= 0:
+        return 1.0
+    if w >= per_step_below:
+        return min((progress.epoch + 1) / w, 1.0)
+    return min((progress.step + 1) / (w * max(1, progress.steps_per_epoch)), 1.0)
+
+
 def check_temperature_range(section: str, lo: float, hi: float, need) -> None:
     """A learnable temperature's bounds: both positive, upper above lower (``need(cond, key, message)``)."""
     need(lo > 0, f"{section}.tau_min", f"is {lo}: temperature bounds must be > 0")

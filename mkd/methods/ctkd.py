@@ -11,7 +11,8 @@ from torch import Tensor, nn
 from ..options import option
 from . import register
 from .base import Method, Progress
-from .common import ce_loss, check_temperature_range, heads, kd_term, mean_over_ranks
+from .common import (PER_STEP_BELOW, ce_loss, check_temperature_range, heads, kd_term, mean_over_ranks,
+                     ramp_position)
 
 
 @dataclass
@@ -31,8 +32,11 @@ class CTKDConfig:
     lambda_max: float = option(1.0, "final strength of the gradient reversal (official decay_min -1)")
     ramp: float = option(1 / 24, "fraction of training over which lambda rises (cosine) from 0 to lambda_max "
                                   "(official: 10 of 240 epochs on CIFAR, 5 of 120 on ImageNet)")
-    schedule: str = option("epoch", "epoch: lambda from the 1-based epoch index, constant within an epoch (official); "
-                                     "step: a smooth per-step cosine", ("epoch", "step"))
+    schedule: str = option("epoch", "epoch: lambda from the 1-based epoch index, constant within an epoch (official), "
+                                     "per step when the ramp spans fewer than per_step_below epochs; step: a smooth "
+                                     "per-step cosine", ("epoch", "step"))
+    per_step_below: float = option(5.0, "schedule=epoch: a ramp spanning fewer epochs than this rises per step (a "
+                                         "shortened run still ramps); at the official lengths the per-epoch form is exact")
     optimizer: str = option("sgd", "sgd: the temperature's own SGD (lr, momentum, weight_decay below), scaled by the "
                                     "student's schedule, as the official code's shared SGD does; student: a parameter "
                                     "of the student's AdamW (whose normalisation leaves only lambda's sign)",
@@ -40,14 +44,20 @@ class CTKDConfig:
     lr: float = option(0.05, "SGD learning rate of p at the schedule's peak (official CIFAR 0.05, ImageNet 0.1)")
     momentum: float = option(0.9, "SGD momentum of p (official 0.9)")
     weight_decay: float = option(5e-4, "SGD weight decay of p (official CIFAR 5e-4, ImageNet 1e-4)")
-    weights: str = option("official", "CE / KD weights: official = the official scripts' (scripts/run_cifar_distill.sh "
-                                      "-r 0.1 -a 0.9 off ImageNet, run_imagenet_distill.sh -r 1 -a 1 on it); kd = "
-                                      "KD's (1 - kd.alpha) / kd.alpha", ("official", "kd"))
+    weights: str = option("official", "CE / KD weights: cifar = scripts/run_cifar_distill.sh's -r 0.1 -a 0.9, imagenet "
+                                      "= run_imagenet_distill.sh's -r 1 -a 1, official = the one of the run's dataset "
+                                      "(resolved before the run id is made), kd = KD's (1 - kd.alpha) / kd.alpha",
+                          ("official", "cifar", "imagenet", "kd"))
+
+    def resolve(self, cfg) -> None:
+        if self.weights == "official":  # the run id hashes the weights used
+            self.weights = "imagenet" if cfg.dataset == "imagenet" else "cifar"
 
     def ce_kd_weights(self, cfg) -> tuple[float, float]:
         if self.weights == "kd":
             return 1 - cfg.kd.alpha, cfg.kd.alpha
-        return (1.0, 1.0) if cfg.dataset == "imagenet" else (0.1, 0.9)
+        imagenet = self.weights == "imagenet" or (self.weights == "official" and cfg.dataset == "imagenet")
+        return (1.0, 1.0) if imagenet else (0.1, 0.9)
 
 
 class _GradReverse(torch.autograd.Function):
@@ -61,14 +71,15 @@ class _GradReverse(torch.autograd.Function):
         return -ctx.lam * g, None
 
 
-def ctkd_lambda(progress: Progress, lambda_max: float, ramp: float, schedule: str) -> float:
+def ctkd_lambda(progress: Progress, lambda_max: float, ramp: float, schedule: str,
+                per_step_below: float = PER_STEP_BELOW) -> float:
     """Strength of CTKD's gradient reversal before a step.
 
     ``epoch`` (official, train_student.py's CosineDecay on the 1-based epoch e): ``(1 - cos(pi*min(e, L)/L))/2``
-    with ``L = ramp * epochs``; ``step``: the same cosine over the fraction of training done."""
+    with ``L = ramp * epochs``, per step when ``L`` is under ``per_step_below`` epochs (``common.ramp_position``);
+    ``step``: the same cosine over the fraction of training done."""
     if schedule == "epoch":
-        L = ramp * progress.epochs
-        x = 1.0 if L <= 1e-8 else min(progress.epoch + 1, L) / L
+        x = ramp_position(progress, ramp, per_step_below)
     else:
         x = min(1.0, progress.fraction / max(ramp, 1e-8))
     return lambda_max * 0.5 * (1 - math.cos(math.pi * x))
@@ -90,6 +101,7 @@ class CTKD(Method):
     def check(cls, cfg, need):
         cfg.kd.check(need)
         c = cfg.ctkd
+        c.resolve(cfg)
         check_temperature_range("ctkd", c.tau_min, c.tau_max, need)
         need(c.lr > 0 and 0 <= c.momentum < 1, "ctkd.lr", "needs lr > 0 and 0 <= momentum < 1")
 
@@ -113,7 +125,7 @@ class CTKD(Method):
 
     def on_step(self, progress):
         c = self.cfg.ctkd
-        self.lam = ctkd_lambda(progress, c.lambda_max, c.ramp, c.schedule)
+        self.lam = ctkd_lambda(progress, c.lambda_max, c.ramp, c.schedule, c.per_step_below)
 
     def forward(self, out, batch):
         cls, dist = heads(out)

@@ -3,9 +3,12 @@ target-class term (TCKD: the binary split target / all others) and a non-target 
 over the other classes), weighted apart, so that the non-target knowledge is not damped by a confident teacher.
 
 Source of the formula and defaults: github megvii-research/mdistiller, ``mdistiller/distillers/DKD.py`` (the
-loss, ``min(epoch / warmup, 1)`` on the 1-based epoch), ``mdistiller/engine/cfg.py`` (defaults: CE 1, alpha 1,
-beta 8, T 4, warmup 20 of 240 CIFAR epochs) and ``configs/imagenet/r34_r18/dkd.yaml`` (ImageNet: beta 0.5, T 1,
-warmup 1 of 100 epochs).
+loss, ``min(epoch / warmup, 1)`` on the 1-based epoch, line 72), ``mdistiller/engine/cfg.py`` (defaults: CE 1,
+alpha 1, beta 8, T 4, warmup 20 of 240 CIFAR epochs) and ``configs/imagenet/r34_r18/dkd.yaml`` (ImageNet: beta
+0.5, T 1, warmup 1 of 100 epochs, lines 26-30: ``min(epoch / 1, 1)`` is 1 from the first epoch, so the ImageNet
+recipe has no warm-up in effect, and the default here is 0 there).  The warm-up is a fraction of training
+(``common.ramp_position``): the official per-epoch factor at the official lengths, a per-step ramp where a
+shortened run leaves it under five epochs.
 
 Mixup/CutMix (the official code has none): an image mixed from classes ``a`` (weight ``lam``) and ``b`` has two
 true classes, so by default its DKD term is ``lam * DKD(target a) + (1 - lam) * DKD(target b)``, the same
@@ -23,7 +26,7 @@ from torch import Tensor
 from ..options import option
 from . import register
 from .base import Method, Progress
-from .common import ce_loss, fp32, heads
+from .common import PER_STEP_BELOW, ce_loss, fp32, heads, ramp_position
 
 
 @dataclass
@@ -35,9 +38,13 @@ class DKDConfig:
                                          "(r34_r18/dkd.yaml) and 8 elsewhere (cfg.py; some CIFAR pairs use 2 or 6)")
     T: Optional[float] = option(None, "temperature; unset: the official 1 on ImageNet and 4 elsewhere")
     ce_weight: float = option(1.0, "weight of CE on the training targets (official CE_WEIGHT 1)")
-    warmup: Optional[float] = option(None, "fraction of the epochs over which the DKD term's weight rises linearly "
-                                           "(min(e / W, 1), e the 1-based epoch, W = warmup x epochs); unset: the "
-                                           "official 1 of 100 epochs on ImageNet and 20 of 240 elsewhere")
+    warmup: Optional[float] = option(None, "fraction of training over which the DKD term's weight rises linearly "
+                                           "(official: min(e / W, 1), e the 1-based epoch, W = warmup x epochs); "
+                                           "unset: the official 20 of 240 epochs, and 0 on ImageNet (the official "
+                                           "1 of 100 epochs gives min(e / 1, 1) = 1 from the first epoch)")
+    per_step_below: float = option(5.0, "a warm-up spanning fewer epochs than this rises per step, min((step+1) / "
+                                         "(W x steps per epoch), 1), instead of per epoch (a shortened run still "
+                                         "warms up); at the official lengths the per-epoch factor is exact")
     mix: str = option("pair", "the target class of a Mixup/CutMix image: pair = both classes, lam-weighted; "
                                "dominant = the class with the larger weight", ("pair", "dominant"))
 
@@ -45,10 +52,11 @@ class DKDConfig:
         imagenet = cfg.dataset == "imagenet"  # resolve the recipe's defaults once: the run id hashes the values used
         self.beta = (0.5 if imagenet else 8.0) if self.beta is None else self.beta
         self.T = (1.0 if imagenet else 4.0) if self.T is None else self.T
-        self.warmup = (1 / 100 if imagenet else 20 / 240) if self.warmup is None else self.warmup
+        self.warmup = (0.0 if imagenet else 20 / 240) if self.warmup is None else self.warmup
         need(self.T > 0, "dkd.T", f"is {self.T}: it must be > 0")
         need(self.alpha >= 0 and self.beta >= 0, "dkd.beta", "alpha and beta must be >= 0")
         need(0 <= self.warmup <= 1, "dkd.warmup", f"is {self.warmup}: a fraction of the epochs in [0, 1]")
+        need(self.per_step_below >= 0, "dkd.per_step_below", "must be >= 0")
 
 
 def _kl(p: Tensor, log_q: Tensor) -> Tensor:
@@ -71,10 +79,10 @@ def dkd_terms(z_s: Tensor, z_t: Tensor, target: Tensor, T: float) -> tuple[Tenso
     return tckd, nckd
 
 
-def warmup_factor(progress: Progress, warmup: float) -> float:
-    """The official ``min(epoch / warmup, 1)`` on the 1-based epoch, with the warm-up a fraction of the epochs."""
-    w = warmup * progress.epochs
-    return 1.0 if w <= 0 else min((progress.epoch + 1) / w, 1.0)
+def warmup_factor(progress: Progress, warmup: float, per_step_below: float = PER_STEP_BELOW) -> float:
+    """The official ``min(epoch / W, 1)`` on the 1-based epoch with ``W`` a fraction of training; per step when ``W``
+    is under ``per_step_below`` epochs (``common.ramp_position``)."""
+    return ramp_position(progress, warmup, per_step_below)
 
 
 @register(sections={"dkd": DKDConfig})
@@ -91,7 +99,7 @@ class DKD(Method):
         self.factor = 1.0
 
     def on_step(self, progress):
-        self.factor = warmup_factor(progress, self.cfg.dkd.warmup)
+        self.factor = warmup_factor(progress, self.cfg.dkd.warmup, self.cfg.dkd.per_step_below)
 
     def forward(self, out, batch):
         cls, dist = heads(out)
