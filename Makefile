@@ -39,7 +39,7 @@ perf: $(STAMP)
 	$(PY) benchmarks/perf.py --json perf.json
 
 selfcheck: $(STAMP)
-	$(PY) -m mkd.meta --selfcheck
+	$(PY) -m mkd.selfcheck
 
 gpu-check: $(STAMP)       ## GPU acceptance check (selfcheck on CUDA, perf b128/b256, compile+bf16 MKD, DDP); CPU-sized on a CPU
 	$(PY) benchmarks/gpu_check.py

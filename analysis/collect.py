@@ -9,18 +9,15 @@ final/best top-1/top-5, final temperatures, teacher size and top-1, wall time.  
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pandas as pd
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from mkd.results import MetricsLine, Result  # the results contract; torch-free
+from mkd.rundir import RunDir, environment_of  # no torch: the analysis imports no training code
 
-from mkd.results import MetricsLine, Result  # noqa: E402  (the results contract; torch-free)
-from mkd.rundir import RunDir, environment_of  # noqa: E402  (no torch: the analysis imports no training code)
-
-RESULT_FIELDS = ("final_top1", "final_top5", "best_top1", "best_top5", "tau_t", "tau_s", "teacher_top1",
+RESULT_FIELDS = ("final_top1", "final_top5", "best_top1", "best_top5", "heldout_top1", "tau_t", "tau_s", "teacher_top1",
                  "teacher_params", "student_params", "wall_time_s", "reason", "finished_at")
 
 

@@ -13,8 +13,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-from stats import t_interval  # noqa: E402
-from tables import learned, methods_in, role_of  # noqa: E402
+from analysis.frame import learned, methods_in, role_of  # noqa: E402
+from analysis.stats import t_interval  # noqa: E402
 
 sns.set_theme(style="whitegrid", context="paper")
 

@@ -1,70 +1,121 @@
-"""The paper's three questions and the reviewer's fourth, answered from a degradation study's runs, each with
-an effect and its interval.
+"""The paper's claims, and a reviewer's question, answered from the runs: one ``Finding`` each.
 
-- Q1 gap: does KD's gain over the student trained alone shrink as the teacher grows?  Effect: KD's gain with
-  the largest teacher minus its gain with the smallest (the CE run cancels: kd_large - kd_small per seed).
-- Q2 augmentation: does KD's gain shrink under strong augmentation?  Effect: KD's gain under the strongest
-  augmentation minus under the weakest, averaged over the teachers per seed.
-- Q3 cure: does MKD's gain over KD grow with the gap and under strong augmentation?  Effects: (MKD - KD) with
-  the largest teacher minus with the smallest; (MKD - KD) under the strongest augmentation minus the weakest.
-- Q4 rivals: per setting, is MKD's gain over KD larger than the best rival cure's (DIST, DKD, CTKD, ...)?
-  Effect: MKD minus the rival with the largest mean gain over KD in that setting, per seed.
+Every finding has one headline effect in top-1 points (a mean of per-seed differences, paired wherever the runs
+share their seeds' streams) with its 95% interval, and a verdict against the suite's smallest effect of interest
+``delta`` (fixed in the suite file before its runs, recorded in run.json, ``stats.py``): *an effect* (the interval
+excludes zero), *no effect larger than delta* (the interval lies inside ±delta), or *not resolved*, then with the
+seeds that would resolve an effect of ``delta`` at the paired SD measured so far.
 
-Every effect is a mean of per-seed differences with its 95% paired-t interval (``stats.py``); one whose interval
-spans zero is "not resolved at this budget", and nothing is claimed from it.
+- Q1 gap (degradation, gap_ladder): KD's gain over the student alone with the largest teacher minus with the
+  smallest (the CE run cancels: KD_large - KD_small per seed).
+- Q2 augmentation: KD's gain under the strongest augmentation minus under the weakest, averaged over teachers; not
+  answerable when the student alone keeps under ``BASELINE_FLOOR`` of its weak accuracy (an under-trained baseline).
+- Q3 cure: MKD minus KD over all settings, and how it changes with the gap and under strong augmentation.
+- Q4 rivals: MKD minus each rival cure (pooled over settings; per setting below), Holm-adjusted over the rivals,
+  instead of testing only the rival with the best point estimate.
+- Q5 tuned temperatures (temperature_grid): KD at its best grid cell, picked on the held-out split, minus KD at its
+  default temperatures, and minus MKD, per setting, on the validation set.
+- Q6 transfer (temperature_grid): in each setting, the best cell of the other setting minus its own best cell.
+- Q7 dataset scale (data_fraction): how MKD's gain over KD (and KD's over the student alone) changes from the full
+  training set to the smallest fraction: the per-seed least-squares trend over log(fraction), across the range.
+- Q8 architectures (across suites): MKD minus KD on the ViT ladder (degradation) and on the ResNet ladder
+  (gap_ladder), and their difference (unpaired: other students, other streams; Welch's interval).
 
-Q2 also needs a working baseline: in the paper's regime strong augmentation is part of a normal recipe, so the
-student trained alone does about as well with it as without.  When the student alone keeps less than
-``BASELINE_FLOOR`` of its weak-augmentation accuracy under strong augmentation, KD's gain there measures the
-baseline's under-training, and Q2 is reported as not answerable at this budget (its effect is still shown).
+This module reads tidy frames (``collect.py``, ``frame.py``) and computes; it renders nothing (``tables.py`` does).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
 import pandas as pd
 
-from stats import PAIRED_INTERVAL, POWER_METHOD, Estimate, by_seed, difference, paired, seeds_needed
-from tables import label_of, role_of, roles_of, teacherless
+from analysis.frame import label_of, role_of, roles_of, teacherless, teachers_by_size
+from analysis.stats import (EFFECT, EQUIVALENT, LEVEL, OPEN, PAIRED_INTERVAL, POWER_METHOD, Estimate, by_seed, difference,
+                   holm, paired, seeds_needed, welch)
 
 AUG_ORDER = ["none", "weak", "medium", "strong"]
 BASELINE_FLOOR = 0.75  # CE under strong / CE under weak below this: the strong-augmentation baseline is under-trained
+NOT_ANSWERABLE, NO_DATA = "not answerable", "no data"
 
 
 @dataclass
 class Finding:
-    question: str  # "Q1 gap", ...
-    asks: str
-    effects: list[tuple[str, Estimate]] = field(default_factory=list)  # (what, estimate)
+    key: str  # "Q1 gap", ...: what the claims scoreboard looks up
+    question: str
     answer: str = ""
+    headline: Optional[Estimate] = None  # the effect the verdict is about
+    verdict: str = NO_DATA  # effect | equivalent | not resolved | not answerable | no data
+    effects: list[tuple[str, Estimate]] = field(default_factory=list)  # (what, estimate): the per-setting lines
+    delta: Optional[float] = None  # the smallest effect of interest it was judged against
+    methods: tuple = ()  # the methods whose runs it reads (what more seeds would cost)
+    suite: str = ""
+    scale: str = ""
+    summary: str = ""  # the estimate as the scoreboard shows it, where the headline alone would mislead (Q4)
+
+    @property
+    def seeds_needed(self) -> Optional[int]:
+        e = self.headline
+        return seeds_needed(e.sd, self.delta) if e is not None and e.sd else None
 
 
-def _verdict(e: Estimate, positive: str, negative: str) -> str:
+def smallest_effect(df: pd.DataFrame) -> tuple[Optional[float], str]:
+    """The suite's smallest effect of interest as its runs recorded it when planned (run.json), and its rule."""
+    if "smallest_effect" not in df or df["smallest_effect"].dropna().empty:
+        return None, ""
+    points = df["smallest_effect"].dropna().astype(float)
+    rule = df["smallest_effect_rule"].dropna()
+    return float(points.mode().iloc[0]), (str(rule.iloc[0]) if len(rule) else "")
+
+
+# ---------------------------------------------------------------------------- verdict sentences
+def verdict_text(e: Estimate, delta: Optional[float], positive: str, negative: str) -> tuple[str, str]:
+    """(verdict, sentence): what the interval of ``e`` says against ``delta``."""
     if e.mean is None:
-        return "no finished seeds"
+        return NO_DATA, "no finished seeds"
     if e.n < 2:
-        return f"one seed ({e.mean:+.2f}): no interval, no finding"
-    if not e.resolved:
-        return f"not resolved at this budget ({e.text(True)} spans zero, {e.n} seeds; {_power(e)})"
-    return f"{positive if e.mean > 0 else negative}: {e.text(True)} points, {e.n} seeds, " \
-           f"improvement in {e.p_improve:.0%} of them"
+        return OPEN, f"one seed ({e.mean:+.2f}): no interval, no finding"
+    v = e.verdict(delta)
+    if v == EFFECT:
+        small = delta is not None and -delta < e.lo and e.hi < delta
+        return v, (f"resolved: {positive if e.mean > 0 else negative} ({e.text(True)} points, {e.n} seeds, "
+                   f"improvement in {e.p_improve:.0%} of them" if e.p_improve is not None else
+                   f"resolved: {positive if e.mean > 0 else negative} ({e.text(True)} points, {e.n} seeds") \
+            + (f"; smaller than the smallest effect of interest, {delta:g})" if small else ")")
+    if v == EQUIVALENT:
+        return v, (f"resolved: no effect larger than {delta:g} points ({e.text(True)} lies inside ±{delta:g}, "
+                   f"{e.n} seeds)")
+    return OPEN, f"not resolved ({e.text(True)}, {e.n} seeds; {plan_text(e, delta)})"
 
 
-def _power(e: Estimate) -> str:
-    """The observed spread and the seeds at which an effect of this size would be resolved."""
-    n = seeds_needed(e)
-    if n is None:
+def plan_text(e: Estimate, delta: Optional[float]) -> str:
+    """The seeds that would resolve an effect of ``delta`` at the paired SD measured so far (prospective)."""
+    if not e.sd:
         return "no spread to plan from"
-    need = f"about {n} seeds would resolve an effect of this size" if n <= 1000 else "too small to resolve with 1,000 seeds"
-    return f"paired SD {e.sd:.2f}: {need}"
+    if delta is None:
+        return f"paired SD {e.sd:.2f}; no smallest effect of interest recorded to plan for"
+    n = seeds_needed(e.sd, delta)
+    need = f"about {n} seeds" if n <= 1000 else "more than 1,000 seeds"
+    return f"paired SD {e.sd:.2f}: {need} would detect an effect of {delta:g} points with 80% power"
 
 
-def _series(df: pd.DataFrame, method: str, teacher=None, augment=None) -> pd.Series:
+def _finding(key, question, e, delta, positive, negative, methods, **kw) -> Finding:
+    v, s = verdict_text(e, delta, positive, negative)
+    return Finding(key, question, s, e, v, delta=delta, methods=tuple(methods), **kw)
+
+
+# ---------------------------------------------------------------------------- selection helpers
+def _series(df: pd.DataFrame, method: str, teacher=None, augment=None, metric: str = "final_top1", **eq) -> pd.Series:
     sub = df[df["method"] == method]
     if teacher is not None and method not in teacherless(df):
         sub = sub[sub["teacher"] == teacher]
-    if augment is not None:
+    if augment is not None and "augment" in sub:
         sub = sub[sub["augment"] == augment]
-    return by_seed(sub)
+    for k, v in eq.items():
+        sub = sub[sub[k] == v]
+    return by_seed(sub, metric)
 
 
 def _mean_over(series: list[pd.Series]) -> pd.Series:
@@ -77,7 +128,9 @@ def _mean_over(series: list[pd.Series]) -> pd.Series:
     return sum(s.loc[common] for s in series) / len(series)
 
 
-def degradation_findings(df: pd.DataFrame, teachers: list, augs: list) -> list[Finding]:
+# ---------------------------------------------------------------------------- Q1-Q4: a ladder of teachers
+def degradation_findings(df: pd.DataFrame, teachers: list, augs: list, delta: Optional[float] = None,
+                         suite: str = "", scale: str = "") -> list[Finding]:
     """Q1-Q4 for a frame with teacher, augment, method and seed; teachers ordered by size.  Which method is the
     student alone, KD, MKD and a rival comes from the methods' declared roles (``Method.role``)."""
     ce, kd, mkd = role_of(df, "baseline"), role_of(df, "reference"), role_of(df, "subject")
@@ -87,128 +140,292 @@ def degradation_findings(df: pd.DataFrame, teachers: list, augs: list) -> list[F
     small, large = teachers[0], teachers[-1]
     augs = sorted(augs, key=lambda a: AUG_ORDER.index(a) if a in AUG_ORDER else len(AUG_ORDER))
     weak, strong = augs[0], augs[-1]
+    where = dict(suite=suite, scale=scale)
 
     def gain(m: str, base: str, t, a) -> pd.Series:
         return difference(_series(df, m, t, a), _series(df, base, t, a))
 
     out = []
-    q1 = Finding("Q1 gap", f"Does {KD}'s gain over {CE} shrink from the smallest teacher ({small}) to the largest ({large})?")
+    ask = f"Does {KD}'s gain over {CE} shrink from the smallest teacher ({small}) to the largest ({large})?"
     if large != small:
-        for a in augs:
-            e = paired(difference(gain(kd, ce, large, a), gain(kd, ce, small, a)))
-            q1.effects.append((f"augment={a}: {KD} gain with {large} minus with {small}", e))
-        pooled = paired(_mean_over([difference(gain(kd, ce, large, a), gain(kd, ce, small, a)) for a in augs]))
-        q1.effects.append(("mean over augmentations", pooled))
-        q1.answer = _verdict(pooled, f"{KD}'s gain grows with the teacher", f"{KD}'s gain shrinks with the teacher")
+        per_aug = [difference(gain(kd, ce, large, a), gain(kd, ce, small, a)) for a in augs]
+        q1 = _finding("Q1 gap", ask, paired(_mean_over(per_aug)), delta, f"{KD}'s gain grows with the teacher",
+                      f"{KD}'s gain shrinks with the teacher", (kd,), **where)
+        q1.effects = [(f"augment={a}: {KD} gain with {large} minus with {small}", paired(d))
+                      for a, d in zip(augs, per_aug)] + [("mean over augmentations", q1.headline)]
     else:
-        q1.answer = "needs two teachers"
+        q1 = Finding("Q1 gap", ask, "needs two teachers", verdict=NO_DATA, delta=delta, **where)
     out.append(q1)
 
     if strong != weak:
-        q2 = Finding("Q2 augmentation", f"Does {KD}'s gain over {CE} shrink under {strong} augmentation (vs {weak})?")
-        per_t = []
-        for t in teachers:
-            d = difference(gain(kd, ce, t, strong), gain(kd, ce, t, weak))
-            per_t.append(d)
-            q2.effects.append((f"teacher {t}: {KD} gain under {strong} minus under {weak}", paired(d)))
-        pooled = paired(_mean_over(per_t))
-        q2.effects.append(("mean over teachers", pooled))
-        q2.answer = _verdict(pooled, f"{KD}'s gain grows under {strong} augmentation",
-                             f"{KD}'s gain shrinks under {strong} augmentation")
+        ask = f"Does {KD}'s gain over {CE} shrink under {strong} augmentation (vs {weak})?"
+        per_t = [difference(gain(kd, ce, t, strong), gain(kd, ce, t, weak)) for t in teachers]
+        q2 = _finding("Q2 augmentation", ask, paired(_mean_over(per_t)), delta,
+                      f"{KD}'s gain grows under {strong} augmentation", f"{KD}'s gain shrinks under {strong} augmentation",
+                      (ce, kd), **where)
+        q2.effects = [(f"teacher {t}: {KD} gain under {strong} minus under {weak}", paired(d))
+                      for t, d in zip(teachers, per_t)] + [("mean over teachers", q2.headline)]
         ce_weak, ce_strong = _series(df, ce, augment=weak), _series(df, ce, augment=strong)
         if len(ce_weak) and len(ce_strong) and ce_strong.mean() < BASELINE_FLOOR * ce_weak.mean():
+            q2.verdict = NOT_ANSWERABLE
             q2.answer = (f"not answerable at this budget: the student trained alone reaches {ce_strong.mean():.2f} "
                          f"under {strong} augmentation against {ce_weak.mean():.2f} under {weak} (below "
                          f"{BASELINE_FLOOR:.0%} of it), so {KD}'s gain under {strong} augmentation measures an "
                          f"under-trained baseline, not the paper's regime; the measured effect: {q2.answer}")
     else:
         q2 = Finding("Q2 augmentation", f"Does {KD}'s gain over {CE} shrink under strong augmentation?",
-                     answer="needs two augmentations")
+                     "needs two augmentations", verdict=NO_DATA, delta=delta, **where)
     out.append(q2)
 
-    if mkd is not None:
-        out.append(_cure(df, mkd, kd, teachers, augs, gain))
+    if mkd is not None and len(_series(df, mkd)):
+        out.append(_cure(df, mkd, kd, teachers, augs, gain, delta, where))
         rivals = [m for m in roles_of(df, "rival") if len(_series(df, m))]
         if rivals:
-            out.append(_rivals(df, mkd, kd, rivals, teachers, augs))
+            out.append(_rivals(df, mkd, kd, rivals, teachers, augs, delta, where))
     return out
 
 
-def _cure(df, mkd, kd, teachers, augs, gain) -> Finding:
-    """Q3: MKD minus KD overall, and how it changes with the gap and under strong augmentation."""
+def _cure(df, mkd, kd, teachers, augs, gain, delta, where) -> Finding:
+    """Q3: MKD minus KD overall (the headline), and how it changes with the gap and under strong augmentation."""
     MKD, KD = label_of(df, mkd), label_of(df, kd)
     small, large, weak, strong = teachers[0], teachers[-1], augs[0], augs[-1]
-    q3 = Finding("Q3 cure", f"Does {MKD}'s gain over {KD} grow with the teacher"
-                 + (" and under strong augmentation?" if strong != weak else "?"))
+    ask = (f"Does {MKD} beat {KD}, the more so with a larger teacher"
+           + (" and under strong augmentation?" if strong != weak else "?"))
     overall = paired(_mean_over([gain(mkd, kd, t, a) for t in teachers for a in augs]))
+    q3 = _finding("Q3 cure", ask, overall, delta, f"{MKD} beats {KD}", f"{MKD} trails {KD}", (kd, mkd), **where)
     q3.effects.append((f"{MKD} minus {KD}, mean over all settings", overall))
-    parts = [f"overall, {_verdict(overall, f'{MKD} beats {KD}', f'{MKD} trails {KD}')}"]
+    parts = [f"overall, {q3.answer}"]
+    for t in teachers:
+        for a in augs:
+            q3.effects.append((f"teacher {t}" + (f", augment={a}" if len(augs) > 1 else "") + f": {MKD} minus {KD}",
+                               paired(gain(mkd, kd, t, a))))
     if large != small:
         gap = paired(_mean_over([difference(gain(mkd, kd, large, a), gain(mkd, kd, small, a)) for a in augs]))
         q3.effects.append((f"({MKD} - {KD}) with {large} minus with {small}, mean over augmentations", gap))
-        parts.append(f"with the gap, {_verdict(gap, 'its gain grows', 'its gain shrinks')}")
+        parts.append(f"with the gap, {verdict_text(gap, delta, 'its gain grows', 'its gain shrinks')[1]}")
     if strong != weak:
-        strong_e = paired(_mean_over([difference(gain(mkd, kd, t, strong), gain(mkd, kd, t, weak)) for t in teachers]))
-        q3.effects.append((f"({MKD} - {KD}) under {strong} minus under {weak}, mean over teachers", strong_e))
-        parts.append(f"with augmentation, {_verdict(strong_e, 'its gain grows', 'its gain shrinks')}")
+        aug = paired(_mean_over([difference(gain(mkd, kd, t, strong), gain(mkd, kd, t, weak)) for t in teachers]))
+        q3.effects.append((f"({MKD} - {KD}) under {strong} minus under {weak}, mean over teachers", aug))
+        parts.append(f"with augmentation, {verdict_text(aug, delta, 'its gain grows', 'its gain shrinks')[1]}")
     q3.answer = "; ".join(parts)
     return q3
 
 
-def _rivals(df, mkd, kd, rivals, teachers, augs) -> Finding:
-    """Q4, the reviewer's question: per setting, is MKD's gain over KD larger than the best rival's?  The best
-    rival of a setting is the one with the largest mean gain over KD there; the effect is MKD minus it, per seed
-    (KD cancels), with its paired interval."""
-    MKD, KD = label_of(df, mkd), label_of(df, kd)
+def _rivals(df, mkd, kd, rivals, teachers, augs, delta, where) -> Finding:
+    """Q4, the reviewer's question: MKD minus each rival, per seed (KD cancels), pooled over the settings, with
+    Holm-adjusted p-values over the rivals (an effect: adjusted p < 5%; no effect larger than delta: the
+    Bonferroni-level interval inside ±delta); the per-setting lines are Holm-adjusted over every setting and
+    rival.  No rival is picked by its point estimate first."""
+    MKD = label_of(df, mkd)
     names = ", ".join(label_of(df, r) for r in rivals)
-    q4 = Finding("Q4 rivals", f"Is {MKD}'s gain over {KD} larger than the best rival's ({names}), per setting?")
-    wins = losses = unresolved = 0
-    open_: list[Estimate] = []
-    for t in teachers:
-        for a in augs:
-            gains = {r: paired(difference(_series(df, r, t, a), _series(df, kd, t, a))) for r in rivals}
-            gains = {r: e for r, e in gains.items() if e.mean is not None}
-            if not gains:
-                continue
-            best = max(gains, key=lambda r: gains[r].mean)
-            e = paired(difference(_series(df, mkd, t, a), _series(df, best, t, a)))
-            mine = paired(difference(_series(df, mkd, t, a), _series(df, kd, t, a)))
-            setting = f"teacher {t}" + (f", augment={a}" if len(augs) > 1 else "")
-            q4.effects.append((f"{setting}: {MKD} - {KD} {mine.text(True)}, best rival {label_of(df, best)} - {KD} "
-                               f"{gains[best].text(True)}; {MKD} minus {label_of(df, best)}", e))
-            if e.mean is None or e.n < 2 or not e.resolved:
-                unresolved += 1
-                open_.append(e)
-            elif e.mean > 0:
-                wins += 1
-            else:
-                losses += 1
-    n = wins + losses + unresolved
-    q4.answer = (f"in {n} settings, {MKD}'s gain over {KD} is larger than the best rival's in {wins}, smaller in "
-                 f"{losses}, and not resolved at this budget in {unresolved}")
-    needs = sorted(k for k in (seeds_needed(e) for e in open_) if k is not None)
-    if needs:  # what would resolve the open settings: the easiest and the hardest of them
-        span = f"{needs[0]}" if needs[0] == needs[-1] else f"{needs[0]} to {needs[-1] if needs[-1] <= 1000 else '>1000'}"
-        q4.answer += (f" (paired SD {min(e.sd for e in open_ if e.sd is not None):.2f} to "
-                      f"{max(e.sd for e in open_ if e.sd is not None):.2f}: about {span} seeds would resolve "
-                      "effects of these sizes)")
+    k = len(rivals)
+    pooled = {r: _mean_over([difference(_series(df, mkd, t, a), _series(df, r, t, a)) for t in teachers for a in augs])
+              for r in rivals}
+    ests = {r: paired(pooled[r]) for r in rivals}
+    wide = {r: paired(pooled[r], 1 - (1 - LEVEL) / k) for r in rivals}
+    for r, p in zip(rivals, holm([ests[r].p for r in rivals])):
+        ests[r].p = p
+    q4 = Finding("Q4 rivals", f"Is {MKD}'s gain over KD larger than each rival cure's ({names})?", delta=delta,
+                 methods=(mkd, *rivals), **where)
+    parts, verdicts = [], []
+    for r in rivals:
+        e, R = ests[r], label_of(df, r)
+        if e.mean is None or e.n < 2:
+            v, s = OPEN, f"{MKD} minus {R}: too few seeds"
+        elif e.p is not None and e.p < 1 - LEVEL:
+            v, s = EFFECT, f"{MKD} {'beats' if e.mean > 0 else 'trails'} {R} ({e.text(True)}, Holm p {e.p:.3f})"
+        elif delta is not None and wide[r].lo is not None and -delta < wide[r].lo and wide[r].hi < delta:
+            v, s = EQUIVALENT, (f"{MKD} and {R} differ by no more than {delta:g} points ({e.text(True)}; "
+                                f"{1 - (1 - LEVEL) / k:.1%} interval {wide[r].lo:+.2f} to {wide[r].hi:+.2f})")
+        else:
+            v, s = OPEN, f"{MKD} minus {R} not resolved ({e.text(True)}, Holm p {e.p:.2f}; {plan_text(e, delta)})"
+        verdicts.append(v)
+        parts.append(s)
+        q4.summary += ("; " if q4.summary else "") + f"{MKD} - {R} {e.text(False)} ({v}" + \
+            (f", Holm p {e.p:.2f})" if e.p is not None else ")")
+        q4.effects.append((f"{MKD} minus {R}, mean over settings (Holm p {e.p:.3f})" if e.p is not None else
+                           f"{MKD} minus {R}, mean over settings", e))
+    q4.verdict = EFFECT if EFFECT in verdicts else (EQUIVALENT if all(v == EQUIVALENT for v in verdicts) else OPEN)
+    # the headline the scoreboard prices: the rival comparison with the largest spread (the one needing most seeds)
+    q4.headline = max(ests.values(), key=lambda e: e.sd or 0.0)
+    settings = [(t, a) for t in teachers for a in augs]
+    lines = [(t, a, r, paired(difference(_series(df, mkd, t, a), _series(df, r, t, a)))) for t, a in settings
+             for r in rivals]
+    for (t, a, r, e), p in zip(lines, holm([e.p for *_, e in lines])):
+        e.p = p
+        setting = f"teacher {t}" + (f", augment={a}" if len(augs) > 1 else "")
+        q4.effects.append((f"{setting}: {MKD} minus {label_of(df, r)}"
+                           + (f" (Holm p {p:.3f} over {len(lines)} comparisons)" if p is not None else ""), e))
+    q4.answer = "; ".join(parts) + f" (Holm's adjustment over the {k} rivals; no rival picked by its point estimate)"
     return q4
 
 
+# ---------------------------------------------------------------------------- Q5-Q6: the temperature grid
+def _cells(kd: pd.DataFrame) -> list[tuple[float, float]]:
+    return sorted({(float(a), float(b)) for a, b in zip(kd["kd.tau_t"], kd["kd.tau_s"])})
+
+
+def best_cell(kd: pd.DataFrame) -> Optional[tuple[float, float]]:
+    """The grid cell with the best mean held-out top-1 (a split of the training set, never the validation set the
+    findings compare on); None without held-out scores."""
+    if "heldout_top1" not in kd or kd["heldout_top1"].dropna().empty:
+        return None
+    done = kd[kd["status"] == "done"].drop_duplicates("run_id")
+    means = done.groupby(["kd.tau_t", "kd.tau_s"])["heldout_top1"].mean()
+    return tuple(float(v) for v in means.idxmax()) if len(means) else None
+
+
+def grid_findings(df: pd.DataFrame, delta: Optional[float] = None, suite: str = "", scale: str = "",
+                  default: tuple = (4.0, 4.0)) -> list[Finding]:
+    """Q5 (tuned temperatures vs KD's default and vs MKD, per setting) and Q6 (transfer of the best cell)."""
+    kd, mkd = role_of(df, "reference"), role_of(df, "subject")
+    if kd is None or "kd.tau_t" not in df:
+        return []
+    KD, where = label_of(df, kd), dict(suite=suite, scale=scale)
+    settings = sorted(df["teacher"].dropna().unique()) if "teacher" in df else [None]
+    sub = {t: df[(df["method"] == kd) & ((df["teacher"] == t) if t is not None else True)] for t in settings}
+    best = {t: best_cell(sub[t]) for t in settings}
+    if any(b is None for b in best.values()):
+        return [Finding("Q5 tuned temperatures", "Do tuned temperatures beat KD's default?", "the grid's runs hold no "
+                        "held-out split to pick the best cell on (tune_holdout): not answered", delta=delta, **where)]
+
+    def cell(t, c) -> pd.Series:
+        s = sub[t]
+        return by_seed(s[(s["kd.tau_t"].astype(float) == c[0]) & (s["kd.tau_s"].astype(float) == c[1])])
+
+    fmt = lambda c: f"(tau_t {c[0]:g}, tau_s {c[1]:g})"  # noqa: E731
+    vs_default = {t: difference(cell(t, best[t]), cell(t, default)) for t in settings}
+    q5 = _finding("Q5 tuned temperatures",
+                  f"Does {KD} at its best grid cell (picked on the held-out split) beat {KD} at its default "
+                  f"{fmt(default)}, and MKD?", paired(_mean_over(list(vs_default.values()))), delta,
+                  "the tuned temperatures help", "the tuned temperatures hurt", (kd,), **where)
+    q5.effects.append(("best cell minus default, mean over settings", q5.headline))
+    for t in settings:
+        q5.effects.append((f"teacher {t}: best cell {fmt(best[t])} minus default", paired(vs_default[t])))
+        if mkd is not None:
+            q5.effects.append((f"teacher {t}: best cell minus {label_of(df, mkd)}",
+                               paired(difference(cell(t, best[t]), _series(df, mkd, t)))))
+    if len(settings) > 1:
+        s, l = settings[0], settings[-1]  # noqa: E741
+        mitig = difference(vs_default[l], vs_default[s])
+        q5.effects.append((f"what tuning recovers with {l} minus with {s} (mitigation of the gap)", paired(mitig)))
+    out = [q5]
+    if len(settings) > 1:
+        per = {}
+        for a in settings:
+            for b in settings:
+                if a != b:
+                    per[(a, b)] = difference(cell(b, best[a]), cell(b, best[b]))
+        q6 = _finding("Q6 transfer", "Does the best grid cell of one setting do as well in another as that setting's "
+                      "own best?", paired(_mean_over(list(per.values()))), delta,
+                      "the transferred cell does better", "the transferred cell does worse", (kd,), **where)
+        q6.effects = [(f"in teacher {b}: the best cell of {a} {fmt(best[a])} minus its own {fmt(best[b])}"
+                       + (" (the same cell)" if best[a] == best[b] else ""), paired(d)) for (a, b), d in per.items()]
+        out.append(q6)
+    return out
+
+
+# ---------------------------------------------------------------------------- Q7: data fraction
+def fraction_findings(df: pd.DataFrame, delta: Optional[float] = None, suite: str = "",
+                      scale: str = "") -> list[Finding]:
+    """Q7: MKD's gain over KD (and KD's over CE) against the training-set fraction: per seed, the least-squares
+    line over log(fraction); the effect is the line's change from the full set to the smallest fraction."""
+    ce, kd, mkd = role_of(df, "baseline"), role_of(df, "reference"), role_of(df, "subject")
+    if kd is None or "fraction" not in df or df["fraction"].nunique() < 2:
+        return []
+    fr = sorted(float(f) for f in df["fraction"].dropna().unique())
+    x = np.log(np.asarray(fr))
+    span = float(x[0] - x[-1])  # log(smallest) - log(1): negative
+
+    def gains(a, b) -> pd.DataFrame:
+        cols = {f: difference(_series(df, a, fraction=f), _series(df, b, fraction=f)) for f in fr}
+        return pd.DataFrame(cols).dropna()
+
+    def change(per_seed: pd.DataFrame) -> Estimate:
+        xs = x - x.mean()
+        slopes = per_seed.apply(lambda r: float(np.dot(xs, r.to_numpy(float)) / np.dot(xs, xs)), axis=1)
+        return paired(slopes * span)
+
+    where = dict(suite=suite, scale=scale)
+    out = []
+    if mkd is not None:
+        g = gains(mkd, kd)
+        MKD, KD = label_of(df, mkd), label_of(df, kd)
+        q7 = _finding("Q7 dataset scale", f"Does {MKD}'s gain over {KD} hold from the full training set down to "
+                      f"{fr[0]:g} of it?", change(g), delta, f"{MKD}'s gain grows with less data",
+                      f"{MKD}'s gain shrinks with less data", (kd, mkd), **where)
+        q7.effects = [(f"fraction {f:g}: {MKD} minus {KD}", paired(g[f])) for f in fr] + \
+            [(f"{MKD}'s gain, change from fraction 1 to {fr[0]:g} (least-squares over log fraction)", q7.headline)]
+        if ce is not None:
+            q7.effects.append((f"{KD}'s gain over {label_of(df, ce)}, the same change", change(gains(kd, ce))))
+        out.append(q7)
+    return out
+
+
+# ---------------------------------------------------------------------------- Q8: across architectures
+def architecture_findings(frames: dict[str, pd.DataFrame], delta: Optional[float] = None,
+                          scale: str = "") -> list[Finding]:
+    """Q8: MKD minus KD (pooled over each suite's settings, per seed) on every ladder where both ran, labelled by
+    the student's architecture, and the difference between the first two (Welch: unpaired)."""
+    arms = []
+    for suite, df in frames.items():
+        kd, mkd = role_of(df, "reference"), role_of(df, "subject")
+        if kd is None or mkd is None or "teacher" not in df:
+            continue
+        settings = df[["teacher", "augment"]].drop_duplicates().dropna().itertuples(index=False) \
+            if "augment" in df else [(t, None) for t in df["teacher"].dropna().unique()]
+        per = _mean_over([difference(_series(df, mkd, t, a), _series(df, kd, t, a)) for t, a in settings])
+        if len(per) < 2:
+            continue
+        arch = ", ".join(sorted(df.loc[df["method"] == mkd, "student_model"].dropna().astype(str).unique()))
+        arms.append((suite, arch, per, label_of(df, mkd), label_of(df, kd)))
+    if len(arms) < 2:
+        return []
+    (s1, a1, p1, MKD, KD), (s2, a2, p2, *_) = arms[:2]
+    e = welch(p1, p2)
+    q8 = _finding("Q8 architectures", f"Is {MKD}'s gain over {KD} the same on the {s1} students ({a1}) and the "
+                  f"{s2} students ({a2})?", e, delta, f"the gain is larger on {a1}", f"the gain is larger on {a2}",
+                  ("kd", "mkd"), suite=f"{s1}+{s2}", scale=scale)
+    q8.effects = [(f"{s} ({a}): {MKD} minus {KD}, mean over its settings", paired(p)) for s, a, p, *_ in arms] + \
+        [(f"{s1} minus {s2} (unpaired, Welch)", e)]
+    return [q8]
+
+
+# ---------------------------------------------------------------------------- dispatch
+def findings_for(df: pd.DataFrame, kind: str, suite: str, scale: str) -> list[Finding]:
+    """The findings a table kind's runs answer (``tables.tables_for`` decides the kind)."""
+    delta, _ = smallest_effect(df)
+    if kind in ("degradation", "gap_ladder") and "augment" in df and "seed" in df:
+        augs = [a for a in df["augment"].dropna().unique()]
+        return degradation_findings(df, teachers_by_size(df), augs, delta, suite, scale)
+    if kind == "temperature_grid":
+        return grid_findings(df, delta, suite, scale)
+    if kind == "data_fraction":
+        return fraction_findings(df, delta, suite, scale)
+    return []
+
+
+# ---------------------------------------------------------------------------- text
 def findings_lines(findings: list[Finding]) -> list[str]:
-    """Plain sentences for the Markdown/HTML outputs and the README."""
+    """Plain sentences for the Markdown/HTML outputs and the README: a headline per finding, its lines."""
     lines = []
     for f in findings:
-        lines.append(f"**{f.question}.** {f.asks} {f.answer[0].upper() + f.answer[1:]}.")
+        lines.append(f"**{f.key}.** {f.question} {f.answer[0].upper() + f.answer[1:]}.")
         for what, e in f.effects:
             p = f", P(improvement) {e.p_improve:.2f}" if e.p_improve is not None else ""
-            n = seeds_needed(e)
-            p += (f", SD {e.sd:.2f}, {n if n <= 1000 else '>1000'} seeds for 80% power" if n is not None else "")
+            p += f", SD {e.sd:.2f}" if e.sd else ""
             lines.append(f"- {what}: {e.text(True)}{p}")
     if lines:
+        deltas = sorted({f.delta for f in findings if f.delta is not None})
         lines.append(f"Effects in top-1 points: mean of per-seed differences, [{PAIRED_INTERVAL}]; * marks an "
-                     "interval that excludes zero; P(improvement): share of seeds with a positive difference; "
-                     f"SD: the paired standard deviation over seeds; {POWER_METHOD}. More seeds: "
-                     "`--axis seed=0..N` (finished seeds are reused).")
+                     "interval that excludes zero (an effect); an interval inside ±delta is no effect larger than "
+                     "delta (two one-sided tests at 2.5% each), delta = "
+                     + (", ".join(f"{d:g}" for d in deltas) or "none recorded")
+                     + " points, the suite's smallest effect of interest, fixed before its runs; P(improvement): "
+                     f"share of seeds with a positive difference; SD: the paired standard deviation over seeds; "
+                     f"{POWER_METHOD}. More seeds: `--axis seed=0..N` (finished seeds are reused).")
     return lines
 
+
+def is_nan(x) -> bool:
+    return x is None or (isinstance(x, float) and math.isnan(x))

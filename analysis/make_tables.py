@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 import pandas as pd  # noqa: E402
@@ -49,12 +48,12 @@ def load_reference(path: Path = REFERENCE) -> pd.DataFrame:
 
 
 def build(results: Path, out: Path, suites: list[str] | None = None, formats: tuple[str, ...] = FORMATS,
-          reference: Path = REFERENCE, filters: Optional[list[str]] = None) -> dict:
+          reference: Path = REFERENCE, filters: Optional[list[str]] = None, figures: bool = True) -> dict:
     """Write tables, figures and index; returns {'tables': [...], 'figures': [...]} of written paths."""
-    from collect import collect
-
-    import figures as F
-    import tables as T
+    from analysis import figures as F
+    from analysis import findings as Q
+    from analysis import tables as T
+    from analysis.collect import collect
 
     if not results.is_dir():
         raise UserError(f"results folder {results} not found: run python benchmarks/run.py --suite NAME first "
@@ -76,8 +75,8 @@ def build(results: Path, out: Path, suites: list[str] | None = None, formats: tu
 
             raise UserError(f"--suite {s}: no results for it{suggest(s, known)}; suites with results: {', '.join(known)}")
     out.mkdir(parents=True, exist_ok=True)
-    written = {"tables": [], "figures": []}
-    entries, figs = [], []
+    written = {"tables": [], "figures": [], "findings": []}
+    entries, figs, frames = [], [], {}
     for (suite, scale), df in students.groupby(["suite", "scale"], sort=True):
         if suites and suite not in suites:
             continue
@@ -88,9 +87,15 @@ def build(results: Path, out: Path, suites: list[str] | None = None, formats: tu
         mixed = mixed_environments(list(df.drop_duplicates("run_id")["environment"])) if "environment" in df else None
         if mixed:
             print(f"warning: {suite} ({scale}): {mixed}", file=sys.stderr)
-        for table in T.tables_for(df, suite, scale, ref):
+        kind = T.table_kind(df, suite, scale)
+        found = Q.findings_for(df, kind, suite, scale)
+        written["findings"] += found
+        frames.setdefault(scale, {})[suite] = df if kind in ("degradation", "gap_ladder") else None
+        for i, table in enumerate(T.tables_for(df, suite, scale, ref, kind)):
             table.provenance = T.provenance(df, suite, scale)
             table.notes += T.tuning_notes(df)
+            if i == 0:
+                table.findings = Q.findings_lines(found)
             if mixed:
                 table.notes.append(f"Warning: {mixed}.")
             files = []
@@ -114,7 +119,7 @@ def build(results: Path, out: Path, suites: list[str] | None = None, formats: tu
                                                     f"{title}: top-1 vs data fraction"), "fraction"),
                          (lambda: F.grid_heatmap(df, out, f"{suite}_{scale}_grid",
                                                  f"{title}: KD temperature grid, MKD marked"), "grid")):
-            if stem == "degradation" and "kd.tau_t" in df and df["kd.tau_t"].nunique() > 1:
+            if not figures or (stem == "degradation" and "kd.tau_t" in df and df["kd.tau_t"].nunique() > 1):
                 continue  # the grid suite's teachers are a setting, not a ladder
             paths = fn()
             if paths:
@@ -123,9 +128,21 @@ def build(results: Path, out: Path, suites: list[str] | None = None, formats: tu
                              "pdf": paths["pdf"].name})
     if not entries:
         raise UserError(f"no results for suites {', '.join(suites)} under {results}")
+    for scale, by_suite in frames.items():  # across suites: the same cure on other architectures
+        ladders = {s: d for s, d in by_suite.items() if d is not None}
+        deltas = [Q.smallest_effect(d)[0] for d in ladders.values()]
+        written["findings"] += Q.architecture_findings(ladders, max((x for x in deltas if x), default=None), scale)
+    from analysis.claims import scoreboard
+
+    board = scoreboard(written["findings"])
+    written["scoreboard"] = board
+    if "md" in formats:
+        p = out / "claims.md"
+        atomic.write_text(p, T.render_claims(board, "md"))
+        written["tables"].append(p)
     index = out / "index.html"
     atomic.write_text(index, T.render_index(entries, figs, time.strftime("%Y-%m-%d %H:%M"),
-                                            [p for e in entries for p in e["provenance"]]))
+                                            [p for e in entries for p in e["provenance"]], board))
     written["index"] = index
     return written
 
@@ -155,6 +172,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(HERE.parent / "tables"), help="output folder (default tables/)")
     ap.add_argument("--suite", nargs="+", help="only these suites")
     ap.add_argument("--format", default=",".join(FORMATS), help=f"comma list of {','.join(FORMATS)}")
+    ap.add_argument("--claims", action="store_true",
+                    help="print the claims scoreboard (one row per claim of the paper: its number, this study's "
+                         "estimate and interval, the verdict, what resolving it costs) as text, and write nothing")
     ap.add_argument("--filter", action="append", default=[], metavar="AXIS=V[,V]",
                     help="only runs with these axis values (repeatable); a table refuses to average over an axis "
                          "it does not show, so e.g. a suite with a student axis needs --filter student=NAME")
@@ -163,6 +183,15 @@ def main(argv=None) -> int:
     for f in formats:
         if f not in FORMATS:
             raise UserError(f"--format {f} is unknown; allowed: {', '.join(FORMATS)}")
+    if args.claims:
+        import tempfile
+
+        from analysis.claims import scoreboard_text
+
+        with tempfile.TemporaryDirectory() as tmp:
+            written = build(Path(args.results), Path(tmp), args.suite, ("md",), filters=args.filter, figures=False)
+        print(scoreboard_text(written["scoreboard"]))
+        return 0
     written = build(Path(args.results), Path(args.out), args.suite, formats, filters=args.filter)
     print(f"wrote {len(written['tables'])} table files and {len(written['figures'])} figure files; "
           f"open {written['index']}")

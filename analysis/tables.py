@@ -17,69 +17,12 @@ import jinja2
 import pandas as pd
 
 from mkd.errors import UserError
-from stats import INTERVAL, PAIRED_INTERVAL, by_seed, difference, paired, t_interval
+from analysis.frame import (label_of, learned, methods_in, role_of, roles_of, sorted_values as _sorted,  # noqa: F401
+                            teacherless, teachers_by_size)
+from analysis.stats import INTERVAL, PAIRED_INTERVAL, by_seed, difference, paired, t_interval
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 DASH = "—"
-
-
-def methods_in(df: pd.DataFrame) -> list:
-    """The methods of a frame in their declared table order (``Method.order`` via run.json), then by name."""
-    names = _sorted(df["method"])
-    order = df.groupby("method")["method_order"].min().to_dict() if "method_order" in df else {}
-
-    def key(m):
-        o = order.get(m)
-        return (100 if o is None or (isinstance(o, float) and math.isnan(o)) else o, str(m))
-
-    return sorted(names, key=key)
-
-
-def role_of(df: pd.DataFrame, role: str) -> Optional[str]:
-    """The method of the frame that declares ``role`` (``Method.role`` via run.json: baseline, reference,
-    subject, rival), None when no run of it is there; a method without a role that needs no teacher is the
-    baseline (results written before methods declared roles)."""
-    return next(iter(roles_of(df, role)), None)
-
-
-def roles_of(df: pd.DataFrame, role: str) -> list:
-    """Every method of the frame declaring ``role``, in table order."""
-    if "method" not in df or not len(df):
-        return []
-    decl = df.drop_duplicates("method").set_index("method")
-    out = []
-    for m in methods_in(df):
-        r = decl.at[m, "method_role"] if "method_role" in decl else None
-        if (r is None or (isinstance(r, float) and math.isnan(r))) and "needs_teacher" in decl \
-                and decl.at[m, "needs_teacher"] is False:
-            r = "baseline"
-        if r == role:
-            out.append(m)
-    return out
-
-
-def label_of(df: pd.DataFrame, method: str) -> str:
-    """How tables name a method: its declared label."""
-    if "method_label" in df:
-        lab = df.loc[df["method"] == method, "method_label"].dropna()
-        if len(lab):
-            return str(lab.iloc[0])
-    return str(method)
-
-
-def teacherless(df: pd.DataFrame) -> set:
-    """Methods that train without a teacher (their runs serve every teacher row)."""
-    if "needs_teacher" in df:
-        return set(df.loc[df["needs_teacher"] == False, "method"])  # noqa: E712 (a column of objects)
-    base = role_of(df, "baseline")
-    return {base} if base else set()
-
-
-def learned(df: pd.DataFrame) -> pd.DataFrame:
-    """Rows of methods that learn their temperatures (MKD, CTKD, ...), by their declaration."""
-    if "learns_temperature" not in df:
-        return df.iloc[0:0]
-    return df[df["learns_temperature"].fillna(False).astype(bool)]
 
 
 @dataclass
@@ -185,16 +128,6 @@ def cell(df: pd.DataFrame, metric: str = "final_top1") -> Cell:
     return Cell(float(done.mean()), std, len(done), states, e.lo, e.hi)
 
 
-def _sorted(values, order=None) -> list:
-    vals = [v for v in pd.unique(values) if not (isinstance(v, float) and math.isnan(v))]
-    if order:
-        return sorted(vals, key=lambda v: (order.index(v) if v in order else len(order), str(v)))
-    try:
-        return sorted(vals)
-    except TypeError:
-        return sorted(vals, key=str)
-
-
 def _diff(a: Cell, b: Cell) -> str:
     if a.mean is None or b.mean is None:
         return DASH
@@ -231,10 +164,7 @@ def teacher_info(df: pd.DataFrame, label) -> tuple[str, str, str]:
 # ---------------------------------------------------------------------------- table kinds
 def degradation(df: pd.DataFrame, suite: str, scale: str) -> list[Table]:
     """Rows = teacher (model, size, top-1); columns = methods per augmentation, then each method minus KD."""
-    teachers = _sorted(df["teacher"].dropna(), None) if "teacher" in df else []
-    sizes = df["teacher_params"] if "teacher_params" in df else pd.Series(math.nan, index=df.index)
-    teachers = sorted(teachers, key=lambda t: float(sizes[df["teacher"] == t].dropna().iloc[0])
-                      if len(sizes[df["teacher"] == t].dropna()) else math.inf)
+    teachers = teachers_by_size(df)
     augs = _sorted(df["augment"], ["none", "weak", "medium", "strong"]) if "augment" in df else [None]
     methods = methods_in(df)
     ref, alone = role_of(df, "reference"), teacherless(df)
@@ -265,12 +195,8 @@ def degradation(df: pd.DataFrame, suite: str, scale: str) -> list[Table]:
              f"[{PAIRED_INTERVAL}], * when it excludes zero."]
     notes += [f"{label_of(df, m)} trains without a teacher: its cell repeats in every teacher row." for m in methods
               if m in alone]
-    from findings import degradation_findings, findings_lines
-
-    found = findings_lines(degradation_findings(df, teachers, [a for a in augs if a is not None])) \
-        if "augment" in df and "seed" in df else []
     return [Table(f"{suite}_{scale}", f"{suite} ({scale}): student top-1 by teacher and augmentation", [h1, h2], rows,
-                  notes, pd.DataFrame(vals), found)]
+                  notes, pd.DataFrame(vals))]
 
 
 def gap_ladder(df: pd.DataFrame, suite: str, scale: str, reference: pd.DataFrame) -> list[Table]:
@@ -498,11 +424,10 @@ def refuse_hidden_axes(df: pd.DataFrame, kind: str, axes: list[str], suite: str,
                             f"'table: generic' in the suite file for a table that shows every axis")
 
 
-def tables_for(df: pd.DataFrame, suite: str, scale: str, reference: pd.DataFrame) -> list[Table]:
+def table_kind(df: pd.DataFrame, suite: str, scale: str) -> str:
     """The table the suite asks for (``table:`` in its YAML), else the one its varying axes call for; a table
     that would average over an axis it does not show is refused (``refuse_hidden_axes``)."""
-    axes = [c for c in df.columns if c in ("teacher", "student", "augment", "method", "fraction", "seed")
-            or "." in c]  # a dotted axis is a key of some method's option section (kd.tau_t, dist.tau, ...)
+    axes = table_axes(df)
     asked = next((t for t in df["table"].dropna().unique()), None) if "table" in df else None
     if asked is None:
         if "kd.tau_t" in df and "kd.tau_s" in df and df["kd.tau_t"].nunique() > 1:
@@ -516,17 +441,29 @@ def tables_for(df: pd.DataFrame, suite: str, scale: str, reference: pd.DataFrame
         else:
             asked = "generic"
     refuse_hidden_axes(df, asked, axes, suite, scale)
-    if asked == "temperature_grid":
+    return asked
+
+
+def table_axes(df: pd.DataFrame) -> list[str]:
+    """The axes of a frame: the abstract ones, and any dotted key of a method's option section (kd.tau_t, ...)."""
+    return [c for c in df.columns if c in ("teacher", "student", "augment", "method", "fraction", "seed") or "." in c]
+
+
+def tables_for(df: pd.DataFrame, suite: str, scale: str, reference: pd.DataFrame,
+               kind: Optional[str] = None) -> list[Table]:
+    """The tables of one suite at one scale, of the kind ``table_kind`` chooses."""
+    kind = kind or table_kind(df, suite, scale)
+    if kind == "temperature_grid":
         return temperature_grid(df, suite, scale)
-    if asked == "imagenet_main":
+    if kind == "imagenet_main":
         return imagenet_main(df, suite, scale, reference)
-    if asked == "data_fraction":
+    if kind == "data_fraction":
         return data_fraction(df, suite, scale)
-    if asked == "degradation":
+    if kind == "degradation":
         return degradation(df, suite, scale)
-    if asked == "gap_ladder":
+    if kind == "gap_ladder":
         return gap_ladder(df, suite, scale, reference)
-    return generic(df, suite, scale, axes)
+    return generic(df, suite, scale, table_axes(df))
 
 
 # ---------------------------------------------------------------------------- rendering
@@ -567,6 +504,12 @@ def render(table: Table, fmt: str) -> str:
     return _env().get_template(f"table.{fmt}.j2").render(t=table, ncols=len(table.header[-1]))
 
 
-def render_index(entries: list[dict], figures: list[dict], generated: str, provenance: list[str] = ()) -> str:
+def render_index(entries: list[dict], figures: list[dict], generated: str, provenance: list[str] = (),
+                 board: list = ()) -> str:
     return _env().get_template("index.html.j2").render(entries=entries, figures=figures, generated=generated,
-                                                        provenance=list(provenance))
+                                                        provenance=list(provenance), board=list(board))
+
+
+def render_claims(board: list, fmt: str = "md") -> str:
+    """The claims scoreboard (``claims.py``) as Markdown."""
+    return _env().get_template(f"claims.{fmt}.j2").render(board=board)

@@ -83,7 +83,7 @@ def main(argv=None) -> int:
                   ["--dtype", "float32", "--amp", "bf16", "--drop-path", "0.1"],
                   ["--dtype", "float32", "--amp", "bf16", "--student", "emb_deit_s_distilled", "--drop-path", "0.1",
                    "--lookahead", "adam"]):
-        rows.append(step(f"selfcheck {' '.join(extra)}", [py, "-m", "mkd.meta", "--selfcheck", "--device", device,
+        rows.append(step(f"selfcheck {' '.join(extra)}", [py, "-m", "mkd.selfcheck", "--device", device,
                                                           *extra], 300, selfcheck_detail))
     with tempfile.TemporaryDirectory() as d:
         for batch in (128, 256):

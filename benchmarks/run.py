@@ -57,10 +57,17 @@ def parse_args(argv):
     ap.add_argument("--dry-run", action="store_true",
                     help="print the plan (one line per run, with its estimated GPU-hours) and exit")
     ap.add_argument("--gpu", default="H100", help="--dry-run: the card the cost is estimated for (default H100)")
-    ap.add_argument("--mfu", type=float, help="--dry-run: model FLOP utilisation (default: measured, else 0.40)")
-    ap.add_argument("--cores", type=int, default=10,
-                    help="--dry-run: CPU cores per GPU feeding it (default 10, or the profile's cpus_per_task)")
+    ap.add_argument("--cores", type=int,
+                    help="--dry-run: CPU cores per GPU feeding it (default: the profile's cpus_per_task, else 10)")
+    ap.add_argument("--storage", choices=["shared", "staged"],
+                    help="--dry-run: where ImageNet is read from: a shared filesystem, or staged once per job to "
+                         "node-local disk (default: the profile's stage_input, else shared)")
+    ap.add_argument("--rates", action="store_true", help="--dry-run: also print each model's rate and its source")
     ap.add_argument("--status", action="store_true", help="print every run's state, top-1 and log, then exit")
+    ap.add_argument("--seeds-for", metavar="CLAIM",
+                    help="print how many seeds the plan needs to resolve a claim (analysis/claims.py: gap, "
+                         "augmentation, cure, rivals, ...; or a finding such as Q3) at the suite's smallest effect of "
+                         "interest, from the paired SD of the runs finished so far, and what they cost; then exit")
     ap.add_argument("--max-parallel", type=int, help="local: concurrent runs (default: GPUs, else CPU cores); "
                                                       "slurm: array parallelism")
     ap.add_argument("--wait", action="store_true", help="slurm: block until the submitted jobs end")
@@ -80,34 +87,116 @@ def parse_args(argv):
     return ap.parse_args(argv)
 
 
-def print_plan(plan, gpu: str, mfu, cores: int) -> int:
-    """One line per run with its estimated GPU-hours (mkd/cost.py), then the suite's total."""
-    from mkd.cost import run_cost, throughput
+def print_plan(plan, machine, rates: bool = False) -> int:
+    """One line per run with its price as a range and what binds it (``mkd/cost.py``): a cohort is priced as one
+    process, on its first member's line; then the suite's total, split into teachers, tuning trials and students."""
+    from mkd.cost import in_units, price_unit, rate, unit_label
 
-    rate, how = throughput(gpu, mfu)
-    print(f"suite {plan.suite} ({plan.scale}) from {plan.path}: {len(plan.teachers)} teachers + "
-          f"{len(plan.students) + len(plan.waiting)} students"
-          + (f" + {len(plan.trials)} tuning trials ({plan.tuning.trials_per_method} per method and setting, "
-             f"mkd/tuning.py)" if plan.trials else ""))
-    total = evals = 0.0
-    units = plan.units()
-    cohort_of = {r.run_id: (i, u) for i, u in enumerate(units) if len(u) > 1 for r in u}
-    for r in plan.runs + plan.waiting:
-        wait = f" after teacher {r.teacher}" if r.teacher else ""
-        wait += f" after {r.after} (reads the stream caches it fills)" if r.after else ""
-        i, u = cohort_of.get(r.run_id, (None, []))
-        shared = bool(u) and u[0] is not r  # a cohort computes the teacher's logits once, for its first member
-        wait += f" [cohort {i}: {len(u)} runs, one teacher forward]" if u else ""
-        c = run_cost(r.config, teacher_cached=shared or (bool(r.after) and r.config.teacher_stream_key() is not None))
-        h, e = c.gpu_hours(rate, cores)
-        total, evals = total + h, evals + e
-        print(f"{r.kind:<7} {r.run_id}  {r.label}  {h:,.2f} GPU-h  -> {r.out}{wait}")
+    unit = unit_label(machine)
+    head = (f"suite {plan.suite} ({plan.scale}) from {plan.path}: {len(plan.teachers)} teachers + "
+            f"{len(plan.students) + len(plan.waiting)} students"
+            + (f" + {len(plan.trials)} tuning trials ({plan.tuning.trials_per_method} per method and setting, "
+               f"mkd/tuning.py)" if plan.trials else ""))
+    where = "one CPU thread per run" if machine.cpu else \
+        f"{machine.card}, {machine.cores} CPU cores per GPU, {machine.storage} storage"
+    print(f"{head}; priced on {where}")
+    units = plan.units() + [[r] for r in plan.waiting]
+    totals = {"teacher": [0.0, 0.0], "trial": [0.0, 0.0], "student": [0.0, 0.0]}
+    binds: dict[str, int] = {}
+    for i, u in enumerate(units):
+        cached = [bool(r.after) and r.config.teacher_stream_key() is not None for r in u]
+        p = price_unit([r.config for r in u], machine, cached)
+        totals[u[0].kind][0] += p.low
+        totals[u[0].kind][1] += p.high
+        binds[p.binds] = binds.get(p.binds, 0) + 1
+        for j, r in enumerate(u):
+            wait = f" after teacher {r.teacher}" if r.teacher else ""
+            wait += f" after {r.after} (reads the stream caches it fills)" if r.after else ""
+            if len(u) > 1:
+                wait += f" [cohort {i}: {len(u)} runs, one teacher forward per step]"
+            cost = (f"{in_units(p.low, machine):,.2f}-{in_units(p.high, machine):,.2f} {unit}, binds {p.binds}"
+                    if j == 0 else f"in cohort {i}")
+            print(f"{r.kind:<7} {r.run_id}  {r.label}  {cost}  -> {r.out}{wait}")
     n = sum(1 for u in units if len(u) > 1)
     if n:
         print(f"cohorts ({plan.cohorts}): {n} of {sum(len(u) for u in units if len(u) > 1)} runs, each one process "
               f"with one teacher forward per step (--no-cohorts: every run alone)")
-    print(f"estimated cost: {total:,.1f} {gpu} GPU-hours ({evals:,.1f} of them evaluation) at {how}, "
-          f"{cores} CPU cores per GPU (mkd/cost.py)")
+    if rates:
+        seen = set()
+        for r in plan.runs:
+            for model, mode in ((r.config.student, "train"), (r.config.teacher, "infer")):
+                if model and (model, mode) not in seen:
+                    seen.add((model, mode))
+                    from mkd.cost import img_size_of
+
+                    x = rate(model, mode, machine.card, img_size_of(r.config))
+                    print(f"rate {model} {mode}: {x.low:,.0f}-{x.high:,.0f} img/s ({x.source})")
+    lo, hi = sum(v[0] for v in totals.values()), sum(v[1] for v in totals.values())
+    split = ", ".join(f"{k}s {in_units(v[0], machine):,.1f}-{in_units(v[1], machine):,.1f}"
+                      for k, v in totals.items() if v[1])
+    print(f"estimated cost: {in_units(lo, machine):,.1f}-{in_units(hi, machine):,.1f} {unit} ({split}); binds: "
+          + ", ".join(f"{k} {v} units" for k, v in sorted(binds.items())) + " (mkd/cost.py)")
+    return 0
+
+
+def print_seeds_for(plan, claim: str, machine) -> int:
+    """Seeds a claim needs on this plan (prospective: the suite's smallest effect of interest at the paired SD of
+    the finished runs) and their price (``mkd/cost.py``): the analysis's findings on the plan's own runs."""
+    from analysis.claims import CLAIMS
+    from analysis.collect import collect
+    from analysis.findings import findings_for, plan_text, verdict_text
+    from analysis.tables import table_kind
+
+    from mkd.cost import in_units, price_unit, unit_label
+
+    keys = {c.key: [k for s, k in c.tested if s == plan.suite] for c in CLAIMS}
+    wanted = keys.get(claim) or [k for k in {k for ks in keys.values() for k in ks} if k.split()[0] == claim
+                                 or k == claim]
+    if claim not in keys and not wanted:
+        from mkd.errors import suggest
+
+        raise UserError(f"--seeds-for {claim}: not a claim or finding{suggest(claim, list(keys))}; claims: "
+                        f"{', '.join(keys)} (or a finding: Q1 ... Q8)")
+    if not wanted:
+        raise UserError(f"--seeds-for {claim}: suite {plan.suite} does not test it; the suites that do: "
+                        + ", ".join(s for c in CLAIMS if c.key == claim for s, _ in c.tested))
+    runs, _, _ = collect(plan.root) if plan.root.is_dir() else (None, None, None)
+    ids = {r.run_id for r in plan.students}
+    df = runs[runs["run_id"].isin(ids)].dropna(axis=1, how="all") if runs is not None and len(runs) else None
+    if df is None or not len(df) or not (df["status"] == "done").any():
+        raise UserError(f"--seeds-for {claim}: no finished runs of this plan under {plan.root}: run a pilot first "
+                        f"(python benchmarks/run.py --suite {plan.suite} --axis seed=0,1,2)")
+    found = [f for f in findings_for(df, table_kind(df, plan.suite, plan.scale), plan.suite, plan.scale)
+             if f.key in wanted]
+    seeds = sorted({r.config.seed for r in plan.students})
+    per_seed: dict[str, list[float]] = {}
+    for u in plan.units():
+        if u[0].kind == "student":
+            p = price_unit([r.config for r in u], machine, [bool(r.after) for r in u])
+            for r in u:
+                v = per_seed.setdefault(r.config.method, [0.0, 0.0])
+                v[0] += p.low / len(u) / len(seeds)
+                v[1] += p.high / len(u) / len(seeds)
+    unit = unit_label(machine)
+    for f in found:
+        e = f.headline
+        if f.delta is None and plan.smallest_effect:  # runs planned before suites recorded it: the suite's own
+            f.delta = plan.smallest_effect["points"]
+        print(f"{f.key} on {plan.suite} ({plan.scale}): {f.question}")
+        print(f"  now: {verdict_text(e, f.delta, 'an effect', 'an effect')[1] if e is not None else f.answer}")
+        print(f"  smallest effect of interest: {f.delta:g} points ({plan.smallest_effect['rule']})"
+              if f.delta is not None and plan.smallest_effect else "  smallest effect of interest: none recorded")
+        n = f.seeds_needed
+        if n is None or e is None:
+            print(f"  seeds needed: {plan_text(e, f.delta) if e is not None else 'no estimate yet'}")
+            continue
+        extra = max(0, n - e.n)
+        cost = [extra * sum(per_seed.get(m, [0, 0])[i] for m in f.methods) for i in (0, 1)]
+        print(f"  seeds needed: {n} ({plan_text(e, f.delta)}); {extra} more than the {e.n} finished: "
+              f"{in_units(cost[0], machine):,.1f}-{in_units(cost[1], machine):,.1f} {unit}")
+        if extra:
+            print(f"  run them: python benchmarks/run.py --suite {plan.suite} --scale {plan.scale} --axis "
+                  f"seed=0..{n - 1} (finished seeds are reused)")
     return 0
 
 
@@ -131,15 +220,25 @@ def main(argv=None) -> int:
     def make_plan():
         p = expand(args.suite, args.scale, args.results, axis_values(args.filter, "--filter", "method=mkd"),
                    overrides, data_root, axis_values(args.axis, "--axis", "seed=0,1,2", yaml.safe_load), checkpoints,
-                   tune=not args.no_tuning)
+                   tune=not args.no_tuning, check_data=not args.dry_run)
         p.cohorts = args.cohorts
         return p
 
-    plan = make_plan()
     if args.dry_run:
-        return print_plan(plan, args.gpu, args.mfu, int(profile.get("cpus_per_task") or args.cores))
+        from mkd.cost import check_card, machine_for
+
+        check_card(args.gpu)
+        storage = args.storage or ("staged" if profile.get("stage_input") else "shared")
+        plan = make_plan()
+        return print_plan(plan, machine_for(plan.scale, args.gpu, args.cores or profile.get("cpus_per_task"), storage),
+                          args.rates)
+    plan = make_plan()
     if args.status:
         return print_status(plan)
+    if args.seeds_for:
+        from mkd.cost import machine_for
+
+        return print_seeds_for(plan, args.seeds_for, machine_for(plan.scale, args.gpu, args.cores))
 
     failed = []
     while True:  # a tuned suite runs in two stages: the trials, then the finals with the settings they chose

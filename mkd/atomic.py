@@ -9,7 +9,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 
 def write_bytes(path: str | os.PathLike, data: bytes, keep_previous: str | os.PathLike | None = None) -> None:
@@ -42,13 +42,13 @@ def write_jsonl(path: str | os.PathLike, rows: list[dict]) -> None:
     write_text(path, "".join(json.dumps(r, default=str) + "\n" for r in rows))
 
 
-def torch_save(path: str | os.PathLike, obj: Any, keep_previous: str | os.PathLike | None = None) -> None:
-    """``torch.save`` atomically; with ``keep_previous`` the file it replaces stays there until the new one is
-    whole (a damaged newest checkpoint then falls back to it)."""
-    import torch
-
+def write_dumped(path: str | os.PathLike, dump: Callable[[io.BytesIO], Any],
+                 keep_previous: str | os.PathLike | None = None) -> None:
+    """What ``dump(file)`` writes (e.g. ``lambda f: torch.save(obj, f)``), atomically; with ``keep_previous`` the file
+    it replaces stays there until the new one is whole (a damaged newest checkpoint then falls back to it).  This
+    module imports no torch: the analysis writes its files through it too."""
     buf = io.BytesIO()
-    torch.save(obj, buf)
+    dump(buf)
     write_bytes(path, buf.getvalue(), keep_previous)
 
 

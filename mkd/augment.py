@@ -23,7 +23,7 @@ from timm.data.mixup import mixup_target
 from timm.data import auto_augment as _aa
 
 from .batch import Batch
-from .config import AUGMENTS
+from .fields import AUGMENTS
 from .errors import UserError, suggest
 from .stream import isolated_rng, seed_globals
 

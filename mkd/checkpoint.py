@@ -37,7 +37,7 @@ class RunState:
 def save(run: RunDir, run_id: str, loop: Loop, p: RunState, rngs: list) -> None:
     """``checkpoint.pt`` (the previous one kept as ``checkpoint.prev.pt`` until this one is whole)."""
     L = loop
-    atomic.torch_save(run.checkpoint, keep_previous=run.previous_checkpoint, obj={
+    state = {
         "model": L.models.student.state_dict(), "method": L.method.state_dict(),
         "optimizer": L.optim.optimizer.state_dict(), "scheduler": L.optim.scheduler.state_dict(),
         "scaler": L.optim.scaler.state_dict() if L.optim.scaler else None, "rng": rngs, "epoch": p.epoch,
@@ -45,7 +45,8 @@ def save(run: RunDir, run_id: str, loop: Loop, p: RunState, rngs: list) -> None:
         "in_epoch": None if p.in_epoch is None else {
             "step_in_epoch": p.in_epoch.step_in_epoch, "sums": {k: v.detach().cpu() for k, v in p.in_epoch.sums.items()},
             "n": p.in_epoch.n, "temp_samples": p.in_epoch.temp_samples, "seconds": p.in_epoch_seconds,
-            "meta": L.meta_batches.state() if L.meta_batches is not None else None}})
+            "meta": L.meta_batches.state() if L.meta_batches is not None else None}}
+    atomic.write_dumped(run.checkpoint, lambda f: torch.save(state, f), keep_previous=run.previous_checkpoint)
 
 
 def newest(run: RunDir, run_id: str, say) -> tuple[Optional[Path], Optional[dict]]:

@@ -1,55 +1,61 @@
-"""What a plan costs before it is submitted: GPU-hours from the models' FLOPs, the images a run processes and a
-stated throughput model.
+"""What a plan costs before it is submitted, as a range (low-high), and what binds each unit of work.
 
-FLOPs: one forward of each model at the run's resolution, counted by ``torch.utils.flop_counter`` on the meta
-device (no weights, no memory, no network).  A training image costs the student's forward and backward
-(3 forwards), the teacher's forward unless the stream's teacher cache serves it, and what the method adds per
-image (``Method.extra_student_forwards``: MKD's look-ahead on the meta batch and its hypergradient forwards).
-Evaluation costs one forward per validation image every ``eval_every`` epochs.
+A unit is one process: a run, or a cohort (``mkd/cohort.py``: one teacher forward and one decoded batch per step for
+all its members).  Its time is the slowest of three pipelines, each priced low-high:
 
-Throughput model: ``seconds = max(FLOPs / (peak bf16 dense FLOP/s of the card x MFU), images / (CPU cores per
-GPU x images/s per core))``, with MFU 0.40 unless a measured figure for the card is recorded in
-``benchmarks/measured_throughput.json``, and the per-core decode-and-augment rates of ImageNet JPEGs at 224 px
-that ``benchmarks/pipeline.py`` measured (``PER_CORE``; in-memory CIFAR and embedded images are not bound by it).
+- **GPU**: training images / the student's training rate (plus what the method adds: ``Method.extra_student_forwards``
+  forwards at a third of a training step each), the teacher's forward / its inference rate unless the stream cache
+  or the cohort's first member computes it, evaluation (and a validated teacher's one pass) at inference rates, and
+  at least ``STEP_FLOOR`` seconds per optimizer step of each member (launches, Python, the optimizer).
+- **decode**: the images the CPU workers decode and augment (training, MKD's meta batches, evaluation) / (cores per
+  GPU x images/s per core of the recipe, ``PER_CORE``).
+- **I/O** (ImageNet folders): the JPEG bytes read / the storage bandwidth per GPU (``IO_MB_S``; a staged copy on
+  node-local disk reads the shared filesystem once, then local disk).
+
+Rates (images/s per GPU) come from ``benchmarks/throughput.csv``: a row measured on the priced card
+(``gpu_check.py --record``) is used as it is (±10%); otherwise a prior, a published timm benchmark on an RTX 3090,
+scaled by the card's factor (``CARDS``: the ratio of dense bf16 tensor peaks times the share of it a large card
+reaches on these models relative to the RTX 3090, 0.2-0.45); a model with no row is priced from its FLOPs
+(``torch.utils.flop_counter`` on the meta device) at an MFU of ``FALLBACK_MFU``.  On a CPU (the tiny scale) rates
+are measured rows for the embedded models, per thread, and the price is in CPU-minutes.
+Pricing needs no dataset and no network: image counts are the datasets' published sizes.
 """
 from __future__ import annotations
 
+import csv
 import functools
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 from . import methods
 
-# dense bf16 tensor-core peaks, TFLOP/s (vendor data sheets; SXM parts)
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "V100": 125.0}
-DEFAULT_MFU = 0.40
-MEASURED = Path(__file__).resolve().parent.parent / "benchmarks" / "measured_throughput.json"
-# images/s per CPU core of ImageNet JPEGs at 224 px, by recipe (benchmarks/pipeline.py: docs/gpu_scales.md)
-PER_CORE = {"strong": 330.0, "medium": 340.0, "weak": 600.0, "none": 450.0}
+ROOT = Path(__file__).resolve().parent.parent
+THROUGHPUT = ROOT / "benchmarks" / "throughput.csv"
+REFERENCE_CARD = "RTX 3090"
+# dense bf16/fp16 tensor peaks, TFLOP/s (vendor data sheets: SXM parts; the RTX 3090's fp16 with fp32 accumulate)
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "V100": 125.0, "RTX 3090": 71.0}
+UTILISATION = (0.20, 0.45)  # a datacentre card's share of peak on these models, relative to the RTX 3090's
+CARDS = {c: (p / PEAK_TFLOPS[REFERENCE_CARD] * UTILISATION[0], p / PEAK_TFLOPS[REFERENCE_CARD] * UTILISATION[1])
+         for c, p in PEAK_TFLOPS.items() if c != REFERENCE_CARD}
+MEASURED_SPREAD = (0.9, 1.1)  # a measured rate, priced within ±10%
+FALLBACK_MFU = (0.15, 0.40)  # a model without a row: its FLOPs at this share of the card's peak
+STEP_FLOOR = {"cuda": (0.003, 0.008), "cpu": (0.0, 0.0)}  # seconds per optimizer step and member
+# images/s per CPU core, decode + augmentation (ImageNet JPEGs at 224 px: benchmarks/pipeline.py, docs/gpu_scales.md;
+# CIFAR-100's 32 px arrays: assumed until gpu_check measures the loader on the card's host)
+PER_CORE = {"imagenet": {"strong": (330.0, 420.0), "medium": (340.0, 430.0), "weak": (600.0, 680.0),
+                         "none": (440.0, 470.0)},
+            "cifar100": {"strong": (1500.0, 3000.0), "medium": (1500.0, 3000.0), "weak": (4000.0, 8000.0),
+                         "none": (6000.0, 12000.0)}}
+JPEG_KB = 108.0  # ImageNet-1K's mean training JPEG: 138 GB / 1,281,167 images
+# MB/s per GPU: a shared filesystem (1.6-6.4 GB/s for a node of 8 GPUs, assumed); node-local NVMe (assumed)
+IO_MB_S = {"shared": (200.0, 800.0), "staged": (1000.0, 3000.0)}
 DEFAULT_CORES = 10  # CPU cores (loader workers) per GPU: DeiT's and slurm/example_gpu_cluster.yaml's
-# training / validation images of the datasets at full size
 DATASET_IMAGES = {"cifar100": (50_000, 10_000), "imagenet": (1_281_167, 50_000)}
 
 
-@functools.lru_cache(maxsize=None)
-def forward_flops(name: str, kwargs_json: str, num_classes: int, img_size: int) -> float:
-    """FLOPs of one forward of one image (2 per multiply-add)."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from .models import create_model
-
-    with torch.device("meta"):
-        model = create_model(name, num_classes, img_size, **json.loads(kwargs_json))
-        x = torch.empty(1, 3, img_size, img_size)
-    model.eval()
-    with FlopCounterMode(display=False) as fc, torch.no_grad():
-        model(x)
-    return float(fc.get_total_flops())
-
-
+# ---------------------------------------------------------------------------- what a run processes
 def _images(cfg) -> tuple[int, int, int]:
     """(classes, training images per epoch, validation images) the run sees."""
     if cfg.dataset == "embedded":
@@ -57,7 +63,7 @@ def _images(cfg) -> tuple[int, int, int]:
         train, val, classes = e.train_per_class * e.num_classes, e.val_per_class * e.num_classes, e.num_classes
     else:
         (train, val), classes = DATASET_IMAGES[cfg.dataset], (100 if cfg.dataset == "cifar100" else 1000)
-    seen = int(train * (1 - cfg.held_out) * cfg.fraction) // cfg.batch_size * cfg.batch_size
+    seen = int(train * (1 - cfg.held_out - cfg.tune_holdout) * cfg.fraction) // cfg.batch_size * cfg.batch_size
     return classes, seen, val
 
 
@@ -70,55 +76,187 @@ def img_size_of(cfg) -> int:
     return cfg.img_size or {"embedded": cfg.embedded.img_size, "cifar100": 32, "imagenet": 224}[cfg.dataset]
 
 
+@functools.lru_cache(maxsize=None)
+def forward_flops(name: str, kwargs_json: str, num_classes: int, img_size: int) -> float:
+    """FLOPs of one forward of one image (2 per multiply-add), counted on the meta device (no weights, no memory,
+    no network); on a CPU tensor where the meta device fails (models that read a value: older torch)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from .models import create_model
+
+    def count(device: str) -> float:
+        with torch.device(device):
+            model = create_model(name, num_classes, img_size, **json.loads(kwargs_json))
+            x = torch.empty(1, 3, img_size, img_size)
+        model.eval()
+        with FlopCounterMode(display=False) as fc, torch.no_grad():
+            model(x)
+        return float(fc.get_total_flops())
+
+    try:
+        return count("meta")
+    except (RuntimeError, NotImplementedError):  # e.g. "Tensor.item() cannot be called on meta tensors"
+        return count("cpu")
+
+
+# ---------------------------------------------------------------------------- rates
+@functools.lru_cache(maxsize=None)
+def throughput_rows(path: Path = THROUGHPUT) -> tuple:
+    if not path.is_file():
+        return ()
+    lines = [l for l in path.read_text().splitlines() if l.strip() and not l.startswith("#")]
+    return tuple(csv.DictReader(lines))
+
+
+def arch(name: str) -> str:
+    """The architecture a timm name (with its pretrained tag) or preset builds."""
+    from .models import PRESETS
+
+    return name if name in PRESETS else name.split(".")[0]
+
+
+@dataclass(frozen=True)
+class Rate:
+    low: float  # images/s, pessimistic
+    high: float
+    source: str
+
+
+def rate(model: str, mode: str, card: str, img_size: int, kwargs: Optional[dict] = None, classes: int = 1000,
+         path: Path = THROUGHPUT) -> Rate:
+    """Images/s per GPU (or per CPU thread, ``card`` 'cpu') for ``model`` training or in inference (``mode``)."""
+    a = arch(model)
+    rows = [r for r in throughput_rows(path) if r["model"] == a and r["mode"] == mode and int(r["img_size"]) == img_size]
+    measured = [r for r in rows if r["card"] == card and r["kind"] == "measured"]
+    if measured:
+        r = measured[-1]
+        v = float(r["img_s"])
+        return Rate(v * MEASURED_SPREAD[0], v * MEASURED_SPREAD[1], f"measured on {card}: {r['source']}")
+    prior = [r for r in rows if r["card"] == REFERENCE_CARD]
+    if prior and card in CARDS:
+        v, (lo, hi) = float(prior[0]["img_s"]), CARDS[card]
+        return Rate(v * lo, v * hi, f"prior: {REFERENCE_CARD} x {lo:.1f}-{hi:.1f} ({prior[0]['source']})")
+    flops = forward_flops(model, json.dumps(kwargs or {}, sort_keys=True), classes, img_size)
+    per_img = flops * (3 if mode == "train" else 1)
+    if card == "cpu":  # scaled by FLOPs from the measured CPU rates of the other models at this size
+        ref = [r for r in throughput_rows(path) if r["card"] == "cpu" and r["mode"] == mode
+               and int(r["img_size"]) == img_size]
+        per_s = sorted(float(r["img_s"]) * forward_flops(r["model"], "{}", classes, img_size) for r in ref)
+        if not per_s:
+            return Rate(1e-9, 1e-9, f"no CPU rate at {img_size} px in {path.name}: run benchmarks/prices.py "
+                                    "--calibrate-cpu RESULTS")
+        return Rate(per_s[0] / flops, per_s[-1] / flops,
+                    f"the measured CPU models' FLOP rates ({len(per_s)} rows of {path.name}) over its FLOPs")
+    peak = PEAK_TFLOPS.get(card, PEAK_TFLOPS["H100"]) * 1e12
+    return Rate(peak * FALLBACK_MFU[0] / per_img, peak * FALLBACK_MFU[1] / per_img,
+                f"FLOPs at MFU {FALLBACK_MFU[0]:.2f}-{FALLBACK_MFU[1]:.2f} of {card} (no row in {path.name})")
+
+
+# ---------------------------------------------------------------------------- a unit's price
 @dataclass
-class RunCost:
-    train_pflop: float
-    eval_pflop: float
-    teacher_share: float  # of the training FLOPs
-    train_images: int = 0  # over all epochs
-    eval_images: int = 0
-    augment: str = "none"
-    decodes: bool = False  # JPEG folders: the CPU input pipeline can bound the step
+class Price:
+    """Seconds of one GPU (or CPU thread) for a unit, low-high, and what binds it."""
+
+    low: float = 0.0
+    high: float = 0.0
+    binds: str = "GPU"
+    parts: dict = field(default_factory=dict)  # pipeline -> (low, high) seconds
+    sources: list = field(default_factory=list)
+
+    def hours(self) -> tuple[float, float]:
+        return self.low / 3600, self.high / 3600
+
+    def __add__(self, other: "Price") -> "Price":
+        return Price(self.low + other.low, self.high + other.high, self.binds,
+                     {k: tuple(a + b for a, b in zip(self.parts.get(k, (0, 0)), other.parts.get(k, (0, 0))))
+                      for k in set(self.parts) | set(other.parts)}, self.sources + other.sources)
+
+
+@dataclass(frozen=True)
+class Machine:
+    """Where a plan runs: the card (``cpu`` for the tiny scale), CPU cores per GPU and the input's storage."""
+
+    card: str = "H100"
+    cores: int = DEFAULT_CORES
+    storage: str = "shared"  # shared | staged (the training set copied to node-local disk once per job)
 
     @property
-    def pflop(self) -> float:
-        return self.train_pflop + self.eval_pflop
-
-    def gpu_hours(self, flops_per_s: float, cores: int = DEFAULT_CORES) -> tuple[float, float]:
-        """(total, evaluation) GPU-hours: each phase at the slower of the GPU and the input pipeline."""
-        def phase(pflop: float, images: int, recipe: str) -> float:
-            t = pflop * 1e15 / flops_per_s
-            return max(t, images / (cores * PER_CORE[recipe])) / 3600 if self.decodes else t / 3600
-        ev = phase(self.eval_pflop, self.eval_images, "none")
-        return phase(self.train_pflop, self.train_images, self.augment) + ev, ev
+    def cpu(self) -> bool:
+        return self.card == "cpu"
 
 
-def run_cost(cfg, teacher_cached: bool = False) -> RunCost:
-    """The FLOPs of one run (``teacher_cached``: another run of the stream computes the teacher's logits)."""
-    classes, n_train, n_val = _images(cfg)
-    size = img_size_of(cfg)
-    f_s = forward_flops(cfg.student, json.dumps(cfg.student_kwargs, sort_keys=True), classes, size)
-    method = methods.get(cfg.method)
-    f_t = 0.0
-    if method.needs_teacher and cfg.teacher and not teacher_cached:
-        f_t = forward_flops(cfg.teacher, json.dumps(cfg.teacher_kwargs, sort_keys=True), classes, size)
-    per_image = 3 * f_s + f_t + method.extra_student_forwards(cfg) * f_s
-    train = per_image * n_train * cfg.epochs
-    evals = (cfg.epochs + cfg.eval_every - 1) // cfg.eval_every if cfg.epochs else 1
-    return RunCost(train / 1e15, f_s * n_val * evals / 1e15, (f_t * n_train * cfg.epochs) / max(train, 1.0),
-                   n_train * cfg.epochs, n_val * evals, cfg.augment, cfg.dataset == "imagenet")
+def price_unit(cfgs: list, machine: Machine, teacher_cached: Optional[list[bool]] = None) -> Price:
+    """The price of one unit of work: a run (``cfgs`` of one) or a cohort (one decoded batch and one teacher forward
+    per step for every member); ``teacher_cached[i]``: member i reads its teacher's logits from the stream cache."""
+    cached = teacher_cached or [False] * len(cfgs)
+    gpu_lo = gpu_hi = 0.0
+    sources = []
+    lead = cfgs[0]
+    classes, n_train, n_val = _images(lead)
+    size = img_size_of(lead)
+    card = machine.card
+    decoded = 0.0  # images the CPU decodes (once for the unit: its members share the batches)
+    teacher_paid = False
+    for cfg, is_cached in zip(cfgs, cached):
+        classes, n_train, n_val = _images(cfg)
+        steps = cfg.epochs * (n_train // cfg.batch_size)
+        images = steps * cfg.batch_size
+        m = methods.get(cfg.method)
+        s_train = rate(cfg.student, "train", card, size, cfg.student_kwargs, classes)
+        s_infer = rate(cfg.student, "infer", card, size, cfg.student_kwargs, classes)
+        extra = m.extra_student_forwards(cfg) / 3  # extra forwards at a third of a training step each
+        evals = (cfg.epochs + cfg.eval_every - 1) // cfg.eval_every if cfg.epochs else 1
+        lo = images * (1 + extra) / max(s_train.high, 1e-9) + n_val * evals / max(s_infer.high, 1e-9)
+        hi = images * (1 + extra) / max(s_train.low, 1e-9) + n_val * evals / max(s_infer.low, 1e-9)
+        sources.append(s_train.source)
+        if m.needs_teacher and cfg.teacher and not is_cached and not teacher_paid:
+            t = rate(cfg.teacher, "infer", card, size, cfg.teacher_kwargs, classes)
+            lo, hi = lo + images / max(t.high, 1e-9), hi + images / max(t.low, 1e-9)
+            sources.append(t.source)
+            teacher_paid = len(cfgs) > 1  # a cohort's first member computes the teacher's logits for all
+        floor = STEP_FLOOR["cpu" if machine.cpu else "cuda"]
+        lo, hi = max(lo, steps * floor[0]), max(hi, steps * floor[1])
+        gpu_lo, gpu_hi = gpu_lo + lo, gpu_hi + hi
+        meta = 0.0
+        if m.needs_meta_split and steps:
+            meta_batch = cfg.mkd.meta_batch_size or max(2, cfg.batch_size // 2)
+            meta = steps / cfg.mkd.meta_interval * meta_batch
+        decoded = max(decoded, images) + meta + n_val * evals  # members share the training batches
+    parts = {"GPU": (gpu_lo, gpu_hi)}
+    if not machine.cpu and lead.dataset in PER_CORE:
+        per = PER_CORE[lead.dataset].get(lead.augment, PER_CORE[lead.dataset]["weak"])
+        parts["decode"] = (decoded / (machine.cores * per[1]), decoded / (machine.cores * per[0]))
+        if lead.dataset == "imagenet":
+            mb = decoded * JPEG_KB / 1024
+            bw = IO_MB_S[machine.storage]
+            parts["I/O"] = (mb / bw[1], mb / bw[0])
+            if machine.storage == "staged" and lead.epochs:  # one copy of the training set per job, from shared storage
+                copy = n_train * JPEG_KB / 1024
+                parts["I/O"] = tuple(p + copy / b for p, b in zip(parts["I/O"], IO_MB_S["shared"][::-1]))
+    binds = max(parts, key=lambda k: parts[k][1])
+    low = max(v[0] for v in parts.values())
+    high = max(v[1] for v in parts.values())
+    return Price(low, high, binds, parts, sources)
 
 
-def throughput(gpu: str, mfu: Optional[float] = None) -> tuple[float, str]:
-    """(sustained FLOP/s, how it was obtained) for a card."""
-    if gpu not in PEAK_TFLOPS:
+def machine_for(scale: str, card: str = "H100", cores: Optional[int] = None, storage: str = "shared") -> Machine:
+    """The tiny scale runs on a CPU (one thread per run); the others on the card."""
+    if scale == "tiny":
+        return Machine("cpu", 1, storage)
+    return Machine(card, cores or DEFAULT_CORES, storage)
+
+
+def unit_label(machine: Machine) -> str:
+    return "CPU-min" if machine.cpu else f"{machine.card} GPU-h"
+
+
+def in_units(seconds: float, machine: Machine) -> float:
+    return seconds / 60 if machine.cpu else seconds / 3600
+
+
+def check_card(card: str) -> None:
+    if card not in CARDS and card != "cpu":
         from .errors import UserError, suggest
 
-        raise UserError(f"--gpu {gpu} is unknown{suggest(gpu, list(PEAK_TFLOPS))}; known: {', '.join(PEAK_TFLOPS)}")
-    if mfu is None and MEASURED.is_file():
-        rec = json.loads(MEASURED.read_text()).get(gpu)
-        if rec and rec.get("mfu"):
-            return PEAK_TFLOPS[gpu] * 1e12 * rec["mfu"], f"MFU {rec['mfu']:.2f} measured ({rec.get('source', '')})"
-    mfu = DEFAULT_MFU if mfu is None else mfu
-    return PEAK_TFLOPS[gpu] * 1e12 * mfu, f"MFU {mfu:.2f} stated (bf16 peak {PEAK_TFLOPS[gpu]:.0f} TFLOP/s)"
-
+        raise UserError(f"--gpu {card} is unknown{suggest(card, list(CARDS))}; known: {', '.join(CARDS)}")

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import CIFAR100
 
 from . import atomic
-from .config import EmbeddedConfig, RunConfig
+from .fields import EmbeddedConfig, GeneralConfig as RunConfig
 from .errors import UserError
 
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)

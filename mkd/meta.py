@@ -30,15 +30,14 @@ a buffer), and the meta objective at ``theta'`` is evaluated in eval mode (deter
 ``P = 1 / (sqrt(v_hat) + eps)`` (a constant in tau): ``theta' = theta - lr * P*g``; the hypergradient then uses
 ``P*v`` in place of ``v``, at the cost of a few elementwise operations.
 
-``python -m mkd.meta --selfcheck`` (mkd/selfcheck.py) compares the three against each other and ``exact`` against a finite
+``python -m mkd.selfcheck`` compares the three against each other and ``exact`` against a finite
 difference of the real meta loss in log tau.
 """
 from __future__ import annotations
 
 import contextlib
 import math
-import sys
-from typing import TYPE_CHECKING, Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -47,9 +46,6 @@ from torch.func import functional_call
 
 from .methods.common import eval_logits, fp32, mean_over_ranks
 from .models import is_vit
-
-if TYPE_CHECKING:
-    from .methods.mkd import MKDConfig
 
 
 # ---------------------------------------------------------------------------- temperatures
@@ -344,7 +340,7 @@ def _first_order(s: _Step, mode: str, meta, out, grads, fd_eps: float, precond) 
 
 
 def meta_precision(setting: str, student: nn.Module) -> str:
-    """``auto``: the loop's precision for ViTs, fp32 for CNNs.  Why (``python -m mkd.meta --selfcheck --dtype
+    """``auto``: the loop's precision for ViTs, fp32 for CNNs.  Why (``python -m mkd.selfcheck --dtype
     float32 --amp bf16``, docs/gpu_scales.md): with its meta forwards under bf16 autocast a ViT's hypergradient
     stays within 1.1e-2 of the same step's in fp32, a BatchNorm CNN's is off by 5% to 100%."""
     return ("loop" if is_vit(student) else "fp32") if setting == "auto" else setting
@@ -359,7 +355,7 @@ def hypergrad_mode(setting: str, amp: str) -> str:
 class MetaLearner:
     """Adam on ``log tau`` every ``meta_interval`` steps, from the hypergradient on a held-out batch."""
 
-    def __init__(self, temps: LearnedTemperatures, cfg: "MKDConfig", batch_size: int, loss_fn: LossFn):
+    def __init__(self, temps: LearnedTemperatures, cfg, batch_size: int, loss_fn: LossFn):
         self.temps, self.cfg, self.loss_fn = temps, cfg, loss_fn
         self.meta_batch_size = cfg.meta_batch_size or max(2, batch_size // 2)
         lr = cfg.meta_lr * {"sqrt": math.sqrt(cfg.meta_interval), "linear": cfg.meta_interval, "none": 1}[cfg.lr_scaling]
@@ -401,7 +397,3 @@ class MetaLearner:
         self.updates = state["updates"]
 
 
-if __name__ == "__main__":  # python -m mkd.meta --selfcheck (the check lives in mkd/selfcheck.py)
-    from mkd.selfcheck import main
-
-    sys.exit(main())

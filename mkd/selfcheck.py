@@ -1,4 +1,4 @@
-"""The hypergradient self-check: ``python -m mkd.meta --selfcheck [--drop-path P] [--dropout P] [--student NAME]``.
+"""The hypergradient self-check: ``python -m mkd.selfcheck [--drop-path P] [--dropout P] [--student NAME]``.
 
 Compares the three hypergradients (mkd/meta.py) against each other and ``exact`` against a finite difference of
 the real meta loss in log tau, on the embedded data with a tiny student (stochastic layers, BatchNorm and the Adam
@@ -173,8 +173,8 @@ AMP_TOLERANCE = 5e-2  # the float32 finite-difference tolerance: reduced precisi
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m mkd.meta", description=__doc__.split("\n")[0])
-    ap.add_argument("--selfcheck", action="store_true", help="check the hypergradients (exit 1 above tolerance)")
+    ap = argparse.ArgumentParser(prog="python -m mkd.selfcheck", description=__doc__.split("\n")[0])
+    ap.add_argument("--selfcheck", action="store_true", help=argparse.SUPPRESS)  # the check is what this command does
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float64", choices=["float64", "float32"])
     ap.add_argument("--granularity", default="global", choices=["global", "per_class"])
@@ -186,9 +186,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--amp", default="off", choices=["off", "bf16"],
                     help="bf16: run the step and the hypergradients under bf16 autocast, compare with exact in --dtype")
     args = ap.parse_args(argv)
-    if not args.selfcheck:
-        ap.print_help()
-        return 0
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("error: --device cuda but no GPU is visible: use --device cpu", file=sys.stderr)
         return 2

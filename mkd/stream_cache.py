@@ -104,7 +104,7 @@ class EpochFiles:
                     return False
                 if p.exists():
                     return False
-                atomic.torch_save(p, {"key": json.dumps(self.key, sort_keys=True, default=str), **tensors})
+                atomic.write_dumped(p, lambda f: torch.save({"key": json.dumps(self.key, sort_keys=True, default=str), **tensors}, f))
             key_file = self.dir / "key.json"
             if not key_file.exists():
                 atomic.write_json(key_file, self.key)

@@ -215,7 +215,7 @@ def load_suite(name_or_path: str) -> tuple[Path, dict]:
 def expand(name_or_path: str, scale: str = "tiny", results: Path | str = "results",
            filters: Optional[dict[str, list[str]]] = None, overrides: Optional[dict] = None,
            data_root: Optional[str] = None, axes: Optional[dict[str, list]] = None,
-           teacher_checkpoints: Optional[dict[str, str]] = None, tune: bool = True) -> Plan:
+           teacher_checkpoints: Optional[dict[str, str]] = None, tune: bool = True, check_data: bool = True) -> Plan:
     """Validate the suite and expand it into runs for one scale; nothing is written.
 
     ``axes`` replaces axes' values (e.g. ``{"seed": [0, 1, 2]}``); ``filters`` keeps rows whose axis value
@@ -251,7 +251,7 @@ def expand(name_or_path: str, scale: str = "tiny", results: Path | str = "result
     rows = _filtered(_rows(path, spec, sc), filters or {})
     if not rows:
         raise _fail(path, "axes", "the matrix is empty after include/exclude/--filter")
-    base = _base_config(spec, sc, scale, overrides, data_root)
+    base = _base_config(spec, sc, scale, overrides, data_root, check_data)
     budget = spec.get("budget", "equal_epochs")
     if budget not in BUDGETS:
         raise _fail(path, "budget", f"unknown value {budget!r}{suggest(str(budget), BUDGETS)}; allowed: {', '.join(BUDGETS)}")
@@ -391,13 +391,17 @@ def _filtered(rows: list[dict], filters: dict[str, list[str]]) -> list[dict]:
     return rows
 
 
-def _base_config(spec: dict, sc: dict, scale: str, overrides: Optional[dict], data_root: Optional[str]) -> dict:
+def _base_config(spec: dict, sc: dict, scale: str, overrides: Optional[dict], data_root: Optional[str],
+                 check_data: bool = True) -> dict:
     """Every student's config before its row: suite config, the scale's (which wins), overrides, data root."""
     base = merge(spec.get("config") or {}, sc.get("config") or {})
     if overrides:
         base = merge(base, overrides)
     if data_root:
         base["data_root"] = data_root
+    if not check_data:  # a price needs no dataset: its sizes are known
+        base.setdefault("data_root", base.get("data_root") or "DATA_ROOT")
+        return base
     if base.get("dataset", "embedded") in ("imagenet", "cifar100") and not base.get("data_root"):
         what = "ImageNet (train/ and val/)" if base.get("dataset") == "imagenet" else "CIFAR-100 (cifar-100-python/)"
         if not (base.get("dataset") == "cifar100" and base.get("download")):

@@ -168,7 +168,8 @@ class Trainer:
         best = p.best if p.records else {"top1": final["top1"], "top5": final["top5"], "epoch": 0}
         result = self.parts.result(cfg, final, best, p.wall, time.time() - self.t_start, self.ctx.world).to_dict()
         if self.ctx.main:
-            atomic.torch_save(self.dir.model, {"model": L.models.student.state_dict(), "run_id": cfg.run_id})
+            atomic.write_dumped(self.dir.model, lambda f: torch.save({"model": L.models.student.state_dict(),
+                                                                          "run_id": cfg.run_id}, f))
             atomic.write_json(self.dir.result, result)  # last: its presence means the run is done
             self.dir.checkpoint.unlink(missing_ok=True)
             self.dir.previous_checkpoint.unlink(missing_ok=True)

@@ -13,7 +13,6 @@ import yaml
 from conftest import ROOT, assert_user_error, run_cli
 from mkd.results import MetricsLine, Result, RunInfo
 
-sys.path.insert(0, str(ROOT / "analysis"))
 MAKE = str(ROOT / "analysis" / "make_tables.py")
 
 
@@ -95,7 +94,7 @@ def _ci(xs) -> str:
 
 
 def test_degradation_cells_are_means_with_intervals_paired_differences_and_states(degradation_fixture):
-    import make_tables
+    from analysis import make_tables
 
     res, values, out = degradation_fixture
     written = make_tables.build(res, out)
@@ -141,7 +140,7 @@ def test_degradation_cells_are_means_with_intervals_paired_differences_and_state
 
 
 def test_imagenet_table_puts_published_and_reproduced_numbers_in_the_right_cells(tmp_path):
-    import make_tables
+    from analysis import make_tables
 
     res = tmp_path / "results"
     rep = {("ViT-T", "ce"): (71.0, "deit_tiny_patch16_224", 300), ("ViT-T", "hard"): (73.9, "deit_tiny_patch16_224", 300),
@@ -178,7 +177,7 @@ def test_imagenet_table_puts_published_and_reproduced_numbers_in_the_right_cells
 def test_gap_ladder_table_puts_each_published_number_beside_its_like_for_like_cell(tmp_path):
     """The ladder's published KD (T=4) and DIST numbers sit beside the runs with the same teacher; the difference
     is shown for runs of the published architecture and epochs, ``n/c`` with the reason otherwise."""
-    import make_tables
+    from analysis import make_tables
 
     res = tmp_path / "results"
     ladder = {"t1": ("resnet34.tv_in1k", 73.31, 2.18e7), "t2": ("resnet50.tv_in1k", 76.13, 2.56e7)}
@@ -265,7 +264,7 @@ def test_tables_from_real_tiny_runs(small_suite_results, tmp_path):
 
 
 def test_a_table_mixing_package_versions_or_devices_says_so(tmp_path, capsys):
-    import make_tables
+    from analysis import make_tables
 
     res = tmp_path / "results"
     for i, (torch_v, device) in enumerate([("2.14.1", "cpu (x86_64, 2 cores, 1 threads)"),
@@ -297,7 +296,7 @@ def test_a_table_mixing_package_versions_or_devices_says_so(tmp_path, capsys):
 @pytest.mark.parametrize("ce_strong, answerable", [(55.0, True), (20.0, False)])
 def test_q2_is_not_answered_when_the_baseline_collapses_under_strong_augmentation(ce_strong, answerable):
     """KD's gain under strong augmentation means something only if the student alone still trains there."""
-    from findings import BASELINE_FLOOR, degradation_findings
+    from analysis.findings import BASELINE_FLOOR, degradation_findings
 
     rows = []
     for seed, noise in enumerate((0.0, 0.4, -0.3)):
@@ -308,7 +307,7 @@ def test_q2_is_not_answered_when_the_baseline_collapses_under_strong_augmentatio
                                  final_top1=(65.0 if aug == "weak" else 61.0) + noise * 2))
     df = pd.DataFrame([{**r, "status": "done", "run_id": f"r{i}", **_declared_columns(r["method"])}
                        for i, r in enumerate(rows)])
-    q2 = {f.question: f for f in degradation_findings(df, ["small", "large"], ["weak", "strong"])}["Q2 augmentation"]
+    q2 = {f.key: f for f in degradation_findings(df, ["small", "large"], ["weak", "strong"], 1.9)}["Q2 augmentation"]
     assert q2.effects[-1][1].resolved and q2.effects[-1][1].mean > 0
     assert ("not answerable at this budget" in q2.answer) is (not answerable), q2.answer
     if not answerable:
@@ -316,12 +315,63 @@ def test_q2_is_not_answered_when_the_baseline_collapses_under_strong_augmentatio
     assert "KD's gain grows under strong augmentation" in q2.answer
 
 
-def test_seeds_needed_is_the_t_test_sample_size_at_80_percent_power():
-    """Standard sample sizes of a two-sided one-sample (paired) t-test at alpha 0.05 and 80% power: effect sizes
-    d = 2, 1, 0.5 need 5, 10 and 34 pairs (Cohen's tables; noncentral t)."""
-    from stats import Estimate, seeds_needed
+def _power_reference(d: float, n: int, alpha: float = 0.05) -> float:
+    """Power of a two-sided paired t-test by direct numerical integration over the noncentral t's definition:
+    P(|Z + d sqrt(n)| > c sqrt(V / df)) with V ~ chi2(df), a computation independent of scipy's nct series."""
+    import math
 
-    assert [seeds_needed(Estimate(d, -1.0, 1.0, 3, sd=1.0)) for d in (2.0, 1.0, 0.5)] == [5, 10, 34]
-    assert seeds_needed(Estimate(-1.0, -2.0, 0.5, 3, sd=1.0)) == 10, "the sign does not matter"
-    assert seeds_needed(Estimate(1.0, None, None, 1)) is None, "one seed: no spread to plan from"
+    from scipy import integrate, stats
 
+    df, nc = n - 1, d * math.sqrt(n)
+    c = stats.t.ppf(1 - alpha / 2, df)
+    f = lambda v: (stats.norm.sf(c * math.sqrt(v / df) - nc) + stats.norm.cdf(-c * math.sqrt(v / df) - nc)) \
+        * stats.chi2.pdf(v, df)  # noqa: E731
+    return integrate.quad(f, 0, stats.chi2.ppf(1 - 1e-14, df), limit=400)[0]
+
+
+@pytest.mark.parametrize("sd, delta, expected", [(1.0, 2.0, 5), (1.0, 1.0, 10), (1.0, 0.5, 34),  # Cohen's tables
+                                                 (6.11, 28.03, 3),  # d 4.59: power 0.96 at n = 3
+                                                 (1.0, 12.0, 2)])  # d 12, where scipy's nct tails are NaN
+def test_seeds_needed_is_prospective_and_robust_at_small_and_large_effects(sd, delta, expected):
+    """Seeds for the smallest effect of interest at the pilot's SD (not the observed effect): the smallest n at
+    which a two-sided paired t-test at 5% has 80% power; at large effects where scipy's noncentral t returns NaN
+    (scipy < 1.17, statsmodels' TTestPower), the guarded power still matches a direct integration."""
+    from analysis.stats import paired_power, seeds_needed
+
+    n = seeds_needed(sd, delta)
+    assert n == expected
+    d = delta / sd
+    for k in (n - 1, n, n + 1):
+        if k >= 2:
+            assert abs(paired_power(d, k) - _power_reference(d, k)) < 1e-6, (d, k)
+    assert _power_reference(d, n) >= 0.8 and (n == 2 or _power_reference(d, n - 1) < 0.8)
+    assert seeds_needed(sd, -delta) == n, "the sign does not matter"
+    assert seeds_needed(None, delta) is None and seeds_needed(sd, None) is None
+
+
+def test_power_survives_scipy_s_nan_tails(monkeypatch):
+    """The effect (+28.03, SD 6.11) read 7 seeds under scipy 1.15 (NaN tails skipped) and 3 under 1.17: with the
+    tails NaN on purpose, the guarded computation still says 3."""
+    from scipy import stats as S
+
+    from analysis.stats import seeds_needed
+
+    monkeypatch.setattr(S.nct, "sf", lambda *a, **k: float("nan"))
+    monkeypatch.setattr(S.nct, "cdf", lambda *a, **k: float("nan"))
+    assert seeds_needed(6.11, 28.03) == 3 and seeds_needed(1.0, 0.5) == 34
+
+
+def test_holm_adjusts_a_family_of_p_values():
+    from analysis.stats import holm
+
+    assert holm([0.01, 0.04, 0.03, None]) == pytest.approx([0.03, 0.06, 0.06, None])
+    assert holm([0.5]) == [0.5]
+
+
+def test_a_verdict_is_an_effect_an_equivalence_or_open():
+    from analysis.stats import EFFECT, EQUIVALENT, OPEN, Estimate
+
+    assert Estimate(1.0, 0.2, 1.8, 5).verdict(2.0) == EFFECT
+    assert Estimate(0.1, -1.0, 1.2, 5).verdict(2.0) == EQUIVALENT
+    assert Estimate(0.1, -2.5, 2.7, 5).verdict(2.0) == OPEN
+    assert Estimate(0.1, -1.0, 1.2, 5).verdict(None) == OPEN

@@ -4,6 +4,9 @@ from __future__ import annotations
 import ast
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 from conftest import ROOT, env
 
@@ -43,15 +46,17 @@ def _module_imports(path, package: str) -> set[str]:
     return out
 
 
-def test_no_import_cycle_in_mkd():
+@pytest.mark.parametrize("package", ["mkd", "analysis"])
+def test_no_import_cycle(package):
+    """Deferred imports (inside functions) count, and importing a.b.c runs the package a.b first."""
     files = {".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p
-             for p in (ROOT / "mkd").rglob("*.py")}
+             for p in (ROOT / package).rglob("*.py")}
     graph = {}
     for m, p in files.items():
-        targets = _module_imports(p, "mkd")
+        targets = _module_imports(p, package)
         # importing a.b.c runs the package a.b first, unless the importer lives in it (a package's own modules)
         targets |= {t.rsplit(".", 1)[0] for t in targets if not m.startswith(t.rsplit(".", 1)[0] + ".")}
-        graph[m] = {t for t in targets if t in files and t not in (m, "mkd")}
+        graph[m] = {t for t in targets if t in files and t not in (m, package)}
     state: dict[str, int] = {}
     stack: list[str] = []
 
@@ -69,12 +74,24 @@ def test_no_import_cycle_in_mkd():
     for m in sorted(graph):
         if m not in state:
             visit(m)
-    assert "mkd.methods.mkd" in graph and "mkd.meta" in graph["mkd.methods.mkd"]
+    if package == "mkd":
+        assert "mkd.methods.mkd" in graph and "mkd.meta" in graph["mkd.methods.mkd"]
+    else:
+        assert "analysis.findings" in graph and "analysis.tables" not in graph["analysis.findings"]
 
 
 def test_the_analysis_imports_no_training_code():
-    code = ("import sys; sys.path.insert(0, 'analysis'); import make_tables, collect, tables, figures; "
+    code = ("import sys; from analysis import make_tables, collect, tables, figures, findings, claims, stats; "
             "bad = [m for m in ('torch', 'timm', 'mkd.train', 'mkd.engine', 'mkd.methods') if m in sys.modules]; "
             "print(bad); sys.exit(1 if bad else 0)")
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env(), capture_output=True, text=True)
     assert p.returncode == 0, p.stdout + p.stderr
+
+
+def test_the_layering_contract_holds():
+    """pyproject.toml's [tool.importlinter] contracts (the layers of docs/architecture.md), checked by
+    import-linter: every import counts, deferred and TYPE_CHECKING ones included."""
+    exe = Path(sys.executable).parent / "lint-imports"
+    p = subprocess.run([str(exe) if exe.exists() else "lint-imports", "--no-cache"], cwd=ROOT, env=env(),
+                       capture_output=True, text=True)
+    assert p.returncode == 0 and "0 broken" in p.stdout, p.stdout[-3000:] + p.stderr[-2000:]

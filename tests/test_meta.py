@@ -35,7 +35,7 @@ def test_hypergradients_agree_with_each_other_and_a_finite_difference_of_the_met
 
 @pytest.mark.slow
 def test_selfcheck_cli_passes_in_float32():
-    p = run_cli("-m", "mkd.meta", "--selfcheck", "--dtype", "float32")
+    p = run_cli("-m", "mkd.selfcheck", "--dtype", "float32")
     assert p.returncode == 0, p.stdout + p.stderr
     assert "jvp_vs_exact" in p.stdout and "PASS" in p.stdout
 

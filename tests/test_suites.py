@@ -100,38 +100,57 @@ def test_dry_run_prints_one_line_per_run_and_filters(tmp_path, capsys):
 
     lines = dry("--no-tuning")
     assert len(lines) == 1 + 2 + 50 + 1 and not any(tmp_path.iterdir()), "a dry run writes nothing"
-    assert all("GPU-h" in l for l in lines[1:-1]) and lines[-1].startswith("estimated cost: ")
+    assert all("CPU-min" in l for l in lines[1:-1]) and lines[-1].startswith("estimated cost: ")
     assert len(dry("--no-tuning", "--filter", "method=mkd", "--filter", "teacher=large")) == 1 + 1 + 2 * 5 + 1
     assert len(dry("--no-tuning", "--axis", "seed=0,1", "--filter", "method=ce")) == 1 + 2 * 2 + 1
     tuned = dry("--filter", "method=ce")  # 6 trials per augmentation (one run serves both teachers), then 6 finals
     assert sum(l.startswith("trial") for l in tuned) == 2 * 6 and sum("waits for its tuning" in l for l in tuned) == 10
 
 
-def _hours(lines: list[str]) -> float:
-    return float(lines[-1].split("estimated cost: ")[1].split()[0].replace(",", ""))
+def _range(line: str) -> tuple[float, float]:
+    lo, hi = line.split("estimated cost: ")[1].split()[0].replace(",", "").split("-")
+    return float(lo), float(hi)
 
 
-def test_dry_run_at_the_imagenet_scale_prices_the_plan_from_flops_offline(tmp_path, capsys):
-    """FLOPs x images / throughput: KD with a ViT-L teacher is dominated by the teacher's forward, and the
-    stated throughput model scales with MFU."""
-    from mkd.cost import forward_flops, run_cost
+def test_dry_run_at_the_imagenet_scale_prices_each_unit_as_a_range_offline(tmp_path, capsys):
+    """No dataset on disk, no network: each line a low-high range with what binds it; a cohort is priced as one
+    process (one teacher forward, one decoded batch per step); staging the input removes the I/O bound."""
+    from mkd.cost import Machine, forward_flops, price_unit
     from mkd.suites import expand
 
     main = load_script(Path(RUN)).main
     capsys.readouterr()
-    args = ["--suite", "degradation", "--scale", "imagenet", "--data-root", str(tmp_path), "--dry-run",
-            "--filter", "teacher=large", "--filter", "method=kd", "--axis", "seed=0", "--axis", "augment=strong"]
+    args = ["--suite", "degradation", "--scale", "imagenet", "--dry-run", "--axis", "teacher=large_in21k",
+            "--axis", "seed=0", "--axis", "augment=strong", "--axis", "method=kd,dist,dkd,ctkd"]
     assert main(args) == 0
-    at40 = capsys.readouterr().out.strip().splitlines()
-    assert main([*args, "--mfu", "0.2"]) == 0
-    at20 = capsys.readouterr().out.strip().splitlines()
-    assert abs(_hours(at20) / _hours(at40) - 2) < 0.02 and "MFU 0.40 stated" in at40[-1]
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert "H100, 10 CPU cores per GPU, shared storage" in lines[0]
+    assert sum("[cohort" in l for l in lines) == 4 and sum("in cohort" in l for l in lines) == 3
+    lo, hi = _range(lines[-1])
+    assert 0 < lo < hi < 3 * lo
+    assert main([*args, "--no-cohorts"]) == 0
+    alone = capsys.readouterr().out.strip().splitlines()
+    lo_alone, hi_alone = _range(alone[-1])
+    assert lo_alone > 1.8 * lo, "four runs alone pay the ViT-L teacher four times"
+    assert main([*args, "--storage", "staged", "--cores", "32"]) == 0
+    staged = capsys.readouterr().out.strip().splitlines()
+    assert "binds GPU" in " ".join(staged) and _range(staged[-1])[1] <= hi
     f_l = forward_flops("vit_large_patch16_224.augreg_in21k_ft_in1k", "{}", 1000, 224)
     assert abs(f_l / 2 / 61.6e9 - 1) < 0.01, "ViT-L/16 at 224 px: 61.6 GMACs (timm's model card)"
-    kd = next(r for r in expand("degradation", "imagenet", data_root=str(tmp_path)).students if r.config.method == "kd"
-              and r.rows[0]["teacher"] == "large")
-    assert run_cost(kd.config).teacher_share > 0.9
-    assert run_cost(kd.config, teacher_cached=True).teacher_share == 0
+    plan = expand("degradation", "imagenet", check_data=False, axes={"teacher": ["large_in21k"], "seed": [0]})
+    kd = next(r for r in plan.students if r.config.method == "kd" and r.config.augment == "strong")
+    fast = Machine("H100", 64, "staged")
+    own, cached = price_unit([kd.config], fast), price_unit([kd.config], fast, [True])
+    assert own.binds == "GPU" and own.low > 4 * cached.low, "the ViT-L teacher's forward dominates KD's step"
+
+
+def test_the_tiny_scale_is_priced_in_cpu_minutes_from_measured_rates(capsys):
+    main = load_script(Path(RUN)).main
+    capsys.readouterr()
+    assert main(["--suite", "degradation", "--dry-run", "--no-tuning", "--rates"]) == 0
+    out = capsys.readouterr().out
+    assert "one CPU thread per run" in out and "CPU-min" in out.splitlines()[-1]
+    assert "rate emb_vit_s train" in out and "measured" in out
 
 
 @pytest.mark.parametrize("args,fragments", [

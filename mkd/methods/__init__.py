@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 from .base import Method, Progress, StepContext
 
 if TYPE_CHECKING:
-    from ..config import RunConfig
+    from ..fields import GeneralConfig as RunConfig  # a run's config: these fields and the methods' sections
 
 BUILTIN = ("ce", "kd", "hard", "dist", "dkd", "ctkd", "mkd")
 REGISTRY: dict[str, type[Method]] = {}

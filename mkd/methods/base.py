@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from ..batch import Batch
 
 if TYPE_CHECKING:
-    from ..config import RunConfig
+    from ..fields import GeneralConfig as RunConfig  # a run's config: these fields and the methods' sections
 
 
 @dataclass(frozen=True)
