@@ -57,11 +57,15 @@ def collect(results: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
         for k in RESULT_FIELDS:
             base[k] = getattr(res, k)
         records, bad = _jsonl(run.metrics)
+        losses = [r.get("train_loss") for r in records if r.get("train_loss") is not None]
+        base["loss_fell"] = (losses[-1] < losses[0]) if len(losses) > 1 else None
         decl = info.method  # the method's declarations, written by the launcher (no import here)
         done = status == "done"
         base.update(method_label=decl.get("label", base["method"]), method_order=decl.get("order"),
                     method_role=decl.get("role"), needs_teacher=decl.get("needs_teacher"),
                     learns_temperature=decl.get("learns_temperature", any("temps" in r for r in records)),
+                    initial_tau_t=(decl.get("initial_temperatures") or {}).get("tau_t"),
+                    initial_tau_s=(decl.get("initial_temperatures") or {}).get("tau_s"),
                     table=info.table, environment=environment_of(raw) if done else None,
                     tuned_setting=_setting_text(info.tuned), tuning=_tuning_text(info.tuned),
                     smallest_effect=(info.smallest_effect or {}).get("points"),

@@ -405,6 +405,26 @@ def findings_for(df: pd.DataFrame, kind: str, suite: str, scale: str) -> list[Fi
     return []
 
 
+def failed_findings(tables: list, suite: str = "", scale: str = "") -> list[Finding]:
+    """The cells the tables marked as failed runs of their protocol, named in the findings as such."""
+    failed = [str(v) for t in tables if t.values is not None and "failed" in t.values
+              for v in t.values["failed"].dropna()]
+    lines = []
+    for t in tables:
+        if t.values is None or "failed" not in t.values:
+            continue
+        for _, r in t.values[t.values["failed"].notna()].iterrows():
+            where = ", ".join(f"{k} {r[k]}" for k in ("teacher", "augment", "fraction") if k in r and pd.notna(r[k]))
+            lines.append((f"{r['method']} ({where})", None, r["failed"]))
+    if not failed:
+        return []
+    f = Finding("Failed runs", "Which cells are failed runs of this protocol, not measures of their method?",
+                f"{len(lines)} cell(s): " + "; ".join(f"{w}: {why}" for w, _, why in lines)
+                + ". Their methods' numbers here say how the protocol treats them, not what they can do",
+                verdict=NO_DATA, suite=suite, scale=scale)
+    return [f]
+
+
 # ---------------------------------------------------------------------------- text
 def findings_lines(findings: list[Finding]) -> list[str]:
     """Plain sentences for the Markdown/HTML outputs and the README: a headline per finding, its lines."""

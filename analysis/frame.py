@@ -91,3 +91,16 @@ def teachers_by_size(df: pd.DataFrame) -> list:
         return float(known.iloc[0]) if len(known) else math.inf
 
     return sorted(teachers, key=size)
+
+
+# one colour per method in every table and figure (seaborn's colorblind palette; the student alone in grey)
+COLOURS = {"ce": "#595959", "kd": "#0173B2", "dist": "#DE8F05", "dkd": "#029E73", "ctkd": "#CC78BC",
+           "mkd": "#D55E00", "hard": "#CA9161"}
+_SPARE = ["#56B4E9", "#FBAFE4", "#949494", "#ECE133", "#8C613C"]
+
+
+def colour_of(method) -> str:
+    """A method's colour: fixed for the built-ins, then a stable pick from the palette's rest by name."""
+    if method in COLOURS:
+        return COLOURS[method]
+    return _SPARE[sum(map(ord, str(method))) % len(_SPARE)]

@@ -2,8 +2,9 @@
 """Rebuild the paper's tables and figures from a results folder: ``python analysis/make_tables.py``.
 
 Reads every run's ``run.json``, ``config.yaml``, ``result.json`` and ``metrics.jsonl`` under ``--results``
-(layout: mkd/rundir.py), writes per suite and scale a table in Markdown, LaTeX (booktabs) and HTML,
-the tidy CSV behind it, the figures (PNG + PDF) and ``index.html`` linking everything.
+(layout: mkd/rundir.py) and writes, per suite and scale, a page (HTML, and Markdown with the full numbers), each
+table in LaTeX (booktabs), the results files (one row per run, one per cell: docs/results.md) and the figures (PNG
++ PDF); then the claims scoreboard (claims.md) and ``index.html``, which opens with it.
 """
 from __future__ import annotations
 
@@ -23,15 +24,6 @@ from mkd.errors import UserError, cli  # noqa: E402
 from mkd.rundir import mixed_environments  # noqa: E402
 
 FORMATS = ("md", "tex", "html", "csv")
-CAPTIONS = {  # what a reader sees in each figure
-    "temperatures": "Learned temperatures (tau_t, tau_s) against the epoch, per method that learns them: the mean "
-                    "over seeds with its 95% t band; dotted lines: KD's fixed temperatures.",
-    "degradation": "Student top-1 against the teacher's size, per method and augmentation: the mean over seeds "
-                   "with its 95% t interval; the student alone (ce) needs no teacher and repeats at every size.",
-    "fraction": "Student top-1 against the fraction of the training set, per method: the mean over seeds with its "
-                "95% t interval.",
-    "grid": "KD's top-1 over fixed (tau_t, tau_s), mean over seeds; the marker: MKD's final learned temperatures.",
-}
 REFERENCE = HERE.parent / "tables" / "paper_reference.csv"
 
 
@@ -49,10 +41,14 @@ def load_reference(path: Path = REFERENCE) -> pd.DataFrame:
 
 def build(results: Path, out: Path, suites: list[str] | None = None, formats: tuple[str, ...] = FORMATS,
           reference: Path = REFERENCE, filters: Optional[list[str]] = None, figures: bool = True) -> dict:
-    """Write tables, figures and index; returns {'tables': [...], 'figures': [...]} of written paths."""
+    """Write every suite's page, tables, results files and figures, the claims scoreboard and the index; returns
+    {'tables': [...], 'figures': [...], 'findings': [...], 'scoreboard': [...], 'index': path}."""
+    from analysis import export as E
     from analysis import figures as F
     from analysis import findings as Q
+    from analysis import report as R
     from analysis import tables as T
+    from analysis.claims import scoreboard
     from analysis.collect import collect
 
     if not results.is_dir():
@@ -75,8 +71,8 @@ def build(results: Path, out: Path, suites: list[str] | None = None, formats: tu
 
             raise UserError(f"--suite {s}: no results for it{suggest(s, known)}; suites with results: {', '.join(known)}")
     out.mkdir(parents=True, exist_ok=True)
-    written = {"tables": [], "figures": [], "findings": []}
-    entries, figs, frames = [], [], {}
+    written = {"tables": [], "figures": [], "findings": [], "pages": []}
+    pages, ladders = [], {}
     for (suite, scale), df in students.groupby(["suite", "scale"], sort=True):
         if suites and suite not in suites:
             continue
@@ -90,61 +86,73 @@ def build(results: Path, out: Path, suites: list[str] | None = None, formats: tu
         kind = T.table_kind(df, suite, scale)
         found = Q.findings_for(df, kind, suite, scale)
         written["findings"] += found
-        frames.setdefault(scale, {})[suite] = df if kind in ("degradation", "gap_ladder") else None
-        for i, table in enumerate(T.tables_for(df, suite, scale, ref, kind)):
-            table.provenance = T.provenance(df, suite, scale)
-            table.notes += T.tuning_notes(df)
-            if i == 0:
-                table.findings = Q.findings_lines(found)
-            if mixed:
-                table.notes.append(f"Warning: {mixed}.")
-            files = []
-            for fmt in formats:
-                p = out / f"{table.name}.{fmt}"
-                if fmt == "csv":
-                    tidy = df.drop(columns=["path"], errors="ignore")
-                    atomic.write_text(p, tidy.to_csv(index=False))
-                else:
-                    atomic.write_text(p, T.render(table, fmt))
-                files.append((fmt, p.name))
-                written["tables"].append(p)
-            entries.append({"title": table.title, "files": files, "html": T.render(table, "html"),
-                            "provenance": table.provenance})
-        title = f"{suite} ({scale})"
-        for fn, stem in ((lambda: F.temperature_evolution(df, c, st, out, f"{suite}_{scale}_temperatures",
-                                                          f"{title}: learned temperatures"), "temperatures"),
-                         (lambda: F.degradation_curves(df, out, f"{suite}_{scale}_degradation",
-                                                       f"{title}: student top-1 vs teacher size"), "degradation"),
-                         (lambda: F.fraction_curves(df, out, f"{suite}_{scale}_fraction",
-                                                    f"{title}: top-1 vs data fraction"), "fraction"),
-                         (lambda: F.grid_heatmap(df, out, f"{suite}_{scale}_grid",
-                                                 f"{title}: KD temperature grid, MKD marked"), "grid")):
-            if not figures or (stem == "degradation" and "kd.tau_t" in df and df["kd.tau_t"].nunique() > 1):
-                continue  # the grid suite's teachers are a setting, not a ladder
-            paths = fn()
-            if paths:
-                written["figures"] += [paths["png"], paths["pdf"]]
-                figs.append({"title": f"{title}: {stem}", "caption": CAPTIONS[stem], "png": paths["png"].name,
-                             "pdf": paths["pdf"].name})
-    if not entries:
+        if kind in ("degradation", "gap_ladder"):
+            ladders.setdefault(scale, {})[suite] = df
+        tables = T.tables_for(df, suite, scale, ref, kind)
+        notes = T.tuning_notes(df) + ([f"Warning: {mixed}."] if mixed else [])
+        if tables:
+            tables[-1].notes += notes
+        stem = f"{suite}_{scale}"
+        page = {"title": f"{suite} ({scale})", "suite": suite, "scale": scale, "tables": tables,
+                "findings": Q.findings_lines(found + Q.failed_findings(tables, suite, scale)),
+                "provenance": T.provenance(df, suite, scale), "figures": [], "files": [], "href": f"{stem}.html",
+                "description": _description(df)}
+        page["finding_groups"] = T.Table("", "", [], [], findings=page["findings"]).finding_groups
+        page["headlines"] = [g["head"] for g in page["finding_groups"] if g["items"]] or \
+            [f"{len(df.drop_duplicates('run_id'))} runs; no finding for this kind of table"]
+        page["runs"] = page["provenance"][0] if page["provenance"] else ""
+        for fig in (F.suite_figures(df, c, st, out, stem, page["title"]) if figures else []):
+            written["figures"] += [fig["paths"]["png"], fig["paths"]["pdf"]]
+            page["figures"].append(R.figure_entry(fig["title"], fig["caption"], fig["paths"], fig["width"]))
+        if "csv" in formats:
+            for name, frame in ((f"{stem}_runs.csv", E.runs_table(df)), (f"{stem}_cells.csv", E.cells_table(tables))):
+                atomic.write_text(out / name, frame.to_csv(index=False))
+                page["files"].append(("csv", name))
+                written["tables"].append(out / name)
+        if "tex" in formats:
+            for t in tables:
+                atomic.write_text(out / f"{t.name}.tex", R.render_table(t, "tex"))
+                page["files"].append(("tex", f"{t.name}.tex"))
+                written["tables"].append(out / f"{t.name}.tex")
+        for fmt in ("md", "html"):
+            if fmt in formats:
+                atomic.write_text(out / f"{stem}.{fmt}", R.render_suite(page, fmt))
+                page["files"].insert(0, (fmt, f"{stem}.{fmt}"))
+                written["tables"].append(out / f"{stem}.{fmt}")
+        pages.append(page)
+        written["pages"].append(page)
+    if not pages:
         raise UserError(f"no results for suites {', '.join(suites)} under {results}")
-    for scale, by_suite in frames.items():  # across suites: the same cure on other architectures
-        ladders = {s: d for s, d in by_suite.items() if d is not None}
-        deltas = [Q.smallest_effect(d)[0] for d in ladders.values()]
-        written["findings"] += Q.architecture_findings(ladders, max((x for x in deltas if x), default=None), scale)
-    from analysis.claims import scoreboard
-
+    for scale, by_suite in ladders.items():  # across suites: the same cure on other architectures
+        deltas = [Q.smallest_effect(d)[0] for d in by_suite.values()]
+        written["findings"] += Q.architecture_findings(by_suite, max((x for x in deltas if x), default=None), scale)
     board = scoreboard(written["findings"])
     written["scoreboard"] = board
     if "md" in formats:
-        p = out / "claims.md"
-        atomic.write_text(p, T.render_claims(board, "md"))
-        written["tables"].append(p)
+        atomic.write_text(out / "claims.md", R.render_claims(board, "md"))
+        written["tables"].append(out / "claims.md")
+    forest = None
+    if figures:
+        fp = F.forest(written["findings"], students, out, "forest")
+        if fp:
+            written["figures"] += [fp["paths"]["png"], fp["paths"]["pdf"]]
+            forest = R.figure_entry(fp["title"], fp["caption"], fp["paths"], fp["width"])
     index = out / "index.html"
-    atomic.write_text(index, T.render_index(entries, figs, time.strftime("%Y-%m-%d %H:%M"),
-                                            [p for e in entries for p in e["provenance"]], board))
+    if "html" in formats:
+        atomic.write_text(index, R.render_index(pages, board, forest, time.strftime("%Y-%m-%d %H:%M")))
     written["index"] = index
     return written
+
+
+def _description(df: pd.DataFrame) -> str:
+    """What the suite asks: its file's description (read as data; a suite of the results may have no file here)."""
+    import yaml
+
+    path = HERE.parent / "benchmarks" / "suites" / f"{df['suite'].iloc[0]}.yaml" if len(df) else None
+    try:
+        return " ".join(str((yaml.safe_load(path.read_text()) or {}).get("description", "")).split())
+    except (OSError, AttributeError, yaml.YAMLError):
+        return ""
 
 
 def _filtered(students: pd.DataFrame, filters: list[str]) -> pd.DataFrame:
@@ -175,6 +183,8 @@ def main(argv=None) -> int:
     ap.add_argument("--claims", action="store_true",
                     help="print the claims scoreboard (one row per claim of the paper: its number, this study's "
                          "estimate and interval, the verdict, what resolving it costs) as text, and write nothing")
+    ap.add_argument("--tensorboard", metavar="DIR", help="also write every run's per-epoch records as TensorBoard "
+                                                         "event files under DIR/<suite>/<scale>/<run_id>")
     ap.add_argument("--filter", action="append", default=[], metavar="AXIS=V[,V]",
                     help="only runs with these axis values (repeatable); a table refuses to average over an axis "
                          "it does not show, so e.g. a suite with a student axis needs --filter student=NAME")
@@ -195,6 +205,13 @@ def main(argv=None) -> int:
     written = build(Path(args.results), Path(args.out), args.suite, formats, filters=args.filter)
     print(f"wrote {len(written['tables'])} table files and {len(written['figures'])} figure files; "
           f"open {written['index']}")
+    if args.tensorboard:
+        from analysis.collect import collect
+        from analysis.export import tensorboard
+
+        runs, curves, _ = collect(Path(args.results))
+        n = tensorboard(curves, runs[runs["kind"] == "student"], Path(args.tensorboard))
+        print(f"wrote the per-epoch records of {n} runs for TensorBoard: tensorboard --logdir {args.tensorboard}")
     return 0
 
 

@@ -1,38 +1,59 @@
-"""Tables of one suite at one scale, from the tidy ``runs`` frame; rendered through jinja2 templates.
+"""Tables of one suite at one scale, built from the tidy ``runs`` frame (rendering: ``report.py``).
 
-A cell is the mean final top-1 over the seeds of its finished runs with its 95% Student-t interval over seeds
-when there are two or more (``stats.py``).  Differences between methods are paired by seed (same data stream,
-same initialisation) and carry their own 95% paired-t interval; a ``*`` marks one that excludes zero.  A cell
-whose runs are not all finished says so: ``running``, ``pending`` or ``failed`` alone when none finished,
-appended otherwise (``45.1 (1 failed)``).
+A cell is the mean final top-1 over the seeds of its finished runs with its 95% Student-t interval over seeds when
+there are two or more (``stats.py``), and, beside each method's cell, its paired difference to the reference
+method (KD) with its own 95% paired-t interval.  Every cell keeps two faces: the full numbers (Markdown and LaTeX:
+``66.91 [65.06, 68.76] (+0.04 [-2.01, +2.09])``) and the one a reader scans (HTML: the mean, the intervals on a
+lighter second line, a resolved difference marked by its colour).  A suite whose matrix is wide is split into one
+table per augmentation (or per setting).  A cell whose runs are not all finished says so; a cell whose method
+ends below the student trained alone, or whose training loss never fell, is marked as a failed run of the protocol
+(``failure``), and the findings name it.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Optional
 
-import jinja2
 import pandas as pd
 
-from mkd.errors import UserError
-from analysis.frame import (label_of, learned, methods_in, role_of, roles_of, sorted_values as _sorted,  # noqa: F401
+from analysis.frame import (colour_of, label_of, learned, methods_in, role_of, sorted_values as _sorted,  # noqa: F401
                             teacherless, teachers_by_size)
-from analysis.stats import INTERVAL, PAIRED_INTERVAL, by_seed, difference, paired, t_interval
+from analysis.stats import INTERVAL, PAIRED_INTERVAL, Estimate, by_seed, difference, paired, t_interval
+from mkd.errors import UserError
 
-TEMPLATES = Path(__file__).resolve().parent / "templates"
 DASH = "—"
+AUG_ORDER = ["none", "weak", "medium", "strong"]
+FAILED_MARK = "†"
+
+
+@dataclass
+class CellView:
+    """One table cell: ``full`` for Markdown/LaTeX, ``main``/``sub``/``title``/``classes`` for HTML."""
+
+    full: str
+    main: str = ""
+    sub: str = ""
+    title: str = ""
+    classes: tuple = ()
+    colour: Optional[str] = None  # a method's colour (a header swatch), the same in every table and figure
+
+    def __str__(self) -> str:
+        return self.full
+
+
+def plain(text) -> CellView:
+    return CellView(str(text), str(text))
 
 
 @dataclass
 class Table:
     name: str  # file stem
     title: str
-    header: list[list[str]]  # one or more header rows (spans expanded: repeated labels merge in html/tex)
-    rows: list[list[str]]
+    header: list[list]  # header rows of str or CellView (spans expanded: repeated labels merge in html/tex)
+    rows: list[list]  # rows of CellView (or str)
     notes: list[str] = field(default_factory=list)
-    values: Optional[pd.DataFrame] = None  # numbers behind the cells (csv)
+    values: Optional[pd.DataFrame] = None  # numbers behind the cells (the per-cell csv)
     findings: list[str] = field(default_factory=list)  # the study's questions answered (findings.py), Markdown
     provenance: list[str] = field(default_factory=list)  # which runs, commit, environment, dates (``provenance``)
 
@@ -46,6 +67,23 @@ class Table:
             else:
                 groups.append({"head": line, "items": []})
         return groups
+
+
+def provenance(df: pd.DataFrame, suite: str, scale: str) -> list[str]:
+    """One sentence naming the runs behind a table: how many, their seeds, the commit(s) and environment(s)
+    they were made with, and when they finished (from their results: the same runs give the same words)."""
+    done = df[df["status"] == "done"].drop_duplicates("run_id")
+    seeds = sorted({int(s) for s in done["seed"].dropna()}) if "seed" in done else []
+
+    def listed(col: str) -> str:
+        vals = sorted({str(v) for v in done[col].dropna()}) if col in done else []
+        return ", ".join(vals) or "unknown"
+
+    dates = sorted(str(v)[:10] for v in done["finished_at"].dropna()) if "finished_at" in done else []
+    when = (dates[0] if dates[0] == dates[-1] else f"{dates[0]} to {dates[-1]}") if dates else "unknown"
+    return [f"Suite {suite}, scale {scale}: {len(done)} finished runs"
+            + (f" (seeds {', '.join(map(str, seeds))})" if seeds else "")
+            + f"; commit {listed('git_commit')}; {listed('environment')}; finished {when}."]
 
 
 def tuning_notes(df: pd.DataFrame) -> list[str]:
@@ -75,23 +113,7 @@ def tuning_notes(df: pd.DataFrame) -> list[str]:
             + "; ".join(parts) + "."]
 
 
-def provenance(df: pd.DataFrame, suite: str, scale: str) -> list[str]:
-    """One sentence naming the runs behind a table: how many, their seeds, the commit(s) and environment(s)
-    they were made with, and when they finished (from their results: the same runs give the same words)."""
-    done = df[df["status"] == "done"].drop_duplicates("run_id")
-    seeds = sorted({int(s) for s in done["seed"].dropna()}) if "seed" in done else []
-
-    def listed(col: str) -> str:
-        vals = sorted({str(v) for v in done[col].dropna()}) if col in done else []
-        return ", ".join(vals) or "unknown"
-
-    dates = sorted(str(v)[:10] for v in done["finished_at"].dropna()) if "finished_at" in done else []
-    when = (dates[0] if dates[0] == dates[-1] else f"{dates[0]} to {dates[-1]}") if dates else "unknown"
-    return [f"Suite {suite}, scale {scale}: {len(done)} finished runs"
-            + (f" (seeds {', '.join(map(str, seeds))})" if seeds else "")
-            + f"; commit {listed('git_commit')}; {listed('environment')}; finished {when}."]
-
-
+# ---------------------------------------------------------------------------- cells
 @dataclass
 class Cell:
     mean: Optional[float]
@@ -101,8 +123,11 @@ class Cell:
     lo: Optional[float] = None  # 95% t interval over seeds (two or more seeds)
     hi: Optional[float] = None
 
+    def pending(self) -> dict:
+        return {k: v for k, v in self.states.items() if k != "done" and v}
+
     def text(self, digits: int = 2) -> str:
-        pending = {k: v for k, v in self.states.items() if k != "done" and v}
+        pending = self.pending()
         if self.mean is None:
             if not pending:
                 return DASH
@@ -128,10 +153,49 @@ def cell(df: pd.DataFrame, metric: str = "final_top1") -> Cell:
     return Cell(float(done.mean()), std, len(done), states, e.lo, e.hi)
 
 
-def _diff(a: Cell, b: Cell) -> str:
-    if a.mean is None or b.mean is None:
-        return DASH
-    return f"{a.mean - b.mean:+.2f}"
+def failure(runs: pd.DataFrame, c: Cell, alone: Optional[Cell], alone_label: str,
+            vs_alone: Optional[Estimate] = None) -> Optional[str]:
+    """Why a cell is a failed run of the protocol (None when it is not): its mean ends below the student trained
+    alone in the same setting (with the paired interval of the difference), or its training loss never fell (its
+    last epoch's loss not below its first) in most of its runs.  The loss test is for methods whose loss keeps its
+    scale: one that learns its temperatures reweights its own loss as they move (MKD's KD term is weighted by
+    tau_t x tau_s), so its loss is no measure of progress."""
+    why = []
+    if c.mean is not None and alone is not None and alone.mean is not None and c.mean < alone.mean:
+        how = (f"; paired difference {vs_alone.text(True)}" + ("" if vs_alone.resolved else ", not resolved")
+               if vs_alone is not None and vs_alone.lo is not None else "")
+        why.append(f"ends below the student alone ({c.mean:.2f} vs {alone_label} {alone.mean:.2f}{how})")
+    learns = "learns_temperature" in runs and runs["learns_temperature"].fillna(False).astype(bool).any()
+    if "loss_fell" in runs and not learns:
+        fell = runs.drop_duplicates("run_id")["loss_fell"].dropna()
+        if len(fell) and (~fell.astype(bool)).sum() * 2 > len(fell):
+            why.append(f"its training loss never fell in {int((~fell.astype(bool)).sum())} of {len(fell)} runs")
+    return "; ".join(why) or None
+
+
+def view(c: Cell, d: Optional[Estimate], ref_label: str, failed: Optional[str] = None,
+         is_ref: bool = False) -> CellView:
+    """A method's cell: the mean first; the interval and the paired difference to the reference after it."""
+    diff = f" ({d.text(True)})" if d is not None and d.mean is not None else ""
+    mark = f" {FAILED_MARK}" if failed else ""
+    full = c.text() + diff + mark
+    if c.mean is None:
+        return CellView(full, c.text(), classes=("pending",))
+    pending = c.pending()
+    main = f"{c.mean:.2f}" + (" " + ", ".join(f"{v} {k}" for k, v in pending.items()) if pending else "") + mark
+    sub = f"[{c.lo:.2f}, {c.hi:.2f}]" if c.lo is not None else f"{c.n} seed"
+    classes = ["ref"] if is_ref else []
+    title = f"mean of {c.n} seeds" + (f", 95% interval {c.lo:.2f} to {c.hi:.2f}" if c.lo is not None else "")
+    if d is not None and d.mean is not None:
+        sub += f" · {d.mean:+.2f}" + (f" [{d.lo:+.2f}, {d.hi:+.2f}]" if d.lo is not None else "")
+        title += f"; minus {ref_label}, paired by seed: {d.text(True)}"
+        if d.resolved:
+            classes.append("better" if d.mean > 0 else "worse")
+            title += " (resolved)"
+    if failed:
+        classes.append("failed")
+        title += f"; failed run of this protocol: {failed}"
+    return CellView(full, main, sub, title, tuple(classes))
 
 
 def _params(n) -> str:
@@ -151,130 +215,173 @@ def _filter(df: pd.DataFrame, **kw) -> pd.DataFrame:
     return df
 
 
-def teacher_info(df: pd.DataFrame, label) -> tuple[str, str, str]:
+def teacher_info(df: pd.DataFrame, label, reference: Optional[pd.DataFrame] = None) -> tuple[str, str, str]:
+    """(model, parameters, top-1: ours, and the published one beside it where tables/paper_reference.csv has it)."""
     t = df[(df.get("teacher") == label) & df["teacher_model"].notna()] if "teacher" in df else df.iloc[0:0]
     if not len(t):
         return DASH, DASH, DASH
     r = t.iloc[0]
-    tt = t["teacher_top1"].dropna()
-    tp = t["teacher_params"].dropna()
-    return str(r["teacher_model"]), _params(tp.iloc[0] if len(tp) else None), _pct(tt.iloc[0] if len(tt) else None)
+    tt = t["teacher_top1"].dropna() if "teacher_top1" in t else pd.Series(dtype=float)
+    tp = t["teacher_params"].dropna() if "teacher_params" in t else pd.Series(dtype=float)
+    top1 = _pct(tt.iloc[0] if len(tt) else None)
+    if reference is not None and len(reference):
+        pub = reference[(reference["method"] == "teacher") & (reference["model"] == r["teacher_model"])]
+        if len(pub):
+            top1 += f" (published {float(pub['top1'].iloc[0]):g})"
+    return str(r["teacher_model"]), _params(tp.iloc[0] if len(tp) else None), top1
+
+
+def method_header(df: pd.DataFrame, m) -> CellView:
+    return CellView(label_of(df, m), label_of(df, m), colour=colour_of(m))
 
 
 # ---------------------------------------------------------------------------- table kinds
-def degradation(df: pd.DataFrame, suite: str, scale: str) -> list[Table]:
-    """Rows = teacher (model, size, top-1); columns = methods per augmentation, then each method minus KD."""
+def degradation(df: pd.DataFrame, suite: str, scale: str, reference: Optional[pd.DataFrame] = None) -> list[Table]:
+    """One table per augmentation: rows = teacher (model, size, top-1), columns = methods; each method's cell with
+    its paired difference to KD."""
     teachers = teachers_by_size(df)
-    augs = _sorted(df["augment"], ["none", "weak", "medium", "strong"]) if "augment" in df else [None]
+    augs = _sorted(df["augment"], AUG_ORDER) if "augment" in df else [None]
     methods = methods_in(df)
     ref, alone = role_of(df, "reference"), teacherless(df)
-    h1 = ["teacher", "model", "params", "teacher top-1"]
-    h2 = ["", "", "", ""]
+    base = role_of(df, "baseline")
+    ref_label = label_of(df, ref) if ref else "the reference method"
+    tables = []
     for a in augs:
-        h1 += [f"augment={a}"] * len(methods)
-        h2 += [label_of(df, m) for m in methods]
-    rows, vals = [], []
-    for t in teachers:
-        model, size, top1 = teacher_info(df, t)
-        row = [str(t), model, size, top1]
-        for a in augs:
-            sub = _filter(df, augment=a) if a is not None else df
+        sub = _filter(df, augment=a) if a is not None else df
+        header = ["teacher", "model", "params", "teacher top-1"] + [method_header(df, m) for m in methods]
+        rows, vals, failed = [], [], []
+        alone_cell = cell(sub[sub["method"] == base]) if base is not None else None
+        for t in teachers:
+            model, size, top1 = teacher_info(df, t, reference)
+            row = [plain(t), plain(model), plain(size), plain(top1)]
             runs = {m: sub[(sub["method"] == m) & ((sub["teacher"] == t) | (m in alone))] for m in methods}
             for m in methods:
                 c = cell(runs[m])
                 d = paired(difference(by_seed(runs[m]), by_seed(runs[ref]))) if ref in runs and m != ref else None
-                row.append(c.text() + (f" ({d.text(True)})" if d is not None and d.mean is not None else ""))
+                vs = paired(difference(by_seed(runs[m]), by_seed(sub[sub["method"] == base]))) \
+                    if base is not None and m != base else None
+                why = failure(runs[m], c, alone_cell, label_of(df, base), vs) if vs is not None else None
+                if why:
+                    failed.append(f"{label_of(df, m)} with teacher {t}" + (f" under {a} augmentation" if a else "")
+                                  + f": {why}")
+                row.append(view(c, d, ref_label, why, m == ref))
                 vals.append({"teacher": t, "augment": a, "method": m, "top1_mean": c.mean, "top1_lo": c.lo,
                              "top1_hi": c.hi, "top1_std": c.std, "n": c.n,
                              "minus_kd": d.mean if d else None, "minus_kd_lo": d.lo if d else None,
-                             "minus_kd_hi": d.hi if d else None, "p_improve_over_kd": d.p_improve if d else None})
-        rows.append(row)
-    ref_label = label_of(df, ref) if ref else "the reference method"
-    notes = [f"Cells: final top-1 (%) on the validation set, mean over seeds [{INTERVAL}; none with one seed]; "
-             f"in brackets the paired difference to {ref_label} with the same teacher, augmentation and seed "
-             f"[{PAIRED_INTERVAL}], * when it excludes zero."]
-    notes += [f"{label_of(df, m)} trains without a teacher: its cell repeats in every teacher row." for m in methods
-              if m in alone]
-    return [Table(f"{suite}_{scale}", f"{suite} ({scale}): student top-1 by teacher and augmentation", [h1, h2], rows,
-                  notes, pd.DataFrame(vals))]
+                             "minus_kd_hi": d.hi if d else None, "p_improve_over_kd": d.p_improve if d else None,
+                             "failed": why})
+            rows.append(row)
+        notes = [f"Cells: final top-1 (%) on the validation set, mean over seeds [{INTERVAL}]; then the paired "
+                 f"difference to {ref_label} with the same teacher, augmentation and seed [{PAIRED_INTERVAL}], * (in "
+                 "colour in HTML) when it excludes zero."]
+        notes += [f"{label_of(df, m)} trains without a teacher: its cell repeats in every teacher row." for m in methods
+                  if m in alone]
+        if failed:
+            notes.append(f"{FAILED_MARK} A failed run of this protocol (not a measure of the method): "
+                         + "; ".join(failed) + ".")
+        what = f"augment={a}" if a is not None else "all runs"
+        tables.append(Table(f"{suite}_{scale}" + (f"_{a}" if len(augs) > 1 else ""),
+                            f"{suite} ({scale}), {what}: student top-1 by teacher", [header], rows, notes,
+                            pd.DataFrame(vals)))
+    return tables
 
 
 def gap_ladder(df: pd.DataFrame, suite: str, scale: str, reference: pd.DataFrame) -> list[Table]:
-    """The degradation table of a teacher ladder, each published number (tables/paper_reference.csv, matched
+    """The degradation tables of a teacher ladder, each published number (tables/paper_reference.csv, matched
     by suite, scale, method and the teacher's model) in a column beside its method, with ours minus published
     when the runs are like for like (architecture and epochs; ``n/c`` otherwise, and a note says why)."""
-    table = degradation(df, suite, scale)[0]
+    tables = degradation(df, suite, scale, reference)
     ref = reference
     if len(ref):
-        ref = ref[(ref["suite"] == suite) & (ref.get("scale", pd.Series(scale, index=ref.index)).fillna(scale) == scale)]
+        ref = ref[(ref["suite"] == suite) & (ref.get("scale", pd.Series(scale, index=ref.index)).fillna(scale) == scale)
+                  & (ref["method"] != "teacher")]
     methods = methods_in(df)
     with_pub = [m for m in methods if len(ref) and (ref["method"] == m).any()]
     if not with_pub:
-        return [table]
-    teachers = [r[0] for r in table.rows]
+        return tables
     alone = teacherless(df)
-    h1, h2 = table.header[0][:4], table.header[1][:4]
-    for m in methods:
-        h1.append(table.header[0][4 + methods.index(m)])
-        h2.append(label_of(df, m))
-        if m in with_pub:
-            h1.append(table.header[0][4 + methods.index(m)])
-            h2.append(f"{label_of(df, m)} published")
-    sources: dict = {}
-    rows, unlike = [], []
-    for t, row in zip(teachers, table.rows):
-        out = row[:4]
-        t_model = row[1]
-        for i, m in enumerate(methods):
-            out.append(row[4 + i])
-            if m not in with_pub:
-                continue
-            pub = ref[(ref["method"] == m) & ((ref["teacher"].fillna("") == ("" if m in alone else t_model))
-                                             if "teacher" in ref else True)]
-            if not len(pub):
-                out.append(DASH)
-                continue
-            p = pub.iloc[0]
-            k = sources.setdefault(str(p["source"]), len(sources) + 1)
-            runs = df[(df["method"] == m) & ((df["teacher"] == t) | (m in alone))]
-            c = cell(runs)
-            why = _unlike(runs, p) if c.mean is not None else None
-            diff = "" if c.mean is None else (f" ({c.mean - float(p['top1']):+.2f})" if why is None else " (n/c)")
-            if why:
-                unlike.append(f"{t} {label_of(df, m)}: not compared ({why}).")
-            out.append(f"{float(p['top1']):.2f} [{k}]{diff}")
-        rows.append(out)
-    notes = table.notes + [f"[{i}] {src}" for src, i in sources.items()]
-    notes += [f"{label_of(df, r['method'])} published ({r['teacher'] or 'no teacher'}): {r['note']}."
-              for _, r in ref[ref["method"].isin(with_pub)].iterrows() if isinstance(r.get("note"), str) and r["note"]]
-    notes += sorted(set(unlike)) + ["Published cells come only from tables/paper_reference.csv (docs/published.md); "
-                                    "in brackets ours minus published, only against runs of the published "
-                                    "architecture and epochs (n/c otherwise)."]
-    return [Table(table.name, f"{suite} ({scale}): student top-1 along the teacher ladder", [h1, h2], rows, notes,
-                  table.values, table.findings)]
+    out = []
+    for table in tables:
+        header = table.header[0][:4]
+        for m in methods:
+            header.append(method_header(df, m))
+            if m in with_pub:
+                header.append(plain(f"{label_of(df, m)} published"))
+        sources: dict = {}
+        rows, unlike = [], []
+        for row in table.rows:
+            t, t_model = row[0].full, row[1].full
+            new = row[:4]
+            for i, m in enumerate(methods):
+                new.append(row[4 + i])
+                if m not in with_pub:
+                    continue
+                pub = ref[(ref["method"] == m) & ((ref["teacher"].fillna("") == ("" if m in alone else t_model))
+                                                 if "teacher" in ref else True)]
+                if not len(pub):
+                    new.append(plain(DASH))
+                    continue
+                p = pub.iloc[0]
+                k = sources.setdefault(str(p["source"]), len(sources) + 1)
+                runs = df[(df["method"] == m) & ((df["teacher"] == t) | (m in alone))]
+                c = cell(runs)
+                why = _unlike(runs, p) if c.mean is not None else None
+                diff = "" if c.mean is None else (f" ({c.mean - float(p['top1']):+.2f})" if why is None else " (n/c)")
+                if why:
+                    unlike.append(f"{t} {label_of(df, m)}: not compared ({why}).")
+                new.append(CellView(f"{float(p['top1']):.2f} [{k}]{diff}", f"{float(p['top1']):.2f} [{k}]",
+                                    diff.strip(" ()"), classes=("published",)))
+            rows.append(new)
+        notes = table.notes + [f"[{i}] {src}" for src, i in sources.items()]
+        notes += [f"{label_of(df, r['method'])} published ({r['teacher'] or 'no teacher'}): {r['note']}."
+                  for _, r in ref[ref["method"].isin(with_pub)].iterrows()
+                  if isinstance(r.get("note"), str) and r["note"]]
+        notes += sorted(set(unlike)) + ["Published cells come only from tables/paper_reference.csv "
+                                        "(docs/published.md); in brackets ours minus published, only against runs of "
+                                        "the published architecture and epochs (n/c otherwise)."]
+        out.append(Table(table.name, table.title.replace("by teacher", "along the teacher ladder"), [header], rows,
+                         notes, table.values))
+    return out
 
 
 def data_fraction(df: pd.DataFrame, suite: str, scale: str) -> list[Table]:
+    """Rows = training-set fraction, columns = methods, each with its paired difference to KD."""
     fracs = _sorted(df["fraction"])
     methods = methods_in(df)
-    augs = _sorted(df["augment"], ["none", "weak", "medium", "strong"]) if "augment" in df else [None]
-    h1, h2 = ["fraction"], [""]
+    augs = _sorted(df["augment"], AUG_ORDER) if "augment" in df else [None]
+    ref, base = role_of(df, "reference"), role_of(df, "baseline")
+    ref_label = label_of(df, ref) if ref else "the reference method"
+    tables = []
     for a in augs:
-        h1 += [f"augment={a}"] * len(methods)
-        h2 += methods
-    rows, vals = [], []
-    for f in fracs:
-        row = [f"{f:g}"]
-        for a in augs:
+        rows, vals, failed = [], [], []
+        for f in fracs:
+            row = [plain(f"{f:g}")]
+            sub = _filter(df, fraction=f, **({"augment": a} if a is not None else {}))
+            alone_cell = cell(sub[sub["method"] == base]) if base is not None else None
             for m in methods:
-                c = cell(_filter(df, fraction=f, method=m, **({"augment": a} if a is not None else {})))
-                row.append(c.text())
-                vals.append({"fraction": f, "augment": a, "method": m, "top1_mean": c.mean, "top1_std": c.std, "n": c.n})
-        rows.append(row)
-    return [Table(f"{suite}_{scale}", f"{suite} ({scale}): student top-1 by training-set fraction", [h1, h2], rows,
-                  [f"Cells: final top-1 (%), mean over seeds [{INTERVAL}]. Subsets are class-balanced and nested.",
-                   *fraction_notes(df)],
-                  pd.DataFrame(vals))]
+                runs = sub[sub["method"] == m]
+                c = cell(runs)
+                d = paired(difference(by_seed(runs), by_seed(sub[sub["method"] == ref]))) \
+                    if ref is not None and m != ref else None
+                vs = paired(difference(by_seed(runs), by_seed(sub[sub["method"] == base]))) \
+                    if base is not None and m != base else None
+                why = failure(runs, c, alone_cell, label_of(df, base), vs) if vs is not None else None
+                if why:
+                    failed.append(f"{label_of(df, m)} at fraction {f:g}: {why}")
+                row.append(view(c, d, ref_label, why, m == ref))
+                vals.append({"fraction": f, "augment": a, "method": m, "top1_mean": c.mean, "top1_lo": c.lo,
+                             "top1_hi": c.hi, "top1_std": c.std, "n": c.n, "minus_kd": d.mean if d else None,
+                             "minus_kd_lo": d.lo if d else None, "minus_kd_hi": d.hi if d else None, "failed": why})
+            rows.append(row)
+        notes = [f"Cells: final top-1 (%), mean over seeds [{INTERVAL}]; then the paired difference to {ref_label} "
+                 f"[{PAIRED_INTERVAL}]. Subsets are class-balanced and nested.", *fraction_notes(df)]
+        if failed:
+            notes.append(f"{FAILED_MARK} A failed run of this protocol: " + "; ".join(failed) + ".")
+        tables.append(Table(f"{suite}_{scale}" + (f"_{a}" if len(augs) > 1 else ""),
+                            f"{suite} ({scale}): student top-1 by training-set fraction"
+                            + (f", augment={a}" if a is not None else ""),
+                            [["fraction"] + [method_header(df, m) for m in methods]], rows, notes, pd.DataFrame(vals)))
+    return tables
 
 
 def fraction_notes(df: pd.DataFrame) -> list[str]:
@@ -289,6 +396,10 @@ def fraction_notes(df: pd.DataFrame) -> list[str]:
 
 
 def temperature_grid(df: pd.DataFrame, suite: str, scale: str) -> list[Table]:
+    """Per setting, KD's top-1 over the grid of fixed (tau_t, tau_s): the cell picked on the held-out split and
+    KD's default marked, MKD in the same setting in the notes."""
+    from analysis.findings import best_cell
+
     tables = []
     settings = [c for c in ("teacher", "augment") if c in df and df[c].nunique() > 1] or ["teacher"]
     keys = df[settings].drop_duplicates().to_dict("records")
@@ -296,26 +407,38 @@ def temperature_grid(df: pd.DataFrame, suite: str, scale: str) -> list[Table]:
         sub = _filter(df, **key)
         kd = sub[sub["method"] == role_of(sub, "reference")]
         tts, tss = _sorted(kd["kd.tau_t"]), _sorted(kd["kd.tau_s"])
+        picked = best_cell(kd)
         rows, vals = [], []
-        best = None
         for tt in tts:
-            row = [f"{tt:g}"]
+            row = [plain(f"{tt:g}")]
             for ts in tss:
-                c = cell(kd[(kd["kd.tau_t"] == tt) & (kd["kd.tau_s"] == ts)])
-                row.append(c.text())
-                vals.append({**key, "tau_t": tt, "tau_s": ts, "top1_mean": c.mean, "top1_std": c.std, "n": c.n})
-                if c.mean is not None and (best is None or c.mean > best[0]):
-                    best = (c.mean, tt, ts)
+                runs = kd[(kd["kd.tau_t"] == tt) & (kd["kd.tau_s"] == ts)]
+                c = cell(runs)
+                h = cell(runs, "heldout_top1") if "heldout_top1" in runs else Cell(None, None, 0, {})
+                is_best = picked is not None and (float(tt), float(ts)) == picked
+                is_default = (float(tt), float(ts)) == (4.0, 4.0)
+                v = view(c, None, "")
+                marks = ("best held-out" if is_best else "") + (" default" if is_default else "")
+                v.full += (" ◆" if is_best else "") + (" ○" if is_default else "")
+                v.classes += tuple(x for x, on in (("picked", is_best), ("default", is_default)) if on)
+                v.title += f"; held-out top-1 {h.mean:.2f}" if h.mean is not None else ""
+                v.sub = (v.sub + (f" · {marks.strip()}" if marks else "")).strip(" ·")
+                row.append(v)
+                vals.append({**key, "tau_t": tt, "tau_s": ts, "top1_mean": c.mean, "top1_lo": c.lo, "top1_hi": c.hi,
+                             "top1_std": c.std, "n": c.n, "heldout_mean": h.mean, "picked": is_best})
             rows.append(row)
         label = ", ".join(f"{k}={v}" for k, v in key.items())
         model, size, top1 = teacher_info(df, key.get("teacher")) if "teacher" in key else (DASH, DASH, DASH)
-        notes = [f"KD with fixed temperatures; rows tau_t, columns tau_s. Teacher {model} ({size}, top-1 {top1})."]
-        if best:
-            notes.append(f"Best grid cell: {best[0]:.2f} at tau_t={best[1]:g}, tau_s={best[2]:g}.")
+        notes = [f"KD with fixed temperatures; rows tau_t, columns tau_s; final top-1 on the validation set, mean "
+                 f"over seeds [{INTERVAL}]. Teacher {model} ({size}, top-1 {top1})."]
+        if picked:
+            notes.append(f"◆ the cell with the best held-out top-1 (tau_t={picked[0]:g}, tau_s={picked[1]:g}): picked "
+                         "on a split of the training set, so its validation top-1 is not the number it was picked by; "
+                         "○ KD's default (4, 4).")
         for m, runs in learned(sub).groupby("method", sort=True):
             done = runs[runs["status"] == "done"]
-            temps = (f", learned tau_t={done['tau_t'].astype(float).mean():.2f}, tau_s={done['tau_s'].astype(float).mean():.2f}"
-                     if len(done) else "")
+            temps = (f", learned tau_t={done['tau_t'].astype(float).mean():.2f}, tau_s="
+                     f"{done['tau_s'].astype(float).mean():.2f}" if len(done) else "")
             notes.append(f"{runs['method_label'].iloc[0] if 'method_label' in runs else m} in the same setting: "
                          f"{cell(runs).text()}{temps}.")
         stem = f"{suite}_{scale}_" + "_".join(str(v) for v in key.values())
@@ -345,7 +468,7 @@ def imagenet_main(df: pd.DataFrame, suite: str, scale: str, reference: pd.DataFr
     otherwise the cell reads ``n/c`` and a note says what differs."""
     students = _sorted(df["student"], ["ViT-T", "ViT-S", "ViT-B", "ViT-L"])
     methods = methods_in(df)
-    ref = reference[(reference["suite"] == suite)] if len(reference) else reference
+    ref = reference[(reference["suite"] == suite) & (reference["method"] != "teacher")] if len(reference) else reference
     h1 = ["student"] + [m for m in methods for _ in range(3)]
     h2 = [""] + ["reproduced", "published", "diff"] * len(methods)
     rows, vals, sources, unlike = [], [], {}, []
@@ -460,56 +583,7 @@ def tables_for(df: pd.DataFrame, suite: str, scale: str, reference: pd.DataFrame
     if kind == "data_fraction":
         return data_fraction(df, suite, scale)
     if kind == "degradation":
-        return degradation(df, suite, scale)
+        return degradation(df, suite, scale, reference)
     if kind == "gap_ladder":
         return gap_ladder(df, suite, scale, reference)
     return generic(df, suite, scale, table_axes(df))
-
-
-# ---------------------------------------------------------------------------- rendering
-def _env() -> jinja2.Environment:
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=jinja2.select_autoescape(["html"]),
-                             trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
-    env.filters["tex"] = lambda s: (str(s).replace("\\", "\\textbackslash{}").replace("&", "\\&").replace("%", "\\%")
-                                    .replace("_", "\\_").replace("#", "\\#").replace("±", "$\\pm$")
-                                    .replace("—", "---").replace("−", "$-$"))
-    env.globals["spans"] = spans
-    env.filters["mdinline"] = _md_inline
-    return env
-
-
-def _md_inline(line: str):
-    """A findings line (Markdown: **bold**, leading '- ') as HTML, escaped."""
-    import re
-
-    from markupsafe import Markup, escape
-
-    text = str(escape(line.removeprefix("- ")))
-    text = re.sub(r"`(.+?)`", r"<code>\1</code>", text)
-    return Markup(re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", text))
-
-
-def spans(row: list[str]) -> list[tuple[str, int]]:
-    """Merge runs of equal neighbouring labels of a header row: [(label, colspan)]."""
-    out: list[list] = []
-    for label in row:
-        if out and out[-1][0] == label and label:
-            out[-1][1] += 1
-        else:
-            out.append([label, 1])
-    return [(a, b) for a, b in out]
-
-
-def render(table: Table, fmt: str) -> str:
-    return _env().get_template(f"table.{fmt}.j2").render(t=table, ncols=len(table.header[-1]))
-
-
-def render_index(entries: list[dict], figures: list[dict], generated: str, provenance: list[str] = (),
-                 board: list = ()) -> str:
-    return _env().get_template("index.html.j2").render(entries=entries, figures=figures, generated=generated,
-                                                        provenance=list(provenance), board=list(board))
-
-
-def render_claims(board: list, fmt: str = "md") -> str:
-    """The claims scoreboard (``claims.py``) as Markdown."""
-    return _env().get_template(f"claims.{fmt}.j2").render(board=board)

@@ -46,7 +46,8 @@ def prepare(plan: Plan) -> None:
         new = RunInfo(run.run_id, kind=run.kind, scale=plan.scale, suites=suites,
                       suite=plan.suite if run.kind != "teacher" else None, rows=rows, label=run.label,
                       teacher_run=str(plan_teacher(plan, run).out) if run.teacher else None,
-                      method={"name": run.config.method, **methods.get(run.config.method).declarations()},
+                      method={"name": run.config.method, **methods.get(run.config.method).declarations(),
+                              "initial_temperatures": methods.get(run.config.method).initial_temperatures(run.config)},
                       table=plan.table, tuned=run.tuned or info.get("tuned"),
                       smallest_effect=info.get("smallest_effect") or (plan.smallest_effect if run.kind == "student"
                                                                       else None)).to_dict()
@@ -350,10 +351,14 @@ class LocalRunner:
         self.queue = [u for u in ([[r for r in unit if r.run_id in pending] for unit in self.plan.units()]) if u]
         self.total = len(todo)
         self.bar.total = len(todo)
-        t0 = time.time()
+        t0 = last = time.time()
         pool = _Pool(self.n, threads_per_run(self.n, self.slots), self.slots)
         try:
             while self.queue or self.running:
+                if not self.tty and time.time() - last >= PROGRESS_SECONDS:  # a log: a summary line now and then
+                    last = time.time()
+                    print(progress_line(f"{self.plan.suite}/{self.plan.scale}", self.count, self.total,
+                                        sum(len(u) for u, _ in self.running.values()), len(self.failed), t0), flush=True)
                 self.schedule(pool)
                 if not self.running:
                     if self.queue:  # waiting for a teacher another process trains
@@ -372,6 +377,19 @@ class LocalRunner:
         print(f"suite {self.plan.suite} ({self.plan.scale}): {len(todo) - len(self.failed)}/{len(todo)} runs finished in "
               f"{time.time() - t0:.0f}s with {self.n} parallel")
         return self.failed
+
+
+PROGRESS_SECONDS = float(os.environ.get("MKD_PROGRESS_SECONDS", "120"))  # without a terminal: a summary this often
+
+
+def progress_line(what: str, done: int, total: int, running: int, failed: int, t0: float) -> str:
+    """'12:03:10 degradation/tiny: 40/110 ended (2 failed), 2 running, 8m elapsed, about 14m left at this pace'."""
+    from .messages import _duration
+
+    elapsed = time.time() - t0
+    left = f", about {_duration(elapsed / done * (total - done))} left at this pace" if done and total > done else ""
+    return (f"{time.strftime('%H:%M:%S')} {what}: {done}/{total} ended" + (f" ({failed} failed)" if failed else "")
+            + f", {running} running, {_duration(elapsed)} elapsed{left}")
 
 
 def drop_input_caches(plan: Plan) -> None:
@@ -565,11 +583,16 @@ def wait_slurm(plan: Plan, jobs: list[submitit.Job], poll_s: float = 5.0) -> lis
     tty = sys.stderr.isatty()
     bar = tqdm(total=len(jobs), desc=f"{plan.suite}/{plan.scale} (slurm)", unit="job", disable=not tty)
     pending = list(jobs)
+    t0 = last = time.time()
     while pending:
         for j in list(pending):
             if j.done():
                 pending.remove(j)
                 bar.update(1)
+        if not tty and time.time() - last >= PROGRESS_SECONDS:
+            last = time.time()
+            print(progress_line(f"{plan.suite}/{plan.scale} (slurm jobs)", len(jobs) - len(pending), len(jobs),
+                                len(pending), 0, t0), flush=True)
         if pending:
             time.sleep(poll_s)
     bar.close()

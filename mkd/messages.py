@@ -12,10 +12,24 @@ def header(cfg, parts, ctx) -> str:
             f"world {ctx.world}, amp {L.precision.amp}")
 
 
-def epoch_line(cfg, epoch: int, rec: dict, temps: dict) -> str:
+def epoch_line(cfg, epoch: int, rec: dict, temps: dict, images: int = 0, wall: float = 0.0) -> str:
+    """One line per epoch, readable in a log without a terminal: time, epoch, loss, top-1 when evaluated,
+    temperatures, images/s of the epoch and the time left at that pace (``wall``: the run's seconds so far)."""
+    import time
+
     temp = f" tau_t {temps['tau_t']:.3f} tau_s {temps['tau_s']:.3f}" if temps else ""
     acc = f" top1 {rec['top1']:.2f} top5 {rec['top5']:.2f}" if "top1" in rec else ""
-    return f"epoch {epoch}/{cfg.epochs} loss {rec['train_loss']:.4f}{acc}{temp} {rec['seconds']:.1f}s"
+    secs = rec.get("seconds") or 0.0
+    speed = f" {images / secs:,.0f} img/s" if images and secs else ""
+    left = cfg.epochs - epoch
+    eta = f" ETA {_duration(wall / epoch * left)}" if epoch and left > 0 and wall else ""
+    return (f"{time.strftime('%H:%M:%S')} epoch {epoch}/{cfg.epochs} loss {rec['train_loss']:.4f}{acc}{temp} "
+            f"{secs:.1f}s{speed}{eta}")
+
+
+def _duration(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else (f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s")
 
 
 def done_lines(feed, result: dict, wall: float, path) -> list[str]:

@@ -190,7 +190,8 @@ class Trainer:
             self._last_save = time.time()
         elif self.ctx.main:
             atomic.write_jsonl(self.dir.metrics, p.records)
-        self.say(messages.epoch_line(self.cfg, p.epoch, rec, self.loop.method.temperatures()))
+        images = self.loop.steps_per_epoch * self.cfg.batch_size
+        self.say(messages.epoch_line(self.cfg, p.epoch, rec, self.loop.method.temperatures(), images, p.wall))
 
     def run(self) -> dict:
         """Start, train epoch after epoch, finish."""

@@ -106,37 +106,42 @@ def test_degradation_cells_are_means_with_intervals_paired_differences_and_state
     for t in ("small", "large"):
         for m in ("kd", "mkd"):
             xs = [values[(t, m, s)] for s in (0, 1, 2)]
-            assert rows[t][col[f"augment=weak: {m.upper()}"]].startswith(_ci(xs)), (t, m, rows[t])
+            assert rows[t][col[m.upper()]].startswith(_ci(xs)), (t, m, rows[t])
         ce = [values[("ce", s)] for s in (0, 1, 2)]
-        assert rows[t][col["augment=weak: CE"]].startswith(_ci(ce))
+        assert rows[t][col["CE"]].startswith(_ci(ce))
         # paired by seed: the seed effect (+3 per seed in both) cancels, the difference is exactly +5.00
         d = [values[(t, "mkd", s)] - values[(t, "kd", s)] for s in (0, 1, 2)]
-        assert f"(+{statistics.mean(d):.2f} [" in rows[t][col["augment=weak: MKD"]]
-        assert rows[t][col["augment=weak: MKD"]].endswith("]*)"), "an interval that excludes zero is marked"
+        assert f"(+{statistics.mean(d):.2f} [" in rows[t][col["MKD"]]
+        assert rows[t][col["MKD"]].endswith("]*)"), "an interval that excludes zero is marked"
     findings = md[md.index("#### Findings"):]
     assert "**Q1 gap.**" in findings and "**Q3 cure.**" in findings and "needs two augmentations" in findings.lower()
     # Q1: KD's gain large minus small = kd_large - kd_small per seed = -2 + small offsets: resolved, negative
     assert "KD's gain shrinks with the teacher" in findings
-    assert "<h3>Findings</h3>" in (out / "degradation_tiny.html").read_text()
-    assert "<h3>Findings</h3>" in (out / "index.html").read_text()
-    assert rows["small"][col["augment=weak: hard (DeiT)"]] == "failed"
-    assert rows["large"][col["augment=weak: CTKD"]] == "running"
-    assert rows["small"][col["augment=weak: CTKD"]] == "pending"
+    page = (out / "degradation_tiny.html").read_text()
+    assert page.startswith("<!doctype html>") and "<style>" in page and 'href="index.html"' in page
+    assert page.index("What the runs say") < page.index("<h2>Tables</h2>") < page.index("<h2>Figures</h2>")
+    assert rows["small"][col["hard (DeiT)"]] == "failed"
+    assert rows["large"][col["CTKD"]] == "running"
+    assert rows["small"][col["CTKD"]] == "pending"
     assert rows["small"][col["teacher top-1"]] == "70.00" and rows["large"][col["params"]] == "500k"
-    for ext in ("md", "tex", "html", "csv"):
-        assert (out / f"degradation_tiny.{ext}").stat().st_size > 200
+    for name in ("degradation_tiny.md", "degradation_tiny.tex", "degradation_tiny.html", "degradation_tiny_runs.csv",
+                 "degradation_tiny_cells.csv"):
+        assert (out / name).stat().st_size > 200, name
     tex = (out / "degradation_tiny.tex").read_text()
     assert "\\toprule" in tex and "\\midrule" in tex and "\\bottomrule" in tex
-    tidy = pd.read_csv(out / "degradation_tiny.csv")
+    tidy = pd.read_csv(out / "degradation_tiny_runs.csv")
     assert set(tidy["status"]) == {"done", "failed", "running", "pending"}
+    assert len(tidy) == len(set(tidy["run_id"])) == 12 + 3 + 3, "one row per run: the CE runs serve both teachers once"
     for f in written["figures"]:
         assert f.stat().st_size > 1000, f
     names = {f.name for f in written["figures"]}
     assert {"degradation_tiny_temperatures.png", "degradation_tiny_temperatures.pdf",
             "degradation_tiny_degradation.png", "degradation_tiny_degradation.pdf"} <= names
+    for n in {n for n in names if "forest" not in n} | {"degradation_tiny.md", "degradation_tiny.tex",
+                                                         "degradation_tiny_runs.csv"}:
+        assert n in page, n
     index = (out / "index.html").read_text()
-    for n in names | {"degradation_tiny.md", "degradation_tiny.tex", "degradation_tiny.csv"}:
-        assert n in index, n
+    assert "forest.png" in index and 'href="degradation_tiny.html"' in index
 
 
 def test_imagenet_table_puts_published_and_reproduced_numbers_in_the_right_cells(tmp_path):
@@ -197,7 +202,7 @@ def test_gap_ladder_table_puts_each_published_number_beside_its_like_for_like_ce
     lines = [l for l in md.splitlines() if l.startswith("| ")]
     header = [c.strip() for c in lines[0].split("|")[1:-1]]
     rows = {l.split("|")[1].strip(): [c.strip() for c in l.split("|")[1:-1]] for l in lines[1:]}
-    kd, dist, ce = (header.index(f"augment=weak: {x} published") for x in ("KD", "DIST", "CE"))
+    kd, dist, ce = (header.index(f"{x} published") for x in ("KD", "DIST", "CE"))
     assert rows["t1"][kd].startswith("71.21 [") and rows["t1"][kd].endswith("(+0.29)")  # mean 71.5 - 71.21
     assert rows["t2"][kd].startswith("71.35 [") and rows["t2"][kd].endswith("(+0.15)")
     assert rows["t1"][dist].startswith("72.07 [") and rows["t1"][dist].endswith("(n/c)")
@@ -259,8 +264,9 @@ def test_tables_from_real_tiny_runs(small_suite_results, tmp_path):
         assert _ci(xs) in md, (m, xs, md)
     assert "#### Findings" in md
     assert (out / "small_tiny_temperatures.png").stat().st_size > 1000
-    index = (out / "index.html").read_text()
-    assert "small_tiny.md" in index and "small_tiny_temperatures.png" in index and str(out / "index.html") in p.stdout
+    index, page = (out / "index.html").read_text(), (out / "small_tiny.html").read_text()
+    assert 'href="small_tiny.html"' in index and str(out / "index.html") in p.stdout
+    assert "small_tiny.md" in page and "small_tiny_temperatures.png" in page
 
 
 def test_a_table_mixing_package_versions_or_devices_says_so(tmp_path, capsys):

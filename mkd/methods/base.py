@@ -98,6 +98,11 @@ class Method(nn.Module):
                 "learns_temperature": cls.learns_temperature, "needs_teacher": cls.needs_teacher}
 
     @classmethod
+    def initial_temperatures(cls, cfg: "RunConfig") -> dict[str, float]:
+        """The temperatures before the first step (the launcher records them in run.json: a figure's epoch 0)."""
+        return {}
+
+    @classmethod
     def extra_student_forwards(cls, cfg: "RunConfig") -> float:
         """Student forwards (a backward counts 2) this method adds per training image beyond the step's own
         forward and backward: the plan's cost model (mkd/cost.py) reads it."""

@@ -151,6 +151,12 @@ class CTKD(Method):
         t = float(self.tau().detach())
         return {"tau_t": t, "tau_s": t}
 
+    @classmethod
+    def initial_temperatures(cls, cfg):
+        c = cfg.ctkd
+        t = c.tau_min + (c.tau_max - c.tau_min) / (1 + math.exp(-1.0)) if c.init == "official" else cfg.kd.tau_t
+        return {"tau_t": t, "tau_s": t}
+
     def train_parameters(self):
         return [self.p] if self.opt is None else []
 

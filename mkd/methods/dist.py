@@ -79,3 +79,7 @@ class DIST(Method):
     def temperatures(self):
         t = self.cfg.dist.tau
         return {"tau_t": t, "tau_s": t}
+
+    @classmethod
+    def initial_temperatures(cls, cfg):
+        return {"tau_t": cfg.dist.tau, "tau_s": cfg.dist.tau}

@@ -122,3 +122,7 @@ class DKD(Method):
     def temperatures(self):
         t = self.cfg.dkd.T
         return {"tau_t": t, "tau_s": t}
+
+    @classmethod
+    def initial_temperatures(cls, cfg):
+        return {"tau_t": cfg.dkd.T, "tau_s": cfg.dkd.T}

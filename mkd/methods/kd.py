@@ -23,3 +23,7 @@ class KD(Method):
 
     def temperatures(self):
         return {"tau_t": self.cfg.kd.tau_t, "tau_s": self.cfg.kd.tau_s}
+
+    @classmethod
+    def initial_temperatures(cls, cfg):
+        return {"tau_t": cfg.kd.tau_t, "tau_s": cfg.kd.tau_s}

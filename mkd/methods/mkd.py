@@ -102,6 +102,11 @@ class MKD(Method):
     def temperatures(self):
         return self.temps.values()
 
+    @classmethod
+    def initial_temperatures(cls, cfg):
+        m = cfg.mkd
+        return {k: min(max(getattr(cfg.kd, k), m.tau_min), m.tau_max) for k in ("tau_t", "tau_s")}
+
     def train_parameters(self):
         return []
 
