@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # exact versions the README's numbers were made with; LOCK=requirements.txt installs from the ranges instead
 LOCK   ?= requirements-lock.txt
 
-.PHONY: setup demo tables reference test test-fast perf selfcheck gpu-check slurm-up slurm-down clean
+.PHONY: setup demo tables reference test test-fast test-lowest prices perf selfcheck gpu-check slurm-up slurm-down clean
 
 setup: $(STAMP)
 
@@ -34,6 +34,17 @@ test: $(STAMP)            ## every test, two workers (the Slurm ones need root +
 
 test-fast: $(STAMP)       ## the tests not marked slow or slurm (under a minute)
 	$(PY) -m pytest -q -m "not slurm and not slow"
+
+LOWEST ?= .venv-lowest
+test-lowest: $(STAMP)     ## the fast tests at the lowest versions requirements.txt allows (uv --resolution lowest-direct)
+	$(PY) -m pip install -q uv
+	rm -rf $(LOWEST) && $(VENV)/bin/uv venv -q $(LOWEST) --python $(PY)
+	$(VENV)/bin/uv pip install -q --python $(LOWEST)/bin/python --resolution lowest-direct -r requirements.txt
+	$(LOWEST)/bin/python -c "import torch, timm, numpy, pandas; print('lowest direct versions: torch', torch.__version__, 'timm', timm.__version__, 'numpy', numpy.__version__, 'pandas', pandas.__version__)"
+	$(LOWEST)/bin/python -m pytest -q -n 2 -p no:cacheprovider -m "not slurm and not slow"
+
+prices: $(STAMP)          ## regenerate benchmarks/prices.json (the price book the claims scoreboard reads)
+	$(PY) benchmarks/prices.py
 
 perf: $(STAMP)
 	$(PY) benchmarks/perf.py --json perf.json

