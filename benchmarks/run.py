@@ -139,6 +139,19 @@ def print_plan(plan, machine, rates: bool = False) -> int:
     return 0
 
 
+def loader_workers(profile: dict) -> int:
+    """Loader worker processes per GPU process: the Slurm profile's cpus_per_task, or on the local machine its cores
+    per GPU, minus one for the training process itself (an unhashed key: the run ids do not change)."""
+    if profile.get("cpus_per_task"):
+        return max(0, int(profile["cpus_per_task"]) - 1)
+    import os
+
+    from mkd.launch import _default_parallel
+
+    gpus = _default_parallel()[0] if _default_parallel()[1][0] is not None else 1
+    return max(0, (os.cpu_count() or 1) // gpus - 1)
+
+
 def print_seeds_for(plan, claim: str, machine) -> int:
     """Seeds a claim needs on this plan (prospective: the suite's smallest effect of interest at the paired SD of
     the finished runs) and their price (``mkd/cost.py``): the analysis's findings on the plan's own runs."""
@@ -215,6 +228,10 @@ def main(argv=None) -> int:
         overrides["teacher_cache"] = False
     if args.no_input_cache:
         overrides["input_cache"] = "off"
+    if profile.get("stage_input"):  # the training set copied to node-local disk once per job (unhashed: same runs)
+        overrides.setdefault("stage_dir", str(profile["stage_input"]))
+    if "num_workers" not in overrides and args.scale != "tiny" and not args.dry_run:
+        overrides["num_workers"] = loader_workers(profile)
     checkpoints = {k: v[0] for k, v in axis_values(args.teacher_checkpoint, "--teacher-checkpoint",
                                                    "large=/ckpts/vit_large.pth").items()}
     def make_plan():
@@ -222,6 +239,7 @@ def main(argv=None) -> int:
                    overrides, data_root, axis_values(args.axis, "--axis", "seed=0,1,2", yaml.safe_load), checkpoints,
                    tune=not args.no_tuning, check_data=not args.dry_run)
         p.cohorts = args.cohorts
+        p.cohort_max = int(profile.get("cohort_max") or p.cohort_max)
         return p
 
     if args.dry_run:

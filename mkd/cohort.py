@@ -7,7 +7,10 @@ before and saved after, so its drop path and dropout masks, and every other draw
 alone: each member ends with the weights and records of its separate run (``tests/test_cohort.py``).  Each keeps
 its run directory, metrics, checkpoints and result; one that fails (a non-finite loss, bad input) leaves the
 cohort and the others go on; a preemption checkpoints every member at the same step, and the requeued job
-resumes them all.  Members that resume from different points train one after another instead.
+resumes them all.  Members that resume from different points train one after another instead.  A cohort
+holds the runs of one student architecture; when a member runs out of GPU memory, every member is checkpointed
+where it stands and the cohort goes on as two halves, one after the other, in the same process (a member that
+does not fit alone fails with one line saying so).
 """
 from __future__ import annotations
 
@@ -23,14 +26,21 @@ from .errors import UserError
 MODES = ("auto", "on", "off")
 
 
+class CohortSplit(Exception):
+    """A member ran out of GPU memory: every member was checkpointed where it stood; the cohort goes on in halves."""
+
+
 def cohort_key(cfg) -> Optional[str]:
     """Runs with equal keys can train as one cohort: the same data stream and the same teacher (weights, input,
-    precision, compilation) for the same number of epochs; None for a run without a teacher (nothing to share)."""
+    precision, compilation) for the same number of epochs, and the same student architecture, so that a cohort's
+    members need what one of them needs times their number (a ViT-L among ViT-Ts would not fit where they do);
+    None for a run without a teacher (nothing to share)."""
     from . import methods
 
     if not methods.get(cfg.method).needs_teacher:
         return None
-    return json.dumps([cfg.stream_key(), *cfg.teacher_identity(), cfg.epochs], default=str)
+    return json.dumps([cfg.stream_key(), *cfg.teacher_identity(), cfg.epochs, cfg.student, cfg.student_kwargs],
+                      default=str)
 
 
 def wanted(cfg, mode: str) -> bool:
@@ -66,10 +76,8 @@ def train_cohort(run_dirs: list[str], teacher_dirs: Optional[list[Optional[str]]
                  say: Optional[Callable] = None) -> dict[str, tuple[bool, str]]:
     """Train the runs in ``run_dirs`` (one cohort) to their ends; returns {run_dir: (finished, why not)}."""
     from .config import load_config
-    from .environment import init_distributed, rng_state, set_rng_state
-    from .prepare import prepare_dir
-    from .rundir import RunDir, RunLocked
-    from .train import Trainer
+    from .environment import init_distributed
+    from .rundir import RunDir
 
     ctx = init_distributed()
     teacher_dirs = teacher_dirs or [None] * len(run_dirs)
@@ -79,6 +87,42 @@ def train_cohort(run_dirs: list[str], teacher_dirs: Optional[list[Optional[str]]
         raise UserError(f"runs {', '.join(Path(d).name for d in run_dirs)} do not share one teacher stream (data "
                         "stream, teacher, epochs): they cannot train as one cohort; train them separately")
     out: dict[str, tuple[bool, str]] = {}
+    try:
+        _train_members(run_dirs, teacher_dirs, cfgs, ctx, out, quiet, say)
+    except CohortSplit as e:  # out of GPU memory together: the halves, one after the other, in this process
+        _free_memory()
+        left = [(d, td) for d, td in zip(run_dirs, teacher_dirs) if not RunDir(d).done
+                and not (RunDir(d).outcome() and "out of GPU memory" not in (RunDir(d).outcome().reason or ""))]
+        if len(left) == 1:
+            raise UserError(f"{e}; it runs out of GPU memory alone: lower batch_size or train it on more GPUs") from None
+        half = (len(left) + 1) // 2
+        (say or _print)(f"{e}: the cohort goes on as two of {half} and {len(left) - half} runs")
+        for part in (left[:half], left[half:]):
+            out.update(train_cohort([d for d, _ in part], [td for _, td in part], quiet, say))
+    if ctx.world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+    return out
+
+
+def _free_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _train_members(run_dirs, teacher_dirs, cfgs, ctx, out: dict, quiet: bool, say) -> None:
+    """Prepare, lock, build and resume every member, then train them (in lockstep where they stand together)."""
+    from .environment import rng_state, set_rng_state
+    from .prepare import prepare_dir
+    from .rundir import RunDir, RunLocked
+    from .train import Trainer
+
     with ExitStack() as stack:
         members = []
         for d, td, cfg in zip(run_dirs, teacher_dirs, cfgs):
@@ -103,6 +147,8 @@ def train_cohort(run_dirs: list[str], teacher_dirs: Optional[list[Optional[str]]
         for m in list(members):
             if not _guarded(m, out, lambda m=m: m.start(shared)):
                 members.remove(m)
+                if "out of GPU memory" in out[str(m.dir.path)][1] and len(run_dirs) > 1:
+                    raise CohortSplit(f"{Path(m.dir.path).name} ran out of GPU memory while the cohort was built")
                 continue
             shared = shared or m.parts.teacher
             resumed[m] = rng_state()  # a member resumed mid-epoch continues with the RNG state its checkpoint held
@@ -112,11 +158,6 @@ def train_cohort(run_dirs: list[str], teacher_dirs: Optional[list[Optional[str]]
         for m in alone:
             set_rng_state(resumed[m])
             _guarded(m, out, lambda m=m: _finish_alone(m))
-    if ctx.world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-    return out
 
 
 def _finish_alone(m) -> None:
@@ -137,7 +178,7 @@ def _finish(m) -> None:
 def _lockstep(members: list, out: dict, resumed: dict) -> None:
     """Epoch after epoch, step after step: one batch from the first member's feed, then each member's step.
     ``resumed``: each member's RNG state once resumed (a fresh epoch reseeds; a resumed one continues from it)."""
-    from .engine import NonFiniteLoss
+    from .engine import NonFiniteLoss, is_out_of_memory
     from .environment import rng_state, set_rng_state
     from .preempt import PreemptGuard
 
@@ -167,6 +208,15 @@ def _lockstep(members: list, out: dict, resumed: dict) -> None:
                         _fail(m, e, out)
                         active.remove(m)
                         continue
+                    except Exception as e:
+                        if not is_out_of_memory(e) or len(active) == 1:
+                            raise
+                        # the member's step did not happen: its RNG back to before it; every member checkpointed at
+                        # its own step (those before it in this batch have taken it), then the cohort splits
+                        set_rng_state(rngs[m])
+                        _checkpoint_all(active, steps, rngs)
+                        raise CohortSplit(f"{Path(m.dir.path).name} ran out of GPU memory at step "
+                                          f"{steps[m].step} among {len(active)} runs") from None
                     rngs[m] = rng_state()
                 if active and active[0].stop_requested(steps[active[0]]):  # DDP: every rank agrees
                     _checkpoint_all(active, steps, rngs)

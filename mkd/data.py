@@ -168,7 +168,10 @@ def _cifar100(root: Optional[str], train: bool, download: bool):
         raise UserError(f"could not load CIFAR-100 from {root} ({e}): check the files or add download=true") from None
 
 
-def _image_folder(root: Optional[str], split: str):
+def _image_folder(root: Optional[str], split: str, stage_dir: Optional[str] = None):
+    """``root/split`` as an ImageFolder whose file list comes from ``folder_index`` (scanned once per machine, not
+    once per run and rank); the training split read from a node-local copy when ``stage_dir`` is set
+    (``stage_folder``): the same files in the same order, so the run's stream is unchanged."""
     import torchvision
 
     if not root:
@@ -177,10 +180,78 @@ def _image_folder(root: Optional[str], split: str):
     if not d.is_dir():
         raise UserError(f"ImageNet-style folder {d} not found: data_root must hold train/ and val/ "
                         "with one sub-folder per class")
+    if stage_dir and split == "train":
+        d = stage_folder(d, Path(os.path.expanduser(stage_dir)))
     try:
-        return torchvision.datasets.ImageFolder(str(d))
+        classes, samples = folder_index(d)
     except (FileNotFoundError, RuntimeError) as e:
         raise UserError(f"could not read image folder {d} ({e}): it needs one sub-folder of images per class") from None
+
+    class Indexed(torchvision.datasets.ImageFolder):
+        def find_classes(self, directory):
+            return list(classes), {c: i for i, c in enumerate(classes)}
+
+        def make_dataset(self, directory, class_to_idx, *args, **kwargs):
+            return [(os.path.join(directory, rel), c) for rel, c in samples]
+
+    return Indexed(str(d))
+
+
+_FOLDERS: dict = {}
+
+
+def folder_index(d: Path) -> tuple[list[str], list[tuple[str, int]]]:
+    """(classes, [(relative path, class index)]) of an ImageFolder, in torchvision's order: held in memory per
+    process, and kept in the cache directory keyed by the folder's path and its class folders' modification times,
+    so that the ranks, the cohort's members and the runs of a job on one machine scan 1.28M files once."""
+    import fcntl
+
+    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
+    d = d.resolve()
+    if d in _FOLDERS:
+        return _FOLDERS[d]
+    classes, class_to_idx = find_classes(str(d))
+    stamp = json.dumps([str(d), [(c, os.stat(d / c).st_mtime_ns) for c in classes]])
+    path = cache_dir() / "folders" / f"{hashlib.sha256(stamp.encode()).hexdigest()[:16]}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one process scans, the others wait and read its index
+        try:
+            index = atomic.read_json(path)
+        except atomic.Damaged:
+            index = None
+        if index is None:
+            samples = make_dataset(str(d), class_to_idx, extensions=IMG_EXTENSIONS)
+            index = {"folder": str(d), "classes": classes,
+                     "samples": [[os.path.relpath(p, d), c] for p, c in samples]}
+            atomic.write_json(path, index)
+    _FOLDERS[d] = (index["classes"], [(p, int(c)) for p, c in index["samples"]])
+    return _FOLDERS[d]
+
+
+def stage_folder(src: Path, stage_root: Path) -> Path:
+    """A copy of ``src`` on node-local disk, made once per machine (the first process copies, the others wait;
+    a copy is complete only when its marker names the file count), reused by every later run of the job."""
+    import fcntl
+    import shutil
+
+    src = src.resolve()
+    dest = stage_root / f"{src.parent.name}-{hashlib.sha256(str(src).encode()).hexdigest()[:12]}" / src.name
+    marker = dest.parent / f".{src.name}.complete"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with open(dest.parent / f".{src.name}.lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        n = sum(len(files) for _, _, files in os.walk(src))
+        if marker.exists() and marker.read_text().strip() == str(n) and dest.is_dir():
+            return dest
+        tmp = dest.with_name(f".{dest.name}.partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(dest, ignore_errors=True)
+        shutil.copytree(src, tmp)
+        os.replace(tmp, dest)
+        atomic.write_text(marker, f"{n}\n")
+    return dest
 
 
 @dataclass
@@ -208,7 +279,7 @@ def load_base(cfg: RunConfig) -> tuple[Dataset, Dataset, DatasetInfo]:
     else:
         from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-        train, val = _image_folder(cfg.data_root, "train"), _image_folder(cfg.data_root, "val")
+        train, val = _image_folder(cfg.data_root, "train", cfg.stage_dir), _image_folder(cfg.data_root, "val")
         if train.classes != val.classes:
             raise UserError(f"{cfg.data_root}: train/ and val/ have different class folders; they must match")
         info = DatasetInfo("imagenet", len(train.classes), cfg.img_size or 224, IMAGENET_DEFAULT_MEAN,

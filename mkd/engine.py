@@ -30,6 +30,12 @@ class NonFiniteLoss(RuntimeError):
     """The training loss became NaN/inf: the run stops and is marked failed."""
 
 
+def is_out_of_memory(e: BaseException) -> bool:
+    """A CUDA (or other accelerator) out-of-memory error: torch's class, or its message on older releases."""
+    return isinstance(e, getattr(torch, "OutOfMemoryError", ())) or \
+        (isinstance(e, RuntimeError) and "out of memory" in str(e))
+
+
 @dataclass
 class Models:
     """The networks of a run: what the step calls, the bare student, the teacher and how it is called."""

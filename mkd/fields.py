@@ -62,6 +62,10 @@ class GeneralConfig:
     dataset: str = _f("embedded", "dataset", DATASETS)
     data_root: Optional[str] = _f(None, "root of cifar100 (cifar-100-python/) or imagenet (train/, val/)", hashed=False)
     download: bool = _f(False, "download CIFAR-100 into data_root when missing (needs network)", hashed=False)
+    stage_dir: Optional[str] = _f(None, "an ImageNet folder's train/ copied once per machine to this node-local "
+                                        "directory and read from there (the same files in the same order: the "
+                                        "stream and the run id are unchanged); a profile's stage_input sets it",
+                                  hashed=False)
     img_size: int = _f(0, "input side (0: the dataset's native size: embedded 16, cifar100 32, imagenet 224)")
     embedded: EmbeddedConfig = _f(EmbeddedConfig(), "embedded dataset definition")
     augment: str = _f("weak", "augmentation strength preset (mkd/augment.py)", AUGMENTS)

@@ -144,8 +144,34 @@ def threads_per_run(parallel: int, slots: list[Optional[str]]) -> int:
     return max(1, int(os.environ.get("MKD_CPU_THREADS", "1")))
 
 
+def die_with_parent(grace_s: float = 20.0) -> None:
+    """Linux: when the launcher dies, even by ``kill -9``, the kernel sends this process SIGTERM (a training run
+    checkpoints the step it is at and stops; its loader workers see their parent gone and exit); a watchdog ends it
+    for good if it is still alive ``grace_s`` seconds after.  No process outlives its launcher."""
+    import signal
+    import threading
+
+    parent = os.getppid()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the watchdog alone
+        pass
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        time.sleep(grace_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="die-with-parent", daemon=True).start()
+
+
 def _worker_init(threads: int, gpu_slots) -> None:
-    """Pool worker set-up: its GPU (one per worker) and thread count, before torch is imported."""
+    """Pool worker set-up: it dies with the launcher; its GPU (one per worker) and thread count, before torch is
+    imported."""
+    die_with_parent()
     if gpu_slots is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu_slots.get()
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
@@ -226,7 +252,11 @@ class _Pool:
         self.n, self.threads, self.ctx = n, threads, mp.get_context("spawn")
         self.gpu_q = None
         if slots[0] is not None:
-            self.gpu_q = self.ctx.Manager().Queue()
+            from multiprocessing.managers import SyncManager
+
+            manager = SyncManager(ctx=self.ctx)
+            manager.start(die_with_parent)  # the manager's server process dies with the launcher too
+            self.gpu_q = manager.Queue()
             for i in range(n):
                 self.gpu_q.put(slots[i % len(slots)])
         os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT), os.environ.get("PYTHONPATH")]))
@@ -436,7 +466,7 @@ PROFILE_KEYS = {"partition": "slurm_partition", "account": "slurm_account", "qos
                 "timeout_min": "timeout_min", "constraint": "slurm_constraint", "setup": "slurm_setup",
                 "array_parallelism": "slurm_array_parallelism", "signal_delay_s": "slurm_signal_delay_s",
                 "additional": "slurm_additional_parameters", "exclude": "slurm_exclude"}
-PROFILE_OTHER = ("data_root", "scales", "description")
+PROFILE_OTHER = ("data_root", "scales", "description", "max_num_timeout", "stage_input", "cohort_max")
 
 
 def load_profile(path: Optional[str], scale: str) -> dict:
@@ -474,7 +504,10 @@ def slurm_reachable() -> None:
 
 
 def make_executor(profile: dict, folder: Path, max_parallel: Optional[int]) -> submitit.AutoExecutor:
-    ex = submitit.AutoExecutor(folder=folder / "%j", cluster="slurm")
+    """submitit's executor from the profile: its sbatch options, and how many times a job that reaches its time
+    limit is requeued (``max_num_timeout``, submitit's default 3: a 300-epoch run in 48 h jobs needs more)."""
+    extra = {"slurm_max_num_timeout": int(profile["max_num_timeout"])} if profile.get("max_num_timeout") else {}
+    ex = submitit.AutoExecutor(folder=folder / "%j", cluster="slurm", **extra)
     params = {PROFILE_KEYS[k]: v for k, v in profile.items() if k in PROFILE_KEYS and v is not None}
     gpus = int(profile.get("gpus_per_node") or 0)
     params.setdefault("tasks_per_node", max(1, gpus))  # one task (process) per GPU, DDP from the submitit environment

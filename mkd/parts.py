@@ -82,6 +82,7 @@ class _Data:
 
 
 _TENSORS: dict = {}  # materialised evaluation / meta sets of this process, reused by its next runs (pool workers)
+_LOADERS: dict = {}  # evaluation loaders of this process (sets too large to hold), one per set for all its runs
 
 
 def _materialized(key: tuple, make: Callable):
@@ -192,10 +193,13 @@ def eval_batches(cfg: RunConfig, base, transform, key: tuple, ctx: Context, indi
     bs = max(1, cfg.eval_batch_size)
     rank, world, device = ctx.rank, ctx.world, ctx.device
     loader = None
-    if held is None:
-        loader = torch.utils.data.DataLoader(src, batch_size=bs, sampler=list(range(rank, len(src), world)),
-                                             num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
-                                             persistent_workers=cfg.num_workers > 0, collate_fn=collated_as_is)
+    if held is None:  # one loader (and its workers) per process and evaluation set, shared by a cohort's members
+        lkey = (key, bs, rank, world, cfg.num_workers, device.type)
+        if lkey not in _LOADERS:
+            _LOADERS[lkey] = torch.utils.data.DataLoader(
+                src, batch_size=bs, sampler=list(range(rank, len(src), world)), num_workers=cfg.num_workers,
+                pin_memory=device.type == "cuda", persistent_workers=cfg.num_workers > 0, collate_fn=collated_as_is)
+        loader = _LOADERS[lkey]
 
     def batches():
         it = tensor_batches(held, bs, rank, world) if held is not None else (b[:2] for b in loader)

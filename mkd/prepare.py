@@ -86,7 +86,15 @@ def failures_recorded(run: RunDir, cfg: RunConfig, main: bool):
         raise UserError(f"{run.path}: could not write {what} ({e.strerror}): {RESOURCE_ERRORS[e.errno]}; "
                         "then rerun the same command: the run resumes from its last checkpoint, and nothing "
                         "half-written is read as a result") from None
-    except Exception as e:  # a bug: record it, keep the traceback
+    except Exception as e:  # a bug: record it, keep the traceback; out of memory: one clear line
+        from .engine import is_out_of_memory
+
+        if is_out_of_memory(e):
+            err = UserError(f"{run.path}: out of GPU memory ({str(e).splitlines()[0][:120]}): lower batch_size, train "
+                            "on more GPUs (DDP splits the batch), or use a larger card")
+            if main:
+                write_failure(run, cfg, str(err))
+            raise err from None
         if main:
             write_failure(run, cfg, f"{type(e).__name__}: {e}")
         raise

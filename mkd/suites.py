@@ -88,6 +88,7 @@ class Plan:
     root: Path = Path("results")
     table: Optional[str] = None  # the table the suite asks for (analysis/tables.py), None: chosen from the axes
     cohorts: str = "auto"  # mkd/cohort.py: auto | on | off
+    cohort_max: int = 8  # runs per cohort at most (a profile's cohort_max)
     trials: list[Run] = field(default_factory=list)  # tuning trials (mkd/tuning.py)
     waiting: list[Run] = field(default_factory=list)  # finals whose setting their trials have not chosen yet
     tuning: Optional[object] = None  # mkd.tuning.Tuning where it applies at this scale
@@ -104,7 +105,7 @@ class Plan:
         (mkd/cohort.py)."""
         from .cohort import plan_cohorts
 
-        return [[t] for t in self.teachers] + plan_cohorts(self.trials + self.students, self.cohorts)
+        return [[t] for t in self.teachers] + plan_cohorts(self.trials + self.students, self.cohorts, self.cohort_max)
 
 
 def known_suites() -> list[str]:
@@ -434,7 +435,7 @@ def _model_ok(path: Path, name: str, where: str) -> None:
         raise _fail(path, where, str(e)) from None
 
 
-TEACHER_INHERITS = ("dataset", "data_root", "download", "img_size", "embedded", "meta_split", "holdout", "split_seed",
+TEACHER_INHERITS = ("dataset", "data_root", "download", "stage_dir", "img_size", "embedded", "meta_split", "holdout", "split_seed",
                     "num_workers", "amp", "compile", "eval_every", "eval_batch_size", "checkpoint_minutes",
                     "checkpoint_every_steps")
 # what a teacher trained by the suite takes from the scale's recipe unless its ``train:`` says otherwise

@@ -99,6 +99,50 @@ def test_a_member_that_fails_leaves_the_cohort_and_a_stopped_cohort_resumes_ever
         _same_run(tmp_path / "p" / c.method, tmp_path / f"alone_{c.method}")
 
 
+@pytest.mark.slow
+def test_a_member_out_of_gpu_memory_splits_the_cohort_and_every_member_ends_as_alone(tmp_path, teacher_ckpt):
+    """A CUDA out-of-memory error in one member's step (raised here at the 5th step of the second member) does
+    not kill the cohort: every member is checkpointed where it stands, the cohort goes on as two halves, and each
+    member ends bitwise as its run alone."""
+    import mkd.engine as E
+    from mkd import cohort as C
+    from mkd.train import train
+
+    cfgs = _configs(teacher_ckpt)
+    dirs = _run_dirs(tmp_path / "c", [(c.method, c) for c in cfgs])
+    real, seen = E.EpochSteps.take, []
+
+    def take(self, batch):
+        if self.loop.method.name == "mkd" and self.step == 5 and not seen:
+            seen.append(self.step)
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(self, batch)
+
+    E.EpochSteps.take = take
+    try:
+        out = C.train_cohort(dirs, quiet=True)
+    finally:
+        E.EpochSteps.take = real
+    assert seen == [5] and all(ok for ok, _ in out.values()) and len(out) == 4, out
+    for c in cfgs:
+        train(c, tmp_path / "alone" / c.method, quiet=True)
+        _same_run(tmp_path / "c" / c.method, tmp_path / "alone" / c.method)
+
+
+def test_out_of_memory_alone_is_one_clear_line(tmp_path):
+    from mkd.prepare import failures_recorded
+    from mkd.rundir import RunDir
+
+    cfg = load_config(overrides=["epochs=1"])
+    with pytest.raises(Exception) as e:
+        with failures_recorded(RunDir(tmp_path), cfg, True):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    from mkd.errors import UserError
+
+    assert isinstance(e.value, UserError) and "lower batch_size" in str(e.value)
+    assert "out of GPU memory" in json.loads((tmp_path / "result.json").read_text())["reason"]
+
+
 def test_the_planner_groups_runs_of_one_teacher_stream_and_nothing_else(tmp_path):
     """auto: cohorts where the teacher's logits are not cached (ImageNet); a run without a teacher, another teacher,
     augmentation or seed, or another training set (MKD holds out its meta split unless holdout=all) is another
@@ -122,6 +166,10 @@ def test_the_planner_groups_runs_of_one_teacher_stream_and_nothing_else(tmp_path
     assert all(len(u) == 1 for u in plan_cohorts(tiny.students, "auto")), "cached teacher streams: no cohorts"
     assert any(len(u) == 2 for u in plan_cohorts(tiny.students, "on"))
     assert all(len(u) == 1 for u in plan_cohorts(inet.students, "off"))
+    main = expand("imagenet_main", "imagenet", data_root=str(tmp_path), axes={"seed": [0, 1]})
+    for u in plan_cohorts(main.students, "auto"):  # ViT-T/S/B/L of one stream: a cohort per student architecture
+        assert len({r.config.student.replace("_distilled", "") for r in u}) == 1, [r.config.student for r in u]
+    assert max(len(u) for u in plan_cohorts(main.students, "auto")) > 1
 
 
 @pytest.mark.slow
