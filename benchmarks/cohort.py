@@ -29,21 +29,20 @@ METHODS = ("kd", "ctkd", "mkd", "dkd")
 
 def loops(args, device, methods):
     """One engine loop per method (as a run builds it) on one shared, frozen teacher."""
-    import timm
-
     from mkd.augment import build_augment
     from mkd.engine import build_loop
     from mkd.methods import build_method
+    from mkd.models import create_model
     from perf import random_meta_batches
 
     classes = 1000
-    teacher = timm.create_model(args.teacher, num_classes=classes, img_size=args.img).to(device).eval()
+    teacher = create_model(args.teacher, classes, args.img).to(device).eval()
     teacher.requires_grad_(False)
     out = []
     for i, m in enumerate(methods):
         cfg = _cfg(m, args)
         torch.manual_seed(i)
-        student = timm.create_model(args.student, num_classes=classes, img_size=args.img, drop_path_rate=0.1).to(device)
+        student = create_model(args.student, classes, args.img, drop_path=0.1).to(device)
         method = build_method(cfg, classes).to(device)
         aug = build_augment("none", args.img, (0.5,) * 3, (0.25,) * 3, classes)
         meta = random_meta_batches(method, max(args.batch, 8), args.img, classes, device)
@@ -56,7 +55,8 @@ def _cfg(method: str, args):
 
     return from_dict({"method": method, "student": args.student, "teacher": args.teacher, "batch_size": args.batch,
                       "augment": "none", "log_every": 10**9, "lr": 1e-4, "warmup_epochs": 0, "epochs": 10**6,
-                      "drop_path": 0.1, "compile": "off", "mkd": {"meta_batch_size": args.batch}})
+                      "drop_path": 0.1, "compile": "on" if args.compile else "off",
+                      "mkd": {"meta_batch_size": args.batch}})
 
 
 def batches(args, device, n: int):
@@ -72,7 +72,8 @@ def step_times(args, device) -> dict:
     from mkd.engine import EpochSteps
     from mkd.environment import rng_state, set_rng_state
 
-    ls = loops(args, device, METHODS)
+    methods = args.methods.split(",")
+    ls = loops(args, device, methods)
     data = batches(args, device, args.steps)
     fwd, P = ls[0].models.teacher_fwd, ls[0].precision
 
@@ -110,7 +111,7 @@ def step_times(args, device) -> dict:
             out.append((time.perf_counter() - t) / len(data))
         return statistics.median(out)
 
-    sep = {m: timed(lambda loop=loop: alone(loop)) for m, loop in zip(METHODS, ls)}
+    sep = {m: timed(lambda loop=loop: alone(loop)) for m, loop in zip(methods, ls)}
     t_teacher = timed(lambda: [teacher(x) for x, _ in data])
     return {"separate": sep, "separate_sum": sum(sep.values()), "cohort": timed(cohort), "teacher_forward": t_teacher}
 
@@ -133,7 +134,8 @@ def _memory_child(what: str) -> None:
     from mkd.batch import Batch
     from mkd.engine import EpochSteps
 
-    ls = loops(args, device, METHODS if what == "cohort" else METHODS[:1])
+    methods = args.methods.split(",")
+    ls = loops(args, device, methods if what == "cohort" else methods[:1])
     fwd = ls[0].models.teacher_fwd
     steps = [EpochSteps(loop, 1, 0) for loop in ls]
     for x, y in batches(args, device, 2):
@@ -160,6 +162,10 @@ def parse_args(argv):
     ap.add_argument("--batch", type=int, default=2, help="per step (CPU: as small as the models allow)")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--methods", default=",".join(METHODS), help="the cohort's members (default kd,ctkd,mkd,dkd)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile each student and the teacher, as runs do "
+                                                            "on a GPU")
+    ap.add_argument("--memory-only", action="store_true", help="only the peak-memory rows (no step timings)")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory rows")
     ap.add_argument("--json", help="also write the rows to this file")
     return ap.parse_args(argv)
@@ -169,24 +175,30 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     device = _device()
     torch.manual_seed(0)
-    t = step_times(args, device)
-    ratio = t["cohort"] / t["separate_sum"]
+    methods = args.methods.split(",")
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-    print(f"cohort of {len(METHODS)} ({', '.join(METHODS)}), teacher {args.teacher}, student {args.student}, "
-          f"{args.img} px, batch {args.batch}, {args.steps} steps x {args.repeats}; {where}; torch {torch.__version__}")
-    print("| what | s / step |\n|---|---|")
-    for m, s in t["separate"].items():
-        print(f"| {m} alone (teacher forward + step) | {s:.3f} |")
-    print(f"| sum of the {len(METHODS)} separate runs | {t['separate_sum']:.3f} |")
-    print(f"| teacher forward alone | {t['teacher_forward']:.3f} |")
-    print(f"| cohort (one teacher forward + {len(METHODS)} steps) | {t['cohort']:.3f} |")
-    print(f"| **cohort / separate** | **{ratio:.2f}x** (target at most 0.40x) |")
-    rows = {**t, "ratio": ratio, "device": where, "torch": torch.__version__, "args": vars(args)}
+    print(f"cohort of {len(methods)} ({', '.join(methods)}), teacher {args.teacher}, student {args.student}, "
+          f"{args.img} px, batch {args.batch}, {args.steps} steps x {args.repeats}, compile {args.compile}; {where}; "
+          f"torch {torch.__version__}")
+    rows = {"device": where, "torch": torch.__version__, "args": vars(args)}
+    if not args.memory_only:
+        t = step_times(args, device)
+        ratio = t["cohort"] / t["separate_sum"]
+        print("| what | s / step |\n|---|---|")
+        for m, s in t["separate"].items():
+            print(f"| {m} alone (teacher forward + step) | {s:.3f} |")
+        print(f"| sum of the {len(methods)} separate runs | {t['separate_sum']:.3f} |")
+        print(f"| teacher forward alone | {t['teacher_forward']:.3f} |")
+        print(f"| cohort (one teacher forward + {len(methods)} steps) | {t['cohort']:.3f} |")
+        print(f"| **cohort / separate** | **{ratio:.2f}x** |")
+        rows.update(t, ratio=ratio)
+        if "kd" in t["separate"] and "mkd" in t["separate"]:
+            rows["mkd_over_kd"] = t["separate"]["mkd"] / t["separate"]["kd"]
     if not args.no_memory:
         (one, one_now), (many, many_now) = peak_memory(args, "one"), peak_memory(args, "cohort")
         print(f"| memory, one run: peak / after its steps | {one:.2f} / {one_now:.2f} GiB |\n"
-              f"| memory, cohort of {len(METHODS)}: peak / after its steps | {many:.2f} / {many_now:.2f} GiB "
+              f"| memory, cohort of {len(methods)}: peak / after its steps | {many:.2f} / {many_now:.2f} GiB "
               f"({many / one:.2f}x / {many_now / one_now:.2f}x) |")
         rows.update(peak_one_gib=one, peak_cohort_gib=many, after_one_gib=one_now, after_cohort_gib=many_now)
     if args.json:

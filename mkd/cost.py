@@ -12,8 +12,8 @@ all its members).  Its time is the slowest of three pipelines, each priced low-h
 - **I/O** (ImageNet folders): the JPEG bytes read / the storage bandwidth per GPU (``IO_MB_S``; a staged copy on
   node-local disk reads the shared filesystem once, then local disk).
 
-Rates (images/s per GPU) come from ``benchmarks/throughput.csv``: a row measured on the priced card
-(``gpu_check.py --record``) is used as it is (±10%); otherwise a prior, a published timm benchmark on an RTX 3090,
+Rates (images/s per GPU): a rate ``gpu_check.py --record`` measured on the priced card (``benchmarks/measured/``) is
+used as it is (±10%); otherwise ``benchmarks/throughput.csv``'s prior, a published timm benchmark on an RTX 3090,
 scaled by the card's factor (``CARDS``: the ratio of dense bf16 tensor peaks times the share of it a large card
 reaches on these models relative to the RTX 3090, 0.2-0.45); a model with no row is priced from its FLOPs
 (``torch.utils.flop_counter`` on the meta device) at an MFU of ``FALLBACK_MFU``.  On a CPU (the tiny scale) rates
@@ -33,6 +33,7 @@ from . import methods
 
 ROOT = Path(__file__).resolve().parent.parent
 THROUGHPUT = ROOT / "benchmarks" / "throughput.csv"
+MEASURED_DIR = ROOT / "benchmarks" / "measured"  # <card>.json: benchmarks/gpu_check.py --record
 REFERENCE_CARD = "RTX 3090"
 # dense bf16/fp16 tensor peaks, TFLOP/s (vendor data sheets: SXM parts; the RTX 3090's fp16 with fp32 accumulate)
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "V100": 125.0, "RTX 3090": 71.0}
@@ -125,10 +126,44 @@ class Rate:
     source: str
 
 
+@functools.lru_cache(maxsize=None)
+def measured_on(card: str, directory: Path = MEASURED_DIR) -> dict:
+    """The card's measurements (``gpu_check.py --record``): {} until the check has run on it."""
+    p = directory / f"{card}.json"
+    try:
+        return json.loads(p.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _measured_rate(a: str, mode: str, card: str, img_size: int) -> Optional[Rate]:
+    """A rate gpu_check measured on this card: the compiled one where there is one; an eager training rate scaled up
+    to the compile factor it measured for DeiT-Ti (runs compile on a GPU)."""
+    m = measured_on(card)
+    rows = [r for r in m.get("rates", []) if arch(r["model"]) == a and r["mode"] == mode
+            and int(r["img_size"]) == img_size]
+    if not rows:
+        return None
+    src = f"measured on {m.get('device', card)} by gpu_check.py ({m.get('date')}, commit {m.get('commit')})"
+    best = max(rows, key=lambda r: (r["compiled"], r["img_s"]))
+    v = float(best["img_s"])
+    if best["compiled"] or mode != "train":
+        return Rate(v * MEASURED_SPREAD[0], v * MEASURED_SPREAD[1], src)
+    pairs = [r for r in m.get("rates", []) if r["mode"] == "train"]
+    comp = {r["model"]: r["img_s"] for r in pairs if r["compiled"]}
+    eager = {r["model"]: r["img_s"] for r in pairs if not r["compiled"]}
+    factor = max((comp[k] / eager[k] for k in comp if k in eager), default=1.0)
+    return Rate(v * MEASURED_SPREAD[0], v * max(factor, 1.0) * MEASURED_SPREAD[1], src + " (eager; compiled up to "
+                f"{factor:.2f}x)")
+
+
 def rate(model: str, mode: str, card: str, img_size: int, kwargs: Optional[dict] = None, classes: int = 1000,
          path: Path = THROUGHPUT) -> Rate:
     """Images/s per GPU (or per CPU thread, ``card`` 'cpu') for ``model`` training or in inference (``mode``)."""
     a = arch(model)
+    measured = _measured_rate(a, mode, card, img_size) if card != "cpu" else None
+    if measured is not None:
+        return measured
     rows = [r for r in throughput_rows(path) if r["model"] == a and r["mode"] == mode and int(r["img_size"]) == img_size]
     measured = [r for r in rows if r["card"] == card and r["kind"] == "measured"]
     if measured:

@@ -56,7 +56,7 @@ def _buffers(model: nn.Module) -> list[Tensor]:
 
 def selfcheck(device: str = "cpu", dtype: str = "float64", lr: Optional[float] = None, seed: int = 0,
               granularity: str = "global", student_name: str = "emb_vit_s", drop_path: float = 0.0,
-              dropout: float = 0.0, lookahead: str = "sgd", amp: str = "off") -> dict[str, float]:
+              dropout: float = 0.0, lookahead: str = "sgd", amp: str = "off", img: int = 0) -> dict[str, float]:
     """Relative errors of jvp and fd against exact, and of exact against a finite difference of the real
     meta loss in log tau, on embedded data with a tiny student (stochastic layers and BatchNorm included) and
     teacher; also whether any meta computation changed a buffer.  ``amp=bf16``: the training step runs under bf16
@@ -74,6 +74,9 @@ def selfcheck(device: str = "cpu", dtype: str = "float64", lr: Optional[float] =
     teacher = create_model("emb_vit_m", info.num_classes, info.img_size).to(device, dt).eval()
     with torch.no_grad():
         tl = 3 * teacher(x)  # sharpen the untrained teacher so the KD term matters
+    if img:  # the student at a real model's size (DeiT-Ti at 224 px): the images upsampled, the teacher's logits kept
+        student = create_model(student_name, info.num_classes, img, drop_path=drop_path).to(device, dt).train()
+        x, xm = (F.interpolate(t, size=(img, img), mode="bilinear", align_corners=False) for t in (x, xm))
     targets = F.one_hot(y, info.num_classes).to(dt)
     method = _mkd_away_from_equal_temperatures(cfg, info.num_classes, device, dt)
     temps, loss_fn = method.temps, method.loss_with
@@ -183,6 +186,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--drop-path", type=float, default=0.0, help="stochastic depth rate of the student")
     ap.add_argument("--dropout", type=float, default=0.0, help="dropout rate of the student (not attention dropout)")
     ap.add_argument("--lookahead", default="sgd", choices=["sgd", "adam"], help="look-ahead step (mkd.lookahead)")
+    ap.add_argument("--img", type=int, default=0, help="run the student at this input size (the embedded images "
+                                                        "upsampled): e.g. deit_tiny_patch16_224 at 224")
     ap.add_argument("--amp", default="off", choices=["off", "bf16"],
                     help="bf16: run the step and the hypergradients under bf16 autocast, compare with exact in --dtype")
     args = ap.parse_args(argv)
@@ -193,7 +198,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print("error: --amp bf16 compares with exact in float32: add --dtype float32", file=sys.stderr)
         return 2
     res = selfcheck(args.device, args.dtype, granularity=args.granularity, student_name=args.student,
-                    drop_path=args.drop_path, dropout=args.dropout, lookahead=args.lookahead, amp=args.amp)
+                    drop_path=args.drop_path, dropout=args.dropout, lookahead=args.lookahead, amp=args.amp, img=args.img)
     tol = dict(TOLERANCES[args.dtype])
     if args.amp != "off":  # a bf16 step: every row within the reduced-precision tolerance
         tol = {k: AMP_TOLERANCE for k in tol}
