@@ -52,8 +52,8 @@ perf: $(STAMP)
 selfcheck: $(STAMP)
 	$(PY) -m mkd.selfcheck
 
-gpu-check: $(STAMP)       ## GPU acceptance check (selfcheck on CUDA, perf b128/b256, compile+bf16 MKD, DDP); CPU-sized on a CPU
-	$(PY) benchmarks/gpu_check.py
+gpu-check: $(STAMP)       ## GPU acceptance check: what the price needs (rates, real pairs, cohort, memory, checkpoint, loader), self-check, compile+bf16 MKD, DDP; CPU-sized on a CPU; GPU_CHECK_ARGS=--record keeps it
+	$(PY) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 
 slurm-up:
 	slurm/local_cluster.sh start && slurm/local_cluster.sh env

@@ -96,9 +96,11 @@ def _setting_text(tuned) -> "str | None":
 
 
 def _tuning_text(tuned) -> "str | None":
-    """How it was chosen: the trials, their held-out scores."""
+    """How it was chosen: the trials, their held-out scores (or that the suite's tuning was skipped)."""
     if not tuned:
         return None
+    if tuned.get("skipped"):
+        return str(tuned["skipped"])
     trials = tuned.get("trials") or []
     seeds = ", ".join(map(str, tuned.get("seeds") or []))
     return (f"{len(trials)} trials scored by top-1 on a held-out {tuned.get('holdout', 0):.0%} of the training set "

@@ -89,6 +89,8 @@ def provenance(df: pd.DataFrame, suite: str, scale: str) -> list[str]:
 def tuning_notes(df: pd.DataFrame) -> list[str]:
     """How each method's setting was chosen where the suite tunes (``mkd/tuning.py``), and what was chosen, per
     method and setting (run.json's ``tuned``)."""
+    if "tuning" in df and df["tuning"].dropna().str.startswith("not tuned").any():
+        return [f"Tuning: {df['tuning'].dropna().iloc[0]}, though the suite tunes at this scale."]
     if "tuned_setting" not in df or df["tuned_setting"].isna().all():
         return []
     done = df.drop_duplicates("run_id")

@@ -55,7 +55,8 @@ def parse_args(argv):
                     help="local weights for a pretrained teacher of the scale (offline clusters), e.g. "
                          "--teacher-checkpoint large=/ckpts/vit_large_patch16_224.augreg_in21k_ft_in1k.pth")
     ap.add_argument("--dry-run", action="store_true",
-                    help="print the plan (one line per run, with its estimated GPU-hours) and exit")
+                    help="print the plan and exit: one line per run with its price as a range (GPU-hours; CPU-minutes "
+                         "at the tiny scale) and what binds it (GPU, decode, I/O), then the suite's total")
     ap.add_argument("--gpu", default="H100", help="--dry-run: the card the cost is estimated for (default H100)")
     ap.add_argument("--cores", type=int,
                     help="--dry-run: CPU cores per GPU feeding it (default: the profile's cpus_per_task, else 10)")

@@ -260,7 +260,7 @@ def price_unit(cfgs: list, machine: Machine, teacher_cached: Optional[list[bool]
             meta_batch = cfg.mkd.meta_batch_size or max(2, cfg.batch_size // 2)
             meta = steps / cfg.mkd.meta_interval * meta_batch
         decoded = max(decoded, images) + meta + n_val * evals  # members share the training batches
-    parts = {"GPU": (gpu_lo, gpu_hi)}
+    parts = {"CPU" if machine.cpu else "GPU": (gpu_lo, gpu_hi)}
     if not machine.cpu and lead.dataset in PER_CORE:
         per = PER_CORE[lead.dataset].get(lead.augment, PER_CORE[lead.dataset]["weak"])
         parts["decode"] = (decoded / (machine.cores * per[1]), decoded / (machine.cores * per[0]))

@@ -266,6 +266,10 @@ def expand(name_or_path: str, scale: str = "tiny", results: Path | str = "result
     trials, waiting = [], []
     if tuning is None:
         students = build([(r, {}) for r in rows])
+        if not tune and _tuning(path, spec, scale, rows, base, None) is not None:  # the tables say it was skipped
+            for r in students:
+                r.tuned = {"setting": None, "skipped": "not tuned (--no-tuning): every method at the suite's own "
+                                                       "setting"}
     else:
         trials, students, waiting = _tuned(tuning, rows, base, build)
     teachers = list({r.run_id: r for r in teacher_of.values()}.values())
