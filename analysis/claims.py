@@ -156,6 +156,9 @@ def scoreboard(findings: list[Finding], prices: Optional[dict] = None) -> list[R
                 n = f.seeds_needed
                 if v in (SUPPORTED, CONTRADICTED):
                     resolve = "resolved"
+                elif v == NOT_ANSWERABLE:
+                    resolve = ("not by more seeds: a budget where the student trained alone learns under the strong "
+                               "recipe (longer runs, or the cifar or imagenet scale)")
                 elif n is None:
                     resolve = "a pilot with at least 2 seeds" if v == NOT_RUN else "no spread to plan from"
                 else:

@@ -91,7 +91,7 @@ def parse_args(argv):
 def print_plan(plan, machine, rates: bool = False) -> int:
     """One line per run with its price as a range and what binds it (``mkd/cost.py``): a cohort is priced as one
     process, on its first member's line; then the suite's total, split into teachers, tuning trials and students."""
-    from mkd.cost import in_units, price_unit, rate, unit_label
+    from mkd.cost import in_units, price_runs, rate, unit_label
 
     unit = unit_label(machine)
     head = (f"suite {plan.suite} ({plan.scale}) from {plan.path}: {len(plan.teachers)} teachers + "
@@ -105,8 +105,7 @@ def print_plan(plan, machine, rates: bool = False) -> int:
     totals = {"teacher": [0.0, 0.0], "trial": [0.0, 0.0], "student": [0.0, 0.0]}
     binds: dict[str, int] = {}
     for i, u in enumerate(units):
-        cached = [bool(r.after) and r.config.teacher_stream_key() is not None for r in u]
-        p = price_unit([r.config for r in u], machine, cached)
+        p = price_runs(u, machine)
         totals[u[0].kind][0] += p.low
         totals[u[0].kind][1] += p.high
         binds[p.binds] = binds.get(p.binds, 0) + 1
@@ -161,7 +160,7 @@ def print_seeds_for(plan, claim: str, machine) -> int:
     from analysis.findings import findings_for, plan_text, verdict_text
     from analysis.tables import table_kind
 
-    from mkd.cost import in_units, price_unit, unit_label
+    from mkd.cost import in_units, price_runs, unit_label
 
     keys = {c.key: [k for s, k in c.tested if s == plan.suite] for c in CLAIMS}
     wanted = keys.get(claim) or [k for k in {k for ks in keys.values() for k in ks} if k.split()[0] == claim
@@ -186,7 +185,7 @@ def print_seeds_for(plan, claim: str, machine) -> int:
     per_seed: dict[str, list[float]] = {}
     for u in plan.units():
         if u[0].kind == "student":
-            p = price_unit([r.config for r in u], machine, [bool(r.after) for r in u])
+            p = price_runs(u, machine)
             for r in u:
                 v = per_seed.setdefault(r.config.method, [0.0, 0.0])
                 v[0] += p.low / len(u) / len(seeds)

@@ -48,7 +48,12 @@ STEP_FLOOR = {"cuda": (0.003, 0.008), "cpu": (0.0, 0.0)}  # seconds per optimize
 PER_CORE = {"imagenet": {"strong": (330.0, 420.0), "medium": (340.0, 430.0), "weak": (600.0, 680.0),
                          "none": (440.0, 470.0)},
             "cifar100": {"strong": (1500.0, 3000.0), "medium": (1500.0, 3000.0), "weak": (4000.0, 8000.0),
-                         "none": (6000.0, 12000.0)}}
+                         "none": (6000.0, 12000.0)},
+            # the embedded 16 px images on one CPU thread, in the run's own thread (tiny): the quartiles of the
+            # reference runs that filled their stream's input cache (docs/reference/runs, commit b0e9c29, Intel
+            # Xeon): their time less the measured compute rates' share, over the images they decoded
+            "embedded": {"strong": (4100.0, 4700.0), "medium": (4100.0, 4700.0), "weak": (4700.0, 16000.0),
+                         "none": (4700.0, 16000.0)}}
 JPEG_KB = 108.0  # ImageNet-1K's mean training JPEG: 138 GB / 1,281,167 images
 # MB/s per GPU: a shared filesystem (1.6-6.4 GB/s for a node of 8 GPUs, assumed); node-local NVMe (assumed)
 IO_MB_S = {"shared": (200.0, 800.0), "staged": (1000.0, 3000.0)}
@@ -223,10 +228,14 @@ class Machine:
         return self.card == "cpu"
 
 
-def price_unit(cfgs: list, machine: Machine, teacher_cached: Optional[list[bool]] = None) -> Price:
+def price_unit(cfgs: list, machine: Machine, teacher_cached: Optional[list[bool]] = None,
+               inputs_cached: Optional[list[bool]] = None) -> Price:
     """The price of one unit of work: a run (``cfgs`` of one) or a cohort (one decoded batch and one teacher forward
-    per step for every member); ``teacher_cached[i]``: member i reads its teacher's logits from the stream cache."""
+    per step for every member); ``teacher_cached[i]``: member i reads its teacher's logits from the stream cache;
+    ``inputs_cached[i]``: its decoded training batches (on a CPU, where decoding shares the run's thread, a unit
+    whose members all read them pays no training decode)."""
     cached = teacher_cached or [False] * len(cfgs)
+    inputs_read = all(inputs_cached) if inputs_cached else False
     gpu_lo = gpu_hi = 0.0
     sources = []
     lead = cfgs[0]
@@ -260,6 +269,10 @@ def price_unit(cfgs: list, machine: Machine, teacher_cached: Optional[list[bool]
             meta_batch = cfg.mkd.meta_batch_size or max(2, cfg.batch_size // 2)
             meta = steps / cfg.mkd.meta_interval * meta_batch
         decoded = max(decoded, images) + meta + n_val * evals  # members share the training batches
+    if machine.cpu and lead.dataset in PER_CORE and not inputs_read:  # decoding in the run's thread: it adds
+        per = PER_CORE[lead.dataset].get(lead.augment, PER_CORE[lead.dataset]["weak"])
+        train_images = max(c.epochs * (_images(c)[1] // c.batch_size) * c.batch_size for c in cfgs)
+        gpu_lo, gpu_hi = gpu_lo + train_images / per[1], gpu_hi + train_images / per[0]
     parts = {"CPU" if machine.cpu else "GPU": (gpu_lo, gpu_hi)}
     if not machine.cpu and lead.dataset in PER_CORE:
         per = PER_CORE[lead.dataset].get(lead.augment, PER_CORE[lead.dataset]["weak"])
@@ -275,6 +288,12 @@ def price_unit(cfgs: list, machine: Machine, teacher_cached: Optional[list[bool]
     low = max(v[0] for v in parts.values())
     high = max(v[1] for v in parts.values())
     return Price(low, high, binds, parts, sources)
+
+
+def price_runs(runs: list, machine: Machine) -> Price:
+    """The price of a unit of a plan's runs (``mkd.suites.Run``: its config and which stream caches it reads)."""
+    return price_unit([r.config for r in runs], machine, [r.reads_logits for r in runs],
+                      [r.reads_inputs for r in runs])
 
 
 def machine_for(scale: str, card: str = "H100", cores: Optional[int] = None, storage: str = "shared") -> Machine:

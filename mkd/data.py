@@ -14,6 +14,7 @@ Class templates depend on ``seed`` only; the training and validation samples use
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -187,14 +188,34 @@ def _image_folder(root: Optional[str], split: str, stage_dir: Optional[str] = No
     except (FileNotFoundError, RuntimeError) as e:
         raise UserError(f"could not read image folder {d} ({e}): it needs one sub-folder of images per class") from None
 
-    class Indexed(torchvision.datasets.ImageFolder):
+    return _indexed_folder_class()(str(d), classes, samples)
+
+
+@functools.cache
+def _indexed_folder_class():
+    """An ImageFolder built from a given file list (no scan); a module-level class, so that loader workers started
+    by spawn or forkserver can unpickle it."""
+    import torchvision
+
+    class IndexedFolder(torchvision.datasets.ImageFolder):
+        def __init__(self, root: str, classes: list[str], samples: list[tuple[str, int]]):
+            self._index = (list(classes), samples)
+            super().__init__(root)
+
         def find_classes(self, directory):
-            return list(classes), {c: i for i, c in enumerate(classes)}
+            return self._index[0], {c: i for i, c in enumerate(self._index[0])}
 
         def make_dataset(self, directory, class_to_idx, *args, **kwargs):
-            return [(os.path.join(directory, rel), c) for rel, c in samples]
+            return [(os.path.join(directory, rel), c) for rel, c in self._index[1]]
 
-    return Indexed(str(d))
+    IndexedFolder.__qualname__ = "IndexedFolder"
+    return IndexedFolder
+
+
+def __getattr__(name: str):  # pickle finds mkd.data.IndexedFolder here, torchvision imported only when needed
+    if name == "IndexedFolder":
+        return _indexed_folder_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 _FOLDERS: dict = {}

@@ -46,7 +46,7 @@ from .rundir import RunDir
 SUITES_DIR = Path(__file__).resolve().parent.parent / "benchmarks" / "suites"
 SCALES = ("tiny", "cifar", "imagenet")
 ABSTRACT_AXES = ("teacher", "student")
-SUITE_KEYS = ("description", "axes", "include", "exclude", "config", "scales", "table", "budget", "tuning",
+SUITE_KEYS = ("question", "description", "axes", "include", "exclude", "config", "scales", "table", "budget", "tuning",
               "smallest_effect")
 BUDGETS = ("equal_epochs", "equal_steps")
 SCALE_KEYS = ("student", "students", "method_students", "teachers", "config", "description")
@@ -66,6 +66,8 @@ class Run:
     after: Optional[str] = None  # run_id of the run that fills the stream caches it reads (it starts after it ends)
     label: str = ""  # one-line description for plans and status
     tuned: Optional[dict] = None  # a final run of a tuned setting: the chosen setting and its trials (run.json)
+    reads_inputs: bool = False  # it reads its stream's decoded batches from the cache another run fills
+    reads_logits: bool = False  # it reads its teacher's logits from the cache another run fills
 
     @property
     def name(self) -> str:
@@ -274,6 +276,7 @@ def expand(name_or_path: str, scale: str = "tiny", results: Path | str = "result
         trials, students, waiting = _tuned(tuning, rows, base, build)
     teachers = list({r.run_id: r for r in teacher_of.values()}.values())
     ordered = _order_producers(trials + students)
+    _order_producers(waiting)  # which caches they will read, for the price; they start only once re-planned
     return Plan(path.stem, scale, path, str(spec.get("description", "")).strip(),
                 {k: _values(path, f"axes.{k}", v) for k, v in spec["axes"].items()}, teachers,
                 [r for r in ordered if r.kind == "student"], Path(results), table=spec.get("table"),
@@ -580,8 +583,10 @@ def _order_producers(runs: list[Run]) -> list[Run]:
             r.after = data_producer.run_id if data_producer else None
         elif tkey is not None:
             r.after = by_teacher[tkey].run_id
+            r.reads_logits = True
         else:
             r.after = data_producer.run_id if data_producer else None
+        r.reads_inputs = bool(r.config.caches_inputs and r.after)
         if r.config.caches_inputs:
             by_stream.setdefault(skey, r)
     producers = {r.after for r in runs if r.after}

@@ -64,8 +64,8 @@ def test_imagenet_scale_suite_on_a_jpeg_folder_with_a_local_pretrained_teacher(t
     from mkd.models import create_model
 
     data = make_image_folder(tmp_path / "imagenet")
-    ckpt = tmp_path / "deit_small.pth"
-    teacher = create_model("deit_small_patch16_224.fb_in1k", 4, 32)
+    ckpt = tmp_path / "deit3_small.pth"
+    teacher = create_model("deit3_small_patch16_224.fb_in1k", 4, 32)  # the suite's small teacher (DeiT III)
     torch.save({"model": teacher.state_dict()}, ckpt)
     p = run_cli(RUN, "--suite", "degradation", "--scale", "imagenet", "--data-root", str(data), "--results",
                 str(tmp_path / "results"), "--max-parallel", "2", "--teacher-checkpoint", f"small={ckpt}",
