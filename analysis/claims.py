@@ -21,6 +21,7 @@ from analysis.stats import EFFECT, EQUIVALENT, OPEN
 
 PRICES = Path(__file__).resolve().parent.parent / "benchmarks" / "prices.json"
 SUPPORTED, CONTRADICTED, UNRESOLVED, NOT_RUN = "supported", "contradicted", "not resolved", "not run"
+NOTE = {NOT_ANSWERABLE: " (measures an under-trained student alone: see the finding)"}
 
 
 @dataclass(frozen=True)
@@ -33,26 +34,34 @@ class Claim:
     sign: int = 0  # +1 / -1: the direction the claim predicts for the finding's effect; 0: no change (robustness)
     untested: str = ""  # why no suite answers it, and what would
     price: tuple = ()  # (book, entry, method): what a pilot costs where no run answers it (benchmarks/prices.json)
+    measure: str = ""  # what the estimate is, in a few words (analysis/findings.py has each finding's definition)
 
 
 CLAIMS = (
     Claim("gap", "KD degrades with the teacher-student gap: a larger, better teacher can give a worse student",
           "MKD abstract", "ImageNet, ResNet-18: KD (T=4) 71.21 -> 71.12 (-0.09) as the teacher gains +5.0 points, "
-          "ResNet-34 -> ResNet-152 (DIST README)", (("degradation", "Q1 gap"), ("gap_ladder", "Q1 gap")), -1),
+          "ResNet-34 -> ResNet-152 (DIST README)", (("degradation", "Q1 gap"), ("gap_ladder", "Q1 gap")), -1,
+          measure="KD's gain over CE, largest teacher minus smallest"),
     Claim("augmentation", "KD degrades under strong augmentation (RandAugment, Mixup, CutMix)", "MKD abstract",
           "ImageNet, ResNet-18, DIST's strong recipe: KD 72.6 below the student alone 73.4 (DIST README)",
-          (("degradation", "Q2 augmentation"),), -1),
+          (("degradation", "Q2 augmentation"),), -1,
+          measure="KD's gain over CE, strong augmentation minus weak"),
     Claim("tuned temperatures", "Properly tuned teacher/student temperatures mitigate the degradation",
-          "MKD abstract", "", (("temperature_grid", "Q5 tuned temperatures"),), +1),
+          "MKD abstract", "", (("temperature_grid", "Q5 tuned temperatures"),), +1,
+          measure="KD at the grid's best cell minus at its default (4, 4)"),
     Claim("transfer", "A grid-searched temperature transfers poorly to another setting", "MKD abstract", "",
-          (("temperature_grid", "Q6 transfer"),), -1),
+          (("temperature_grid", "Q6 transfer"),), -1,
+          measure="another setting's best cell minus the setting's own best"),
     Claim("cure", "MKD (meta-learned temperatures) improves on KD", "MKD abstract",
           "ViT-T +4.2, ViT-S +2.3 over previous distillation methods (a secondary summary; baseline unnamed)",
-          (("degradation", "Q3 cure"), ("gap_ladder", "Q3 cure")), +1),
+          (("degradation", "Q3 cure"), ("gap_ladder", "Q3 cure")), +1,
+          measure="MKD minus KD, over all settings"),
     Claim("dataset scale", "MKD is robust to the dataset's scale", "MKD abstract", "",
-          (("data_fraction", "Q7 dataset scale"),), 0),
+          (("data_fraction", "Q7 dataset scale"),), 0,
+          measure="MKD's gain over KD at 10% of the data minus at 100%"),
     Claim("architectures", "MKD is robust to the teacher/student architectures", "MKD abstract", "",
-          (("degradation+gap_ladder", "Q8 architectures"),), 0),
+          (("degradation+gap_ladder", "Q8 architectures"),), 0,
+          measure="MKD minus KD on the ViT ladder minus on the ResNet one (unpaired)"),
     Claim("augmentation type", "MKD is robust to the augmentation type", "MKD abstract", "", (), 0,
           untested="no suite varies the augmentation type apart (RandAugment, Mixup, CutMix); "
                    "--axis augment=weak,medium,strong on degradation separates RandAugment (medium) from "
@@ -63,7 +72,8 @@ CLAIMS = (
     Claim("rivals", "Reviewer's question: is MKD's gain over KD larger than the rival cures' (DIST, DKD, CTKD)?",
           "this suite", "ImageNet ResNet-34 -> ResNet-18: DKD 71.70 (its KD 71.03), CTKD 71.32 (its KD 70.83); "
           "DIST +0.86 to +1.12 over KD on the DIST ladder (their READMEs)",
-          (("degradation", "Q4 rivals"), ("gap_ladder", "Q4 rivals")), +1),
+          (("degradation", "Q4 rivals"), ("gap_ladder", "Q4 rivals")), +1,
+          measure="MKD minus each rival, over all settings"),
 )
 
 
@@ -134,10 +144,14 @@ def pilot_text(c: Claim, prices: dict) -> str:
             return f"not run: a 3-seed pilot ({entry}, {method}): {_money([3 * x for x in p['per_seed'][method]], p['unit'])}"
     suite = c.tested[0][0] if c.tested else ""
     costs = []
-    for scale, p in ((prices.get("suites") or {}).get(suite) or {}).items():
-        per = [sum(v[i] for v in p["per_seed"].values()) for i in (0, 1)]
-        costs.append(f"{scale}: {_money([3 * per[0] + p['once'][0], 3 * per[1] + p['once'][1]], p['unit'])}")
-    return f"not run: a 3-seed pilot of {suite}, " + "; ".join(costs) if costs else "not run"
+    for part in suite.split("+"):  # a finding across suites needs each of them
+        book = (prices.get("suites") or {}).get(part) or {}
+        for scale in ("tiny", "cifar", "imagenet"):
+            if p := book.get(scale):
+                per = [sum(v[i] for v in p["per_seed"].values()) for i in (0, 1)]
+                costs.append(f"{part + ' at ' if '+' in suite else ''}{scale}: "
+                             f"{_money([3 * per[0] + p['once'][0], 3 * per[1] + p['once'][1]], p['unit'])}")
+    return f"not run: a 3-seed pilot of {' and '.join(suite.split('+'))}: " + "; ".join(costs) if costs else "not run"
 
 
 def scoreboard(findings: list[Finding], prices: Optional[dict] = None) -> list[Row]:
@@ -160,7 +174,7 @@ def scoreboard(findings: list[Finding], prices: Optional[dict] = None) -> list[R
                     resolve = ("not by more seeds: a budget where the student trained alone learns under the strong "
                                "recipe (longer runs, or the cifar or imagenet scale)")
                 elif n is None:
-                    resolve = "a pilot with at least 2 seeds" if v == NOT_RUN else "no spread to plan from"
+                    resolve = (f.answer or "a pilot with at least 2 seeds") if v == NOT_RUN else "no spread to plan from"
                 else:
                     resolve = (f"about {n} seeds (delta {f.delta:g}, paired SD {e.sd:.2f}); "
                                + cost_text(suite, f.methods, n, e.n, f.scale, prices)) if n <= 1000 else \
@@ -168,6 +182,10 @@ def scoreboard(findings: list[Finding], prices: Optional[dict] = None) -> list[R
                 row.lines.append({"suite": f"{suite} ({f.scale})", "finding": f.key,
                                   "estimate": f.summary or (e.text(True) if e is not None and e.mean is not None
                                                             else ""),
+                                  "brief": f.brief or ((e.text(True) + (f" (inside ±{f.delta:g})" if f.verdict == EQUIVALENT
+                                                                         else NOTE.get(v, ""))) if e is not None
+                                                       and e.mean is not None else ""),
+                                  "seeds_needed": n if v == UNRESOLVED else None,
                                   "seeds": e.n if e is not None else 0, "verdict": v, "answer": f.answer,
                                   "resolve": resolve})
         if not row.lines:

@@ -54,6 +54,7 @@ class Finding:
     suite: str = ""
     scale: str = ""
     summary: str = ""  # the estimate as the scoreboard shows it, where the headline alone would mislead (Q4)
+    brief: str = ""  # the estimate in a few words for the scoreboard at a glance, where the headline would mislead
 
     @property
     def seeds_needed(self) -> Optional[int]:
@@ -241,6 +242,8 @@ def _rivals(df, mkd, kd, rivals, teachers, augs, delta, where) -> Finding:
             v, s = OPEN, f"{MKD} minus {R} not resolved ({e.text(True)}, Holm p {e.p:.2f}; {plan_text(e, delta)})"
         verdicts.append(v)
         parts.append(s)
+        q4.brief += (", " if q4.brief else f"{MKD} minus ") + f"{R} {e.mean:+.2f}{'*' if e.resolved else ''}" \
+            if e.mean is not None else ""
         q4.summary += ("; " if q4.summary else "") + f"{MKD} - {R} {e.text(True)} ({v}" + \
             (f", Holm p {e.p:.2f})" if e.p is not None else ")")
         q4.effects.append((f"{MKD} minus {R}, mean over settings (Holm p {e.p:.3f})" if e.p is not None else
@@ -326,6 +329,7 @@ def grid_findings(df: pd.DataFrame, delta: Optional[float] = None, suite: str = 
                          f"({', '.join(f'teacher {t}' for t in settings)}), so the grid's best transfers: nothing is "
                          f"lost by using one setting's best in another ({q6.answer})")
             q6.summary = f"the same best cell {fmt(best[settings[0]])} in every setting: {q6.headline.text(True)}"
+            q6.brief = f"the same best cell {fmt(best[settings[0]])} in both settings"
         out.append(q6)
     return out
 

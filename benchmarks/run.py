@@ -152,7 +152,7 @@ def loader_workers(profile: dict) -> int:
     return max(0, (os.cpu_count() or 1) // gpus - 1)
 
 
-def print_seeds_for(plan, claim: str, machine) -> int:
+def print_seeds_for(plan, claim: str, machine, filters: tuple = ()) -> int:
     """Seeds a claim needs on this plan (prospective: the suite's smallest effect of interest at the paired SD of
     the finished runs) and their price (``mkd/cost.py``): the analysis's findings on the plan's own runs."""
     from analysis.claims import CLAIMS
@@ -175,7 +175,8 @@ def print_seeds_for(plan, claim: str, machine) -> int:
                         + ", ".join(s for c in CLAIMS if c.key == claim for s, _ in c.tested))
     runs, _, _ = collect(plan.root) if plan.root.is_dir() else (None, None, None)
     ids = {r.run_id for r in plan.students}
-    df = runs[runs["run_id"].isin(ids)].dropna(axis=1, how="all") if runs is not None and len(runs) else None
+    df = runs[runs["run_id"].isin(ids) & (runs["suite"] == plan.suite) & (runs["scale"] == plan.scale)] \
+        .dropna(axis=1, how="all") if runs is not None and len(runs) else None  # another suite's dirs may share an id
     if df is None or not len(df) or not (df["status"] == "done").any():
         raise UserError(f"--seeds-for {claim}: no finished runs of this plan under {plan.root}: run a pilot first "
                         f"(python benchmarks/run.py --suite {plan.suite} --axis seed=0,1,2)")
@@ -197,7 +198,7 @@ def print_seeds_for(plan, claim: str, machine) -> int:
             f.delta = plan.smallest_effect["points"]
         print(f"{f.key} on {plan.suite} ({plan.scale}): {f.question}")
         print(f"  now: {verdict_text(e, f.delta, 'an effect', 'an effect')[1] if e is not None else f.answer}")
-        print(f"  smallest effect of interest: {f.delta:g} points ({plan.smallest_effect['rule']})"
+        print(f"  smallest effect of interest: {f.delta:g} points ({' '.join(plan.smallest_effect['rule'].split())})"
               if f.delta is not None and plan.smallest_effect else "  smallest effect of interest: none recorded")
         n = f.seeds_needed
         if n is None or e is None:
@@ -208,8 +209,8 @@ def print_seeds_for(plan, claim: str, machine) -> int:
         print(f"  seeds needed: {n} ({plan_text(e, f.delta)}); {extra} more than the {e.n} finished: "
               f"{in_units(cost[0], machine):,.1f}-{in_units(cost[1], machine):,.1f} {unit}")
         if extra:
-            print(f"  run them: python benchmarks/run.py --suite {plan.suite} --scale {plan.scale} --axis "
-                  f"seed=0..{n - 1} (finished seeds are reused)")
+            print(f"  run them: python benchmarks/run.py --suite {plan.suite} --scale {plan.scale}"
+                  + "".join(f" --filter {x}" for x in filters) + f" --axis seed=0..{n - 1} (finished seeds are reused)")
     return 0
 
 
@@ -256,7 +257,7 @@ def main(argv=None) -> int:
     if args.seeds_for:
         from mkd.cost import machine_for
 
-        return print_seeds_for(plan, args.seeds_for, machine_for(plan.scale, args.gpu, args.cores))
+        return print_seeds_for(plan, args.seeds_for, machine_for(plan.scale, args.gpu, args.cores), args.filter or ())
 
     failed = []
     while True:  # a tuned suite runs in two stages: the trials, then the finals with the settings they chose

@@ -308,7 +308,7 @@ def smallest_effect(path: Path, spec: dict, scale: str, cfg: RunConfig) -> dict:
                 raise _fail(path, f"smallest_effect.{k}", "give positive top-1 points per scale "
                                                           f"({', '.join(SCALES)})")
         if scale in declared:
-            return {"points": float(declared[scale]), "rule": declared["rule"], "source": f"{path.name}"}
+            return {"points": float(declared[scale]), "rule": " ".join(declared["rule"].split()), "source": f"{path.name}"}
     n = validation_images(cfg)
     return {"points": round(3 * math.sqrt(0.21 / n) * 100, 1), "rule": SMALLEST_EFFECT_RULE + f" (n = {n:,})",
             "source": "default rule (mkd/suites.py)"}
