@@ -94,9 +94,9 @@ def teachers_by_size(df: pd.DataFrame) -> list:
 
 
 # one colour per method in every table and figure (seaborn's colorblind palette; the student alone in grey)
-COLOURS = {"ce": "#595959", "kd": "#0173B2", "dist": "#DE8F05", "dkd": "#029E73", "ctkd": "#CC78BC",
+COLOURS = {"ce": "#595959", "kd": "#0173B2", "dist": "#56B4E9", "dkd": "#029E73", "ctkd": "#CC78BC",
            "mkd": "#D55E00", "hard": "#CA9161"}
-_SPARE = ["#56B4E9", "#FBAFE4", "#949494", "#ECE133", "#8C613C"]
+_SPARE = ["#DE8F05", "#FBAFE4", "#949494", "#ECE133", "#8C613C"]
 
 
 def colour_of(method) -> str:

@@ -37,6 +37,7 @@ class CellView:
     title: str = ""
     classes: tuple = ()
     colour: Optional[str] = None  # a method's colour (a header swatch), the same in every table and figure
+    delta: str = ""  # HTML: the paired difference to the reference, a third short line (its interval on hover)
 
     def __str__(self) -> str:
         return self.full
@@ -188,8 +189,9 @@ def view(c: Cell, d: Optional[Estimate], ref_label: str, failed: Optional[str] =
     sub = f"[{c.lo:.2f}, {c.hi:.2f}]" if c.lo is not None else f"{c.n} seed"
     classes = ["ref"] if is_ref else []
     title = f"mean of {c.n} seeds" + (f", 95% interval {c.lo:.2f} to {c.hi:.2f}" if c.lo is not None else "")
+    delta = ""
     if d is not None and d.mean is not None:
-        sub += f" · {d.mean:+.2f}" + (f" [{d.lo:+.2f}, {d.hi:+.2f}]" if d.lo is not None else "")
+        delta = f"{d.mean:+.2f} vs {ref_label}" + ("*" if d.resolved else "")
         title += f"; minus {ref_label}, paired by seed: {d.text(True)}"
         if d.resolved:
             classes.append("better" if d.mean > 0 else "worse")
@@ -197,7 +199,7 @@ def view(c: Cell, d: Optional[Estimate], ref_label: str, failed: Optional[str] =
     if failed:
         classes.append("failed")
         title += f"; failed run of this protocol: {failed}"
-    return CellView(full, main, sub, title, tuple(classes))
+    return CellView(full, main, sub, title, tuple(classes), delta=delta)
 
 
 def _params(n) -> str:

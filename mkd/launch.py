@@ -372,11 +372,11 @@ class LocalRunner:
         for r in busy:
             print(f"skip {r.name} ({r.label}): running in another process", file=sys.stderr)
         todo = [r for r in todo if r not in busy]
+        prepare(self.plan)  # finished runs too: a run a new suite or row reuses records them in its run.json
         if not todo:
             if not busy:
                 print(f"suite {self.plan.suite} ({self.plan.scale}): all {len(self.plan.runs)} runs finished; nothing to do")
             return []
-        prepare(self.plan)
         pending = {r.run_id for r in todo}
         self.queue = [u for u in ([[r for r in unit if r.run_id in pending] for unit in self.plan.units()]) if u]
         self.total = len(todo)
@@ -537,13 +537,13 @@ def submit_slurm(plan: Plan, profile: dict, max_parallel: Optional[int] = None) 
     folder = plan.root / plan.suite / plan.scale / ".submitit"
     todo = [r for r in plan.runs if state_of(r, states) in ("pending", "failed") and not _active_job(r, states)]
     skipped = [r for r in plan.runs if _active_job(r, states)]
+    prepare(plan)  # finished runs too: a run a new suite or row reuses records them in its run.json
     if not todo:
         if skipped:
             print(f"suite {plan.suite} ({plan.scale}): {len(skipped)} runs already queued or running; nothing to submit")
         else:
             print(f"suite {plan.suite} ({plan.scale}): all {len(plan.runs)} runs finished; nothing to do")
         return []
-    prepare(plan)
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT), os.environ.get("PYTHONPATH")]))
     sub = _Submitter(make_executor(profile, folder, max_parallel), folder, plan,
                      {r.run_id: _active_job(r, states) for r in skipped})

@@ -339,3 +339,22 @@ def test_a_cpu_run_gives_the_same_weights_whatever_the_pool_parallelism(tmp_path
         assert all(torch.equal(w1[k], w2[k]) for k in w1), m1.parent.name
         for r in (m1.parent, m2.parent):
             assert json.loads((r / "result.json").read_text())["environment"]["cpu_threads"] == 1
+
+
+def test_a_suite_whose_runs_are_all_finished_still_records_them_in_run_json(tmp_path):
+    """Finished runs a suite reuses (another suite's, an older launcher's) get the current run.json: the rows they
+    serve, the suite, the method's declarations the analysis reads (e.g. its starting temperatures for epoch 0)."""
+    from mkd.launch import run_local
+    from mkd.results import Result
+
+    plan = expand("degradation", "tiny", tmp_path, filters={"augment": ["weak"]}, axes={"seed": [0]}, tune=False)
+    for r in plan.runs:
+        r.dir.path.mkdir(parents=True, exist_ok=True)
+        r.dir.result.write_text(json.dumps({**Result.failed(r.run_id, "").to_dict(), "status": "done"}))
+    assert run_local(plan, max_parallel=1, quiet=True) == []
+    for r in plan.runs:
+        info = json.loads(r.dir.info.read_text())
+        assert info["suite"] == ("degradation" if r.kind != "teacher" else None) and r.rows[0] in info["rows"]
+        if r.config.method == "mkd":
+            assert info["method"]["initial_temperatures"] == {"tau_t": r.config.kd.tau_t or r.config.kd.tau,
+                                                              "tau_s": r.config.kd.tau_s or r.config.kd.tau}
