@@ -82,6 +82,8 @@ class Method(nn.Module):
     needs_meta_split: ClassVar[bool] = False  # the loop streams batches of the held-out split to meta_step
     learns_temperature: ClassVar[bool] = False  # the loop samples temperatures every log_every steps
     replays_forward: ClassVar[bool] = False  # meta_step recomputes the real forward: the loop records its RNG state
+    # one fixed temperature for teacher and student, named as (option section, field): e.g. ("dist", "tau")
+    fixed_temperature: ClassVar[Optional[tuple[str, str]]] = None
 
     def __init__(self, cfg: "RunConfig", num_classes: int):
         super().__init__()
@@ -100,7 +102,11 @@ class Method(nn.Module):
     @classmethod
     def initial_temperatures(cls, cfg: "RunConfig") -> dict[str, float]:
         """The temperatures before the first step (the launcher records them in run.json: a figure's epoch 0)."""
-        return {}
+        if cls.fixed_temperature is None:
+            return {}
+        section, field = cls.fixed_temperature
+        t = getattr(getattr(cfg, section), field)
+        return {"tau_t": t, "tau_s": t}
 
     @classmethod
     def extra_student_forwards(cls, cfg: "RunConfig") -> float:
@@ -133,8 +139,8 @@ class Method(nn.Module):
         return 0
 
     def temperatures(self) -> dict[str, float]:
-        """Current temperatures for logging ({} when the method has none)."""
-        return {}
+        """Current temperatures for logging ({} when the method has none; a fixed one stays its initial value)."""
+        return self.initial_temperatures(self.cfg)
 
     def train_parameters(self) -> list[nn.Parameter]:
         """Parameters trained by the student's optimizer (e.g. CTKD's temperature in its AdamW variant)."""

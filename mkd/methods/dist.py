@@ -62,6 +62,7 @@ def dist_terms(z_s: Tensor, z_t: Tensor, tau: float, eps: float = 1e-8) -> tuple
 class DIST(Method):
     name, label, order, role = "dist", "DIST", 30, "rival"
     options = ("dist",)
+    fixed_temperature = ("dist", "tau")
 
     @classmethod
     def check(cls, cfg, need):
@@ -75,11 +76,3 @@ class DIST(Method):
         term = c.beta * inter + c.gamma * intra
         return {"ce": ce, "dist": term, "dist_inter": inter.detach(), "dist_intra": intra.detach(),
                 "loss": c.ce_weight * ce + c.loss_weight * term}
-
-    def temperatures(self):
-        t = self.cfg.dist.tau
-        return {"tau_t": t, "tau_s": t}
-
-    @classmethod
-    def initial_temperatures(cls, cfg):
-        return {"tau_t": cfg.dist.tau, "tau_s": cfg.dist.tau}

@@ -89,6 +89,7 @@ def warmup_factor(progress: Progress, warmup: float, per_step_below: float = PER
 class DKD(Method):
     name, label, order, role = "dkd", "DKD", 40, "rival"
     options = ("dkd",)
+    fixed_temperature = ("dkd", "T")
 
     @classmethod
     def check(cls, cfg, need):
@@ -118,11 +119,3 @@ class DKD(Method):
         term = c.alpha * tckd + c.beta * nckd
         return {"ce": ce, "dkd": term, "tckd": tckd.detach(), "nckd": nckd.detach(),
                 "loss": c.ce_weight * ce + self.factor * term}
-
-    def temperatures(self):
-        t = self.cfg.dkd.T
-        return {"tau_t": t, "tau_s": t}
-
-    @classmethod
-    def initial_temperatures(cls, cfg):
-        return {"tau_t": cfg.dkd.T, "tau_s": cfg.dkd.T}
