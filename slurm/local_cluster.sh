@@ -43,8 +43,14 @@ wait_for() {  # wait_for SECONDS CMD...
 
 node_idle() { [ "$(sinfo -h -n localhost -o %T)" = idle ]; }
 
+port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
 start() {
   [ -e "$D/pids/order" ] && { echo "already started? run stop first"; exit 1; }
+  for port in 6817 6818 6819; do  # a second cluster on this host would half-start and die on bind
+    port_free "$port" || { echo "port $port is in use: another Slurm runs on this host; stop it" \
+      "(SLURM_DIR=its folder slurm/local_cluster.sh stop) or use it (export its SLURM_CONF)" >&2; exit 2; }
+  done
   rm -rf "$D"; mkdir -p "$D"/{etc,state,spool,log,run,pids}
   chmod 755 "$D" "$D/run"
   local authinfo=""

@@ -41,7 +41,10 @@ def slurm_cluster(tmp_path_factory):
 
     d = Path(tempfile.mkdtemp(prefix="mkd-slurm-"))  # not under pytest's 0700 tree: mariadb runs as mysql
     env = dict(os.environ, SLURM_DIR=str(d))
-    subprocess.run([SCRIPT, "start"], env=env, check=True, timeout=120, capture_output=True)
+    started = subprocess.run([SCRIPT, "start"], env=env, timeout=120, capture_output=True, text=True)
+    if started.returncode != 0:  # stop what did start (munged, mariadb) before failing with the script's words
+        subprocess.run([SCRIPT, "stop"], env=env, timeout=120, capture_output=True)
+        pytest.fail(f"slurm/local_cluster.sh start failed: {(started.stderr or started.stdout).strip()[-800:]}")
     old = os.environ.get("SLURM_CONF")
     os.environ["SLURM_CONF"] = str(d / "etc" / "slurm.conf")
     try:
