@@ -37,14 +37,16 @@ reference: $(STAMP)       ## rebuild the committed reference reports (every suit
 test: $(STAMP)            ## every test, two workers (the Slurm ones need root + slurm/local_cluster.sh install)
 	$(PY) -m pytest -q -n 2 --dist loadgroup
 
-test-fast: $(STAMP)       ## the tests not marked slow or slurm (under a minute)
+test-fast: $(STAMP)       ## the tests not marked slow or slurm (a few minutes)
 	$(PY) -m pytest -q -m "not slurm and not slow"
 
 LOWEST ?= .venv-lowest
 test-lowest: $(STAMP)     ## the fast tests at the lowest versions requirements.txt allows (uv --resolution lowest-direct)
 	$(PY) -m pip install -q uv
 	rm -rf $(LOWEST) && $(VENV)/bin/uv venv -q $(LOWEST) --python $(PY)
-	$(VENV)/bin/uv pip install -q --python $(LOWEST)/bin/python --resolution lowest-direct -r requirements.txt
+	# wheels only: each bound's lowest version built for this Python (3.10/3.11: torch 2.4.0, numpy 1.24.1, pandas
+	# 2.0.0; on 3.12 the first with cp312 wheels, e.g. numpy 1.26.0, pandas 2.1.1), never a source build
+	$(VENV)/bin/uv pip install -q --python $(LOWEST)/bin/python --resolution lowest-direct --only-binary :all: -r requirements.txt
 	$(LOWEST)/bin/python -c "import torch, timm, numpy, pandas; print('lowest direct versions: torch', torch.__version__, 'timm', timm.__version__, 'numpy', numpy.__version__, 'pandas', pandas.__version__)"
 	$(LOWEST)/bin/python -m pytest -q -n 2 -p no:cacheprovider -m "not slurm and not slow"
 

@@ -55,6 +55,7 @@ class Finding:
     scale: str = ""
     summary: str = ""  # the estimate as the scoreboard shows it, where the headline alone would mislead (Q4)
     brief: str = ""  # the estimate in a few words for the scoreboard at a glance, where the headline would mislead
+    unresolved: str = ""  # the parts still open where the verdict rests on others (Q4: the rivals not resolved)
 
     @property
     def seeds_needed(self) -> Optional[int]:
@@ -151,7 +152,7 @@ def degradation_findings(df: pd.DataFrame, teachers: list, augs: list, delta: Op
     if large != small:
         per_aug = [difference(gain(kd, ce, large, a), gain(kd, ce, small, a)) for a in augs]
         q1 = _finding("Q1 gap", ask, paired(_mean_over(per_aug)), delta, f"{KD}'s gain grows with the teacher",
-                      f"{KD}'s gain shrinks with the teacher", (kd,), **where)
+                      f"{KD}'s gain shrinks with the teacher", (ce, kd), **where)
         q1.effects = [(f"augment={a}: {KD} gain with {large} minus with {small}", paired(d))
                       for a, d in zip(augs, per_aug)] + [("mean over augmentations", q1.headline)]
     else:
@@ -225,7 +226,7 @@ def _rivals(df, mkd, kd, rivals, teachers, augs, delta, where) -> Finding:
     ests = {r: paired(pooled[r]) for r in rivals}
     wide = {r: paired(pooled[r], 1 - (1 - LEVEL) / k) for r in rivals}
     for r, p in zip(rivals, holm([ests[r].p for r in rivals])):
-        ests[r].p = p
+        ests[r].p, ests[r].adjusted = p, True
     q4 = Finding("Q4 rivals", f"Is {MKD}'s gain over KD larger than each rival cure's ({names})?", delta=delta,
                  methods=(mkd, *rivals), **where)
     parts, verdicts = [], []
@@ -242,6 +243,8 @@ def _rivals(df, mkd, kd, rivals, teachers, augs, delta, where) -> Finding:
             v, s = OPEN, f"{MKD} minus {R} not resolved ({e.text(True)}, Holm p {e.p:.2f}; {plan_text(e, delta)})"
         verdicts.append(v)
         parts.append(s)
+        if v == OPEN:
+            q4.unresolved += (", " if q4.unresolved else "") + f"{MKD} - {R}"
         q4.brief += (", " if q4.brief else f"{MKD} minus ") + f"{R} {e.mean:+.2f}{'*' if e.resolved else ''}" \
             if e.mean is not None else ""
         q4.summary += ("; " if q4.summary else "") + f"{MKD} - {R} {e.text(True)} ({v}" + \
@@ -249,13 +252,15 @@ def _rivals(df, mkd, kd, rivals, teachers, augs, delta, where) -> Finding:
         q4.effects.append((f"{MKD} minus {R}, mean over settings (Holm p {e.p:.3f})" if e.p is not None else
                            f"{MKD} minus {R}, mean over settings", e))
     q4.verdict = EFFECT if EFFECT in verdicts else (EQUIVALENT if all(v == EQUIVALENT for v in verdicts) else OPEN)
-    # the headline the scoreboard prices: the rival comparison with the largest spread (the one needing most seeds)
-    q4.headline = max(ests.values(), key=lambda e: e.sd or 0.0)
+    # the headline the scoreboard prices: of the comparisons still open (all, when none is), the one with the largest
+    # spread, i.e. the one needing most seeds
+    still = [ests[r] for r, v in zip(rivals, verdicts) if v == OPEN] or list(ests.values())
+    q4.headline = max(still, key=lambda e: e.sd or 0.0)
     settings = [(t, a) for t in teachers for a in augs]
     lines = [(t, a, r, paired(difference(_series(df, mkd, t, a), _series(df, r, t, a)))) for t, a in settings
              for r in rivals]
     for (t, a, r, e), p in zip(lines, holm([e.p for *_, e in lines])):
-        e.p = p
+        e.p, e.adjusted = p, True  # starred by the adjusted p, not by the unadjusted interval
         setting = f"teacher {t}" + (f", augment={a}" if len(augs) > 1 else "")
         q4.effects.append((f"{setting}: {MKD} minus {label_of(df, r)}"
                            + (f" (Holm p {p:.3f} over {len(lines)} comparisons)" if p is not None else ""), e))
@@ -285,7 +290,7 @@ def grid_findings(df: pd.DataFrame, delta: Optional[float] = None, suite: str = 
     if kd is None or "kd.tau_t" not in df:
         return []
     KD, where = label_of(df, kd), dict(suite=suite, scale=scale)
-    settings = sorted(df["teacher"].dropna().unique()) if "teacher" in df else [None]
+    settings = teachers_by_size(df) if "teacher" in df else [None]  # smallest first: the mitigation reads their order
     sub = {t: df[(df["method"] == kd) & ((df["teacher"] == t) if t is not None else True)] for t in settings}
     best = {t: best_cell(sub[t]) for t in settings}
     if any(b is None for b in best.values()):
@@ -305,14 +310,20 @@ def grid_findings(df: pd.DataFrame, delta: Optional[float] = None, suite: str = 
     q5.effects.append(("best cell minus default, mean over settings", q5.headline))
     for t in settings:
         q5.effects.append((f"teacher {t}: best cell {fmt(best[t])} minus default", paired(vs_default[t])))
-        if mkd is not None:
-            q5.effects.append((f"teacher {t}: best cell minus {label_of(df, mkd)}",
+        if mkd is not None:  # MKD at the suite's one setting: KD's best of the grid against it favours KD
+            q5.effects.append((f"teacher {t}: best cell minus {label_of(df, mkd)} (KD picked from "
+                               f"{len(_cells(sub[t]))} cells, {label_of(df, mkd)} one untuned setting)",
                                paired(difference(cell(t, best[t]), _series(df, mkd, t)))))
-    if len(settings) > 1:
-        s, l = settings[0], settings[-1]  # noqa: E741
-        mitig = difference(vs_default[l], vs_default[s])
-        q5.effects.append((f"what tuning recovers with {l} minus with {s} (mitigation of the gap)", paired(mitig)))
     out = [q5]
+    if len(settings) > 1:  # the paper's claim: tuning mitigates the degradation, i.e. recovers more with the larger
+        s, l = settings[0], settings[-1]  # noqa: E741
+        mitig = paired(difference(vs_default[l], vs_default[s]))
+        m = _finding("Q5 mitigation", f"Do tuned temperatures recover more with the larger teacher ({l}) than with "
+                     f"the smaller ({s}), i.e. mitigate the gap's degradation?", mitig, delta,
+                     "tuning recovers more with the larger teacher", "tuning recovers less with the larger teacher",
+                     (kd,), **where)
+        m.effects = [(f"(best cell minus default) with {l} minus with {s}", mitig)]
+        out.append(m)
     if len(settings) > 1:
         per = {}
         for a in settings:
@@ -377,12 +388,15 @@ def architecture_findings(frames: dict[str, pd.DataFrame], delta: Optional[float
     """Q8: MKD minus KD (pooled over each suite's settings, per seed) on every ladder where both ran, labelled by
     the student's architecture, and the difference between the first two (Welch: unpaired)."""
     arms = []
+    augs = [set(df["augment"].dropna()) for df in frames.values() if "augment" in df]
+    common = set.intersection(*augs) if augs and len(augs) == len(frames) else None  # like with like where it can
     for suite, df in frames.items():
         kd, mkd = role_of(df, "reference"), role_of(df, "subject")
         if kd is None or mkd is None or "teacher" not in df:
             continue
-        settings = df[["teacher", "augment"]].drop_duplicates().dropna().itertuples(index=False) \
-            if "augment" in df else [(t, None) for t in df["teacher"].dropna().unique()]
+        settings = [(t, a) for t, a in df[["teacher", "augment"]].drop_duplicates().dropna().itertuples(index=False)
+                    if not common or a in common] if "augment" in df else \
+            [(t, None) for t in df["teacher"].dropna().unique()]
         per = _mean_over([difference(_series(df, mkd, t, a), _series(df, kd, t, a)) for t, a in settings])
         if len(per) < 2:
             continue
@@ -397,6 +411,9 @@ def architecture_findings(frames: dict[str, pd.DataFrame], delta: Optional[float
                   ("kd", "mkd"), suite=f"{s1}+{s2}", scale=scale)
     q8.effects = [(f"{s} ({a}): {MKD} minus {KD}, mean over its settings", paired(p)) for s, a, p, *_ in arms] + \
         [(f"{s1} minus {s2} (unpaired, Welch)", e)]
+    q8.answer += ((f"; both arms at augment={', '.join(sorted(common))}" if common else "")
+                  + "; the two suites differ in more than the architecture (each its own recipe: optimizer, "
+                  "schedule, epochs, teachers), so a difference is not the architecture's alone")
     return [q8]
 
 

@@ -128,8 +128,9 @@ def build(results: Path, out: Path, suites: list[str] | None = None, formats: tu
         written["findings"] += Q.architecture_findings(by_suite, max((x for x in deltas if x), default=None), scale)
     board = scoreboard(written["findings"])
     written["scoreboard"] = board
+    across = Q.findings_lines([f for f in written["findings"] if "+" in f.suite])  # no suite page holds these
     if "md" in formats:
-        atomic.write_text(out / "claims.md", R.render_claims(board, "md"))
+        atomic.write_text(out / "claims.md", R.render_claims(board, "md", across))
         written["tables"].append(out / "claims.md")
     forest = None
     if figures:
@@ -139,7 +140,7 @@ def build(results: Path, out: Path, suites: list[str] | None = None, formats: tu
             forest = R.figure_entry(fp["title"], fp["caption"], fp["paths"], fp["width"])
     index = out / "index.html"
     if "html" in formats:
-        atomic.write_text(index, R.render_index(pages, board, forest, time.strftime("%Y-%m-%d %H:%M")))
+        atomic.write_text(index, R.render_index(pages, board, forest, time.strftime("%Y-%m-%d %H:%M"), across))
     written["index"] = index
     return written
 

@@ -63,13 +63,15 @@ def render_suite(page: dict, fmt: str) -> str:
                                                           tables_html=[render_table(t, "html") for t in page["tables"]])
 
 
-def render_index(pages: list[dict], board: list, forest: dict | None, generated: str) -> str:
-    return _env().get_template("index.html.j2").render(pages=pages, board=board, forest=forest, generated=generated)
+def render_index(pages: list[dict], board: list, forest: dict | None, generated: str, across: list = ()) -> str:
+    """``across``: the findings that span suites (no suite page holds them), as ``findings_lines``."""
+    return _env().get_template("index.html.j2").render(pages=pages, board=board, forest=forest, generated=generated,
+                                                       across=list(across))
 
 
-def render_claims(board: list, fmt: str = "md") -> str:
-    """The claims scoreboard (``claims.py``) as Markdown."""
-    return _env().get_template(f"claims.{fmt}.j2").render(board=board)
+def render_claims(board: list, fmt: str = "md", across: list = ()) -> str:
+    """The claims scoreboard (``claims.py``) as Markdown, with the findings that span suites."""
+    return _env().get_template(f"claims.{fmt}.j2").render(board=board, across=list(across))
 
 
 def figure_entry(title: str, caption: str, paths: dict, width_in: float) -> dict:

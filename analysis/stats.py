@@ -44,10 +44,13 @@ class Estimate:
     p_improve: Optional[float] = None  # paired comparisons only
     sd: Optional[float] = None  # standard deviation over seeds (of the per-seed differences for a comparison)
     p: Optional[float] = None  # two-sided p-value of a paired t-test against 0 (Holm-adjusted where a family says)
+    adjusted: bool = False  # p is adjusted for a family of comparisons: resolved means adjusted p < 5%
 
     @property
     def resolved(self) -> bool:
-        """The interval excludes zero."""
+        """The interval excludes zero (for a member of a family, its adjusted p is under 5%)."""
+        if self.adjusted:
+            return self.p is not None and self.p < 1 - LEVEL
         return self.lo is not None and (self.lo > 0 or self.hi < 0)
 
     def verdict(self, delta: Optional[float]) -> str:

@@ -93,7 +93,12 @@ def tuning_notes(df: pd.DataFrame) -> list[str]:
     if "tuning" in df and df["tuning"].dropna().str.startswith("not tuned").any():
         return [f"Tuning: {df['tuning'].dropna().iloc[0]}, though the suite tunes at this scale."]
     if "tuned_setting" not in df or df["tuned_setting"].isna().all():
-        return []
+        taught = [m for m in methods_in(df) if m not in teacherless(df)]
+        if len(taught) < 2:
+            return []
+        return ["Not tuned: every method runs this scale's one recipe (learning rate, temperatures as configured), "
+                "so a difference between methods may be the recipe's rather than the method's; the equal tuning "
+                "budget (the suite file's `tuning:` section, mkd/tuning.py) does not cover this scale."]
     done = df.drop_duplicates("run_id")
     how = done["tuning"].dropna().iloc[0]
     axes = [c for c in ("student", "teacher", "augment", "fraction") if c in df and df[c].nunique() > 1]

@@ -11,8 +11,9 @@ the budget is reported as skipped), in order:
    (compiled, as runs compile, and eager: the compile factor), DeiT-S/B and ViT-L (eager), ResNet-18 (compiled,
    batch 32); inference of the teachers: DeiT III S/B/L/H, ViT-L, RegNetY-16GF (batch 128), ResNet-34/50/101/152
    (batch 32);
-3. the suites' real pairs: a cohort of four (kd, ctkd, mkd, dkd) of DeiT-Ti with a DeiT III-L teacher, compiled, at
-   batch 128, against the four alone (``cohort.py``: the cohort's saving, the MKD/KD step ratio of the ViT pair,
+3. the suites' real pairs: the cohort the imagenet planner forms (kd, dist, dkd, ctkd) of DeiT-Ti with a DeiT III-L
+   teacher, compiled, at batch 128, against the four alone, and MKD alone (MKD trains on its own stream)
+   (``cohort.py``: the cohort's saving, the MKD/KD step ratio of the ViT pair,
    peak memory of one run and of the cohort); ResNet-18 with ResNet-34 at batch 32 (the ResNet pair's MKD/KD);
 4. peak memory of the largest run and cohort: ViT-L students with the RegNetY teacher at batch 128, alone and as a
    cohort of kd and mkd;

@@ -53,7 +53,7 @@ def parse_args(argv):
     ap.add_argument("--data-root", help="dataset root for the cifar / imagenet scales")
     ap.add_argument("--teacher-checkpoint", action="append", default=[], metavar="LABEL=PATH",
                     help="local weights for a pretrained teacher of the scale (offline clusters), e.g. "
-                         "--teacher-checkpoint large=/ckpts/vit_large_patch16_224.augreg_in21k_ft_in1k.pth")
+                         "--teacher-checkpoint large=/ckpts/deit3_large_patch16_224.fb_in1k.pth")
     ap.add_argument("--dry-run", action="store_true",
                     help="print the plan and exit: one line per run with its price as a range (GPU-hours; CPU-minutes "
                          "at the tiny scale) and what binds it (GPU, decode, I/O), then the suite's total")
@@ -119,7 +119,7 @@ def print_plan(plan, machine, rates: bool = False) -> int:
             print(f"{r.kind:<7} {r.run_id}  {r.label}  {cost}  -> {r.out}{wait}")
     n = sum(1 for u in units if len(u) > 1)
     if n:
-        print(f"cohorts ({plan.cohorts}): {n} of {sum(len(u) for u in units if len(u) > 1)} runs, each one process "
+        print(f"cohorts ({plan.cohorts}): {n}, of {sum(len(u) for u in units if len(u) > 1)} runs in all, each one process "
               f"with one teacher forward per step (--no-cohorts: every run alone)")
     if rates:
         seen = set()
@@ -152,12 +152,13 @@ def loader_workers(profile: dict) -> int:
     return max(0, (os.cpu_count() or 1) // gpus - 1)
 
 
-def print_seeds_for(plan, claim: str, machine, filters: tuple = ()) -> int:
+def print_seeds_for(plan, claim: str, machine, filters: tuple = (), results: str = "results") -> int:
     """Seeds a claim needs on this plan (prospective: the suite's smallest effect of interest at the paired SD of
     the finished runs) and their price (``mkd/cost.py``): the analysis's findings on the plan's own runs."""
     from analysis.claims import CLAIMS
     from analysis.collect import collect
     from analysis.findings import findings_for, plan_text, verdict_text
+    from analysis.stats import EFFECT, EQUIVALENT
     from analysis.tables import table_kind
 
     from mkd.cost import in_units, price_runs, unit_label
@@ -201,6 +202,9 @@ def print_seeds_for(plan, claim: str, machine, filters: tuple = ()) -> int:
         print(f"  smallest effect of interest: {f.delta:g} points ({' '.join(plan.smallest_effect['rule'].split())})"
               if f.delta is not None and plan.smallest_effect else "  smallest effect of interest: none recorded")
         n = f.seeds_needed
+        if f.verdict in (EFFECT, EQUIVALENT) and e is not None:  # what a replication powered at delta needs
+            print(f"  already resolved at the {e.n} finished seeds; to replicate it with 80% power at the smallest "
+                  f"effect of interest:")
         if n is None or e is None:
             print(f"  seeds needed: {plan_text(e, f.delta) if e is not None else 'no estimate yet'}")
             continue
@@ -210,7 +214,7 @@ def print_seeds_for(plan, claim: str, machine, filters: tuple = ()) -> int:
               f"{in_units(cost[0], machine):,.1f}-{in_units(cost[1], machine):,.1f} {unit}")
         if extra:
             print(f"  run them: python benchmarks/run.py --suite {plan.suite} --scale {plan.scale}"
-                  + "".join(f" --filter {x}" for x in filters) + f" --axis seed=0..{n - 1} (finished seeds are reused)")
+                  + (f" --results {results}" if results != "results" else "") + "".join(f" --filter {x}" for x in filters) + f" --axis seed=0..{n - 1} (finished seeds are reused)")
     return 0
 
 
@@ -257,7 +261,8 @@ def main(argv=None) -> int:
     if args.seeds_for:
         from mkd.cost import machine_for
 
-        return print_seeds_for(plan, args.seeds_for, machine_for(plan.scale, args.gpu, args.cores), args.filter or ())
+        return print_seeds_for(plan, args.seeds_for, machine_for(plan.scale, args.gpu, args.cores), args.filter or (),
+                               args.results)
 
     failed = []
     while True:  # a tuned suite runs in two stages: the trials, then the finals with the settings they chose
