@@ -44,7 +44,7 @@ MEASURED_SPREAD = (0.9, 1.1)  # a measured rate, priced within ±10%
 FALLBACK_MFU = (0.15, 0.40)  # a model without a row: its FLOPs at this share of the card's peak
 STEP_FLOOR = {"cuda": (0.003, 0.008), "cpu": (0.0, 0.0)}  # seconds per optimizer step and member
 # images/s per CPU core, decode + augmentation (ImageNet JPEGs at 224 px: benchmarks/pipeline.py, docs/gpu_scales.md;
-# CIFAR-100's 32 px arrays: assumed until gpu_check measures the loader on the card's host)
+# CIFAR-100's 32 px arrays: assumed); a card's measured loader rows replace the ImageNet ones (``per_core``)
 PER_CORE = {"imagenet": {"strong": (330.0, 420.0), "medium": (340.0, 430.0), "weak": (600.0, 680.0),
                          "none": (440.0, 470.0)},
             "cifar100": {"strong": (1500.0, 3000.0), "medium": (1500.0, 3000.0), "weak": (4000.0, 8000.0),
@@ -162,6 +162,19 @@ def _measured_rate(a: str, mode: str, card: str, img_size: int) -> Optional[Rate
                 f"{factor:.2f}x)")
 
 
+def per_core(dataset: str, augment: str, card: str) -> tuple[float, float]:
+    """Images/s per loader core for a recipe: what gpu_check measured on the card's host (``loader`` rows of
+    ``benchmarks/pipeline.py``, ImageNet JPEGs), within ±10%, else the ``PER_CORE`` prior."""
+    table = PER_CORE[dataset]
+    if dataset == "imagenet" and card != "cpu":
+        rows = {r.get("recipe"): r.get("mkd_img_s_per_core") for r in (measured_on(card).get("loader") or {})
+                .get("rows", [])}
+        v = rows.get(augment)  # strong, weak (eval rows price nothing here)
+        if v:
+            return float(v) * MEASURED_SPREAD[0], float(v) * MEASURED_SPREAD[1]
+    return table.get(augment, table["weak"])
+
+
 def rate(model: str, mode: str, card: str, img_size: int, kwargs: Optional[dict] = None, classes: int = 1000,
          path: Path = THROUGHPUT) -> Rate:
     """Images/s per GPU (or per CPU thread, ``card`` 'cpu') for ``model`` training or in inference (``mode``)."""
@@ -275,7 +288,7 @@ def price_unit(cfgs: list, machine: Machine, teacher_cached: Optional[list[bool]
         gpu_lo, gpu_hi = gpu_lo + train_images / per[1], gpu_hi + train_images / per[0]
     parts = {"CPU" if machine.cpu else "GPU": (gpu_lo, gpu_hi)}
     if not machine.cpu and lead.dataset in PER_CORE:
-        per = PER_CORE[lead.dataset].get(lead.augment, PER_CORE[lead.dataset]["weak"])
+        per = per_core(lead.dataset, lead.augment, machine.card)
         parts["decode"] = (decoded / (machine.cores * per[1]), decoded / (machine.cores * per[0]))
         if lead.dataset == "imagenet":
             mb = decoded * JPEG_KB / 1024

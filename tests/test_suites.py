@@ -147,6 +147,25 @@ def test_dry_run_at_the_imagenet_scale_prices_each_unit_as_a_range_offline(tmp_p
     assert own.binds == "GPU" and own.low > 4 * cached.low, "the ViT-L teacher's forward dominates KD's step"
 
 
+def test_a_recorded_loader_rate_replaces_the_decode_prior(monkeypatch):
+    """gpu_check --record's loader rows (benchmarks/pipeline.py on the card's host) price an ImageNet run's decoding:
+    a slow measured loader makes decode what binds, where the prior left the GPU binding."""
+    from mkd import cost
+    from mkd.suites import expand
+
+    plan = expand("degradation", "imagenet", check_data=False, axes={"teacher": ["small"], "seed": [0]})
+    kd = next(r for r in plan.students if r.config.method == "kd" and r.config.augment == "weak")
+    fast = cost.Machine("H100", 64, "staged")
+    prior = cost.price_unit([kd.config], fast)
+    assert cost.per_core("imagenet", "weak", "H100") == cost.PER_CORE["imagenet"]["weak"]
+    monkeypatch.setattr(cost, "measured_on", lambda card: {"loader": {"rows": [{"recipe": "weak",
+                                                                                "mkd_img_s_per_core": 20.0}]}})
+    assert cost.per_core("imagenet", "weak", "H100") == pytest.approx((18.0, 22.0))
+    assert cost.per_core("imagenet", "strong", "H100") == cost.PER_CORE["imagenet"]["strong"]  # not measured
+    slow = cost.price_unit([kd.config], fast)
+    assert slow.binds == "decode" and slow.low > prior.low
+
+
 def test_the_tiny_scale_is_priced_in_cpu_minutes_from_measured_rates(capsys):
     main = load_script(Path(RUN)).main
     capsys.readouterr()
