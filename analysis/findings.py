@@ -324,7 +324,6 @@ def grid_findings(df: pd.DataFrame, delta: Optional[float] = None, suite: str = 
                      (kd,), **where)
         m.effects = [(f"(best cell minus default) with {l} minus with {s}", mitig)]
         out.append(m)
-    if len(settings) > 1:
         per = {}
         for a in settings:
             for b in settings:

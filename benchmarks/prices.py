@@ -27,7 +27,7 @@ EXTRA = {"imagenet_main ViT-L 600 epochs": ("imagenet_main", "imagenet", {"stude
 
 
 def _book(suite: str, scale: str, filters=None, overrides=None, card: str = "H100") -> dict:
-    from mkd.cost import in_units, machine_for, price_runs, unit_label
+    from mkd.cost import in_units, machine_for, per_seed_prices, price_runs, unit_label
     from mkd.suites import expand, load_suite
 
     _, spec = load_suite(suite)
@@ -38,17 +38,8 @@ def _book(suite: str, scale: str, filters=None, overrides=None, card: str = "H10
     plan = expand(suite, scale, results="/nonexistent", filters=filters, overrides=overrides, axes=axes,
                   check_data=False)
     machine = machine_for(scale, card)
-    seeds = sorted({r.config.seed for r in plan.students + plan.waiting}) or [0]
-    per: dict[str, list[float]] = {}
-    for u in plan.units() + [[r] for r in plan.waiting]:
-        if u[0].kind != "student":
-            continue
-        p = price_runs(u, machine)
-        share = [p.low / len(u), p.high / len(u)]
-        for r in u:
-            acc = per.setdefault(r.config.method, [0.0, 0.0])
-            acc[0] += share[0] / len(seeds)
-            acc[1] += share[1] / len(seeds)
+    seeds = {r.config.seed for r in plan.students + plan.waiting} or {0}
+    per = per_seed_prices(plan, machine)
     once = [0.0, 0.0]
     for u in [[t] for t in plan.teachers] + [u for u in plan.units() if u[0].kind == "trial"]:
         p = price_runs(u, machine)

@@ -119,8 +119,8 @@ def print_plan(plan, machine, rates: bool = False) -> int:
             print(f"{r.kind:<7} {r.run_id}  {r.label}  {cost}  -> {r.out}{wait}")
     n = sum(1 for u in units if len(u) > 1)
     if n:
-        print(f"cohorts ({plan.cohorts}): {n}, of {sum(len(u) for u in units if len(u) > 1)} runs in all, each one process "
-              f"with one teacher forward per step (--no-cohorts: every run alone)")
+        print(f"cohorts ({plan.cohorts}): {n}, of {sum(len(u) for u in units if len(u) > 1)} runs in all, each one "
+              f"process with one teacher forward per step (--no-cohorts: every run alone)")
     if rates:
         seen = set()
         for r in plan.runs:
@@ -161,7 +161,7 @@ def print_seeds_for(plan, claim: str, machine, filters: tuple = (), results: str
     from analysis.stats import EFFECT, EQUIVALENT
     from analysis.tables import table_kind
 
-    from mkd.cost import in_units, price_runs, unit_label
+    from mkd.cost import in_units, per_seed_prices, unit_label
 
     keys = {c.key: [k for s, k in c.tested if s == plan.suite] for c in CLAIMS}
     wanted = keys.get(claim) or [k for k in {k for ks in keys.values() for k in ks} if k.split()[0] == claim
@@ -183,15 +183,7 @@ def print_seeds_for(plan, claim: str, machine, filters: tuple = (), results: str
                         f"(python benchmarks/run.py --suite {plan.suite} --axis seed=0,1,2)")
     found = [f for f in findings_for(df, table_kind(df, plan.suite, plan.scale), plan.suite, plan.scale)
              if f.key in wanted]
-    seeds = sorted({r.config.seed for r in plan.students})
-    per_seed: dict[str, list[float]] = {}
-    for u in plan.units():
-        if u[0].kind == "student":
-            p = price_runs(u, machine)
-            for r in u:
-                v = per_seed.setdefault(r.config.method, [0.0, 0.0])
-                v[0] += p.low / len(u) / len(seeds)
-                v[1] += p.high / len(u) / len(seeds)
+    per_seed = per_seed_prices(plan, machine)
     unit = unit_label(machine)
     for f in found:
         e = f.headline
@@ -213,8 +205,9 @@ def print_seeds_for(plan, claim: str, machine, filters: tuple = (), results: str
         print(f"  seeds needed: {n} ({plan_text(e, f.delta)}); {extra} more than the {e.n} finished: "
               f"{in_units(cost[0], machine):,.1f}-{in_units(cost[1], machine):,.1f} {unit}")
         if extra:
-            print(f"  run them: python benchmarks/run.py --suite {plan.suite} --scale {plan.scale}"
-                  + (f" --results {results}" if results != "results" else "") + "".join(f" --filter {x}" for x in filters) + f" --axis seed=0..{n - 1} (finished seeds are reused)")
+            where = (f" --results {results}" if results != "results" else "") + "".join(f" --filter {x}" for x in filters)
+            print(f"  run them: python benchmarks/run.py --suite {plan.suite} --scale {plan.scale}{where} "
+                  f"--axis seed=0..{n - 1} (finished seeds are reused)")
     return 0
 
 

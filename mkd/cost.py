@@ -179,9 +179,9 @@ def rate(model: str, mode: str, card: str, img_size: int, kwargs: Optional[dict]
          path: Path = THROUGHPUT) -> Rate:
     """Images/s per GPU (or per CPU thread, ``card`` 'cpu') for ``model`` training or in inference (``mode``)."""
     a = arch(model)
-    measured = _measured_rate(a, mode, card, img_size) if card != "cpu" else None
-    if measured is not None:
-        return measured
+    recorded = _measured_rate(a, mode, card, img_size) if card != "cpu" else None
+    if recorded is not None:
+        return recorded
     rows = [r for r in throughput_rows(path) if r["model"] == a and r["mode"] == mode and int(r["img_size"]) == img_size]
     measured = [r for r in rows if r["card"] == card and r["kind"] == "measured"]
     if measured:
@@ -283,7 +283,7 @@ def price_unit(cfgs: list, machine: Machine, teacher_cached: Optional[list[bool]
             meta = steps / cfg.mkd.meta_interval * meta_batch
         decoded = max(decoded, images) + meta + n_val * evals  # members share the training batches
     if machine.cpu and lead.dataset in PER_CORE and not inputs_read:  # decoding in the run's thread: it adds
-        per = PER_CORE[lead.dataset].get(lead.augment, PER_CORE[lead.dataset]["weak"])
+        per = per_core(lead.dataset, lead.augment, machine.card)
         train_images = max(c.epochs * (_images(c)[1] // c.batch_size) * c.batch_size for c in cfgs)
         gpu_lo, gpu_hi = gpu_lo + train_images / per[1], gpu_hi + train_images / per[0]
     parts = {"CPU" if machine.cpu else "GPU": (gpu_lo, gpu_hi)}
@@ -307,6 +307,23 @@ def price_runs(runs: list, machine: Machine) -> Price:
     """The price of a unit of a plan's runs (``mkd.suites.Run``: its config and which stream caches it reads)."""
     return price_unit([r.config for r in runs], machine, [r.reads_logits for r in runs],
                       [r.reads_inputs for r in runs])
+
+
+def per_seed_prices(plan, machine: Machine) -> dict[str, list[float]]:
+    """What one more seed of each method costs in a plan (seconds, low-high): its students' units, finals still
+    waiting for their tuning included, a cohort's price shared among its members, over the plan's seeds."""
+    students = plan.students + plan.waiting
+    seeds = len({r.config.seed for r in students}) or 1
+    per: dict[str, list[float]] = {}
+    for u in plan.units() + [[r] for r in plan.waiting]:
+        if u[0].kind != "student":
+            continue
+        p = price_runs(u, machine)
+        for r in u:
+            acc = per.setdefault(r.config.method, [0.0, 0.0])
+            acc[0] += p.low / len(u) / seeds
+            acc[1] += p.high / len(u) / seeds
+    return per
 
 
 def machine_for(scale: str, card: str = "H100", cores: Optional[int] = None, storage: str = "shared") -> Machine:
